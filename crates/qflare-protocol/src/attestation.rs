@@ -1,0 +1,306 @@
+//! Enclave attestation reports and their verification.
+//!
+//! A report binds the enclave's *measurement* (SHA-384 of its executable),
+//! its per-boot KEM and signing keys, the verifier's nonce and the time, and
+//! is signed by the enclave's key. In `software` mode that signature is all
+//! there is: it proves the report is internally consistent and fresh, but a
+//! host that controls the machine could run a different binary and claim any
+//! measurement. Hardware modes (SGX, TDX, SEV-SNP, Nitro) would add vendor
+//! evidence rooted outside the host, carried in `evidence`; a verifier for
+//! them plugs in beside [`verify_report`] without changing the report format.
+//! Devices may therefore refuse software mode by policy.
+
+use serde::{Deserialize, Serialize};
+
+use crate::PROTOCOL_VERSION;
+use crate::error::{ProtocolError, Result};
+use crate::kem::KemPublicKey;
+use crate::sig::{SigningKey, VerifyingKey};
+use crate::suite::{KemSuite, SignatureSuite};
+use crate::transcript::{Domain, Transcript, TranscriptHash};
+use crate::wire::{b64, b64_array, hex_array};
+
+/// Length of a measurement (SHA-384).
+pub const MEASUREMENT_LEN: usize = 48;
+/// Length of an attestation nonce.
+pub const ATTESTATION_NONCE_LEN: usize = 32;
+
+/// How the enclave is isolated, and so what its report can prove.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum AttestationMode {
+    /// A hardened OS process; the report is self-signed.
+    Software,
+}
+
+impl AttestationMode {
+    /// The wire and configuration identifier.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Software => "software",
+        }
+    }
+}
+
+impl std::str::FromStr for AttestationMode {
+    type Err = ProtocolError;
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "software" => Ok(Self::Software),
+            _ => Err(ProtocolError::malformed("attestation mode", "unknown mode")),
+        }
+    }
+}
+
+/// A signed attestation report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationReport {
+    /// Protocol version.
+    pub version: u16,
+    /// Isolation mode.
+    pub mode: AttestationMode,
+    /// SHA-384 of the enclave executable.
+    #[serde(with = "hex_array")]
+    pub measurement: [u8; MEASUREMENT_LEN],
+    /// Suite of the enclave's KEM key.
+    pub kem_suite: KemSuite,
+    /// The key devices seal their updates to.
+    #[serde(with = "b64")]
+    pub kem_public_key: Vec<u8>,
+    /// Suite of the enclave's signing key.
+    pub signature_suite: SignatureSuite,
+    /// The key that signs reports and global models.
+    #[serde(with = "b64")]
+    pub verifying_key: Vec<u8>,
+    /// The verifier's nonce, echoed.
+    #[serde(with = "b64_array")]
+    pub nonce: [u8; ATTESTATION_NONCE_LEN],
+    /// Unix seconds when the report was made.
+    pub issued_at: u64,
+    /// Hardware evidence (a quote); empty in software mode.
+    #[serde(with = "b64")]
+    pub evidence: Vec<u8>,
+    /// The enclave's signature over the report transcript.
+    #[serde(with = "b64")]
+    pub signature: Vec<u8>,
+}
+
+/// What a report says, before signing.
+#[derive(Debug, Clone)]
+pub struct ReportBody {
+    /// Isolation mode.
+    pub mode: AttestationMode,
+    /// SHA-384 of the enclave executable.
+    pub measurement: [u8; MEASUREMENT_LEN],
+    /// The enclave's KEM key.
+    pub kem_public_key: KemPublicKey,
+    /// The enclave's verifying key.
+    pub verifying_key: VerifyingKey,
+    /// The verifier's nonce.
+    pub nonce: [u8; ATTESTATION_NONCE_LEN],
+    /// Unix seconds now.
+    pub issued_at: u64,
+    /// Hardware evidence, if any.
+    pub evidence: Vec<u8>,
+}
+
+fn report_transcript(body: &ReportBody) -> TranscriptHash {
+    let mut t = Transcript::new(Domain::Attestation);
+    t.append("mode", body.mode.as_str().as_bytes())
+        .append("measurement", &body.measurement)
+        .append("kem_suite", body.kem_public_key.suite().as_str().as_bytes())
+        .append("kem_public_key", body.kem_public_key.as_bytes())
+        .append(
+            "signature_suite",
+            body.verifying_key.suite().as_str().as_bytes(),
+        )
+        .append("verifying_key", body.verifying_key.as_bytes())
+        .append("nonce", &body.nonce)
+        .append_u64("issued_at", body.issued_at)
+        .append("evidence", &body.evidence);
+    t.hash()
+}
+
+/// Signs a report with the enclave's key; the key must be the one in `body`.
+pub fn sign_report(body: &ReportBody, signing_key: &SigningKey) -> Result<AttestationReport> {
+    if signing_key.verifying_key() != &body.verifying_key {
+        return Err(ProtocolError::Mismatch("report signing key"));
+    }
+    Ok(AttestationReport {
+        version: PROTOCOL_VERSION,
+        mode: body.mode,
+        measurement: body.measurement,
+        kem_suite: body.kem_public_key.suite(),
+        kem_public_key: body.kem_public_key.as_bytes().to_vec(),
+        signature_suite: body.verifying_key.suite(),
+        verifying_key: body.verifying_key.as_bytes().to_vec(),
+        nonce: body.nonce,
+        issued_at: body.issued_at,
+        evidence: body.evidence.clone(),
+        signature: signing_key.sign(report_transcript(body).as_bytes())?,
+    })
+}
+
+/// Which enclaves a verifier accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttestationPolicy {
+    /// Measurements (SHA-384 of the executable) that are trusted. Empty trusts none.
+    pub allowed_measurements: Vec<[u8; MEASUREMENT_LEN]>,
+    /// Modes that are acceptable.
+    pub allowed_modes: Vec<AttestationMode>,
+    /// How old a report may be, in seconds.
+    pub max_age_secs: u64,
+}
+
+/// The enclave keys a verified report vouches for.
+#[derive(Debug, Clone)]
+pub struct VerifiedEnclave {
+    /// Isolation mode.
+    pub mode: AttestationMode,
+    /// The trusted measurement.
+    pub measurement: [u8; MEASUREMENT_LEN],
+    /// Seal updates to this key.
+    pub kem_public_key: KemPublicKey,
+    /// Check global models against this key.
+    pub verifying_key: VerifyingKey,
+    /// When the report was made.
+    pub issued_at: u64,
+}
+
+/// Checks a report against a policy: mode, measurement, nonce, age, keys and signature.
+pub fn verify_report(
+    report: &AttestationReport,
+    policy: &AttestationPolicy,
+    expected_nonce: Option<&[u8; ATTESTATION_NONCE_LEN]>,
+    now: u64,
+) -> Result<VerifiedEnclave> {
+    if report.version != PROTOCOL_VERSION {
+        return Err(ProtocolError::UnsupportedVersion(report.version));
+    }
+    if !policy.allowed_modes.contains(&report.mode) {
+        return Err(ProtocolError::AttestationRefused("mode not permitted"));
+    }
+    if !policy
+        .allowed_measurements
+        .iter()
+        .any(|m| crate::secret::ct_eq(m, &report.measurement))
+    {
+        return Err(ProtocolError::AttestationRefused(
+            "measurement not on the allow-list",
+        ));
+    }
+    if let Some(nonce) = expected_nonce
+        && !crate::secret::ct_eq(nonce, &report.nonce)
+    {
+        return Err(ProtocolError::AttestationRefused("nonce does not match"));
+    }
+    // A little clock skew forward is tolerated; old reports are not.
+    if report.issued_at > now.saturating_add(300) {
+        return Err(ProtocolError::AttestationRefused("issued in the future"));
+    }
+    if now.saturating_sub(report.issued_at) > policy.max_age_secs {
+        return Err(ProtocolError::Expired {
+            expires_at: report.issued_at.saturating_add(policy.max_age_secs),
+            now,
+        });
+    }
+    if report.mode == AttestationMode::Software && !report.evidence.is_empty() {
+        return Err(ProtocolError::AttestationRefused(
+            "software reports carry no evidence",
+        ));
+    }
+    let body = ReportBody {
+        mode: report.mode,
+        measurement: report.measurement,
+        kem_public_key: KemPublicKey::from_bytes(report.kem_suite, report.kem_public_key.clone())?,
+        verifying_key: VerifyingKey::from_bytes(
+            report.signature_suite,
+            report.verifying_key.clone(),
+        )?,
+        nonce: report.nonce,
+        issued_at: report.issued_at,
+        evidence: report.evidence.clone(),
+    };
+    body.verifying_key.verify(
+        report_transcript(&body).as_bytes(),
+        &report.signature,
+        "attestation report",
+    )?;
+    Ok(VerifiedEnclave {
+        mode: body.mode,
+        measurement: body.measurement,
+        kem_public_key: body.kem_public_key,
+        verifying_key: body.verifying_key,
+        issued_at: body.issued_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kem::KemKeyPair;
+    use rand::SeedableRng;
+
+    fn report(nonce: [u8; 32], issued_at: u64) -> (AttestationReport, AttestationPolicy) {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(31);
+        let kem = KemKeyPair::generate(KemSuite::MlKem768, &mut rng).unwrap();
+        let sig = SigningKey::generate(SignatureSuite::MlDsa65, &mut rng).unwrap();
+        let body = ReportBody {
+            mode: AttestationMode::Software,
+            measurement: [7; 48],
+            kem_public_key: kem.public,
+            verifying_key: sig.verifying_key().clone(),
+            nonce,
+            issued_at,
+            evidence: vec![],
+        };
+        let policy = AttestationPolicy {
+            allowed_measurements: vec![[7; 48]],
+            allowed_modes: vec![AttestationMode::Software],
+            max_age_secs: 3600,
+        };
+        (sign_report(&body, &sig).unwrap(), policy)
+    }
+
+    #[test]
+    fn accepts_matching_report() {
+        let (r, policy) = report([1; 32], 1000);
+        let verified = verify_report(&r, &policy, Some(&[1; 32]), 1010).unwrap();
+        assert_eq!(verified.measurement, [7; 48]);
+    }
+
+    #[test]
+    fn refuses_wrong_measurement_nonce_mode_age_and_tampering() {
+        let (r, policy) = report([1; 32], 1000);
+        let mut wrong_measurement = policy.clone();
+        wrong_measurement.allowed_measurements = vec![[8; 48]];
+        assert!(matches!(
+            verify_report(&r, &wrong_measurement, None, 1000),
+            Err(ProtocolError::AttestationRefused(_))
+        ));
+        assert!(matches!(
+            verify_report(&r, &policy, Some(&[2; 32]), 1000),
+            Err(ProtocolError::AttestationRefused(_))
+        ));
+        let mut no_software = policy.clone();
+        no_software.allowed_modes.clear();
+        assert!(matches!(
+            verify_report(&r, &no_software, None, 1000),
+            Err(ProtocolError::AttestationRefused(_))
+        ));
+        assert!(matches!(
+            verify_report(&r, &policy, None, 10_000),
+            Err(ProtocolError::Expired { .. })
+        ));
+        let mut claimed = r.clone();
+        claimed.measurement = [9; 48];
+        let mut lenient = policy.clone();
+        lenient.allowed_measurements.push([9; 48]);
+        assert!(matches!(
+            verify_report(&claimed, &lenient, None, 1000),
+            Err(ProtocolError::BadSignature(_))
+        ));
+    }
+}

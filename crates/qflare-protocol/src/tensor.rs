@@ -1,0 +1,434 @@
+//! Named f32 tensors and their canonical safetensors encoding.
+//!
+//! Models and updates travel as [safetensors] files: an 8-byte little-endian
+//! header length, a JSON header mapping each name to its dtype, shape and
+//! byte range, then the raw little-endian data. PyTorch loads them with
+//! `safetensors.torch.load_file`. Our encoder is canonical — tensors in
+//! name order, contiguous, header padded with spaces to 8 bytes — so a
+//! model's digest is a function of its contents alone.
+//!
+//! The decoder accepts any well-formed F32 safetensors file (not only our
+//! canonical form) and checks every offset and size with checked arithmetic
+//! against the limits before reading a float.
+//!
+//! [safetensors]: https://github.com/huggingface/safetensors
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::crypto::sha256;
+use crate::error::{ProtocolError, Result};
+
+/// Longest tensor name.
+pub const MAX_NAME_LEN: usize = 128;
+/// Most dimensions per tensor.
+pub const MAX_RANK: usize = 8;
+/// Most tensors per map.
+pub const MAX_TENSORS: usize = 4096;
+/// Largest JSON header accepted.
+pub const MAX_HEADER_LEN: usize = 1024 * 1024;
+
+/// A dense f32 tensor in row-major order.
+#[derive(Clone, PartialEq)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print weights: they are the data a curious host must not see.
+        write!(f, "Tensor(shape {:?})", self.shape)
+    }
+}
+
+fn element_count(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+impl Tensor {
+    /// A tensor of `shape` holding `data`; the element count must match.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        if shape.len() > MAX_RANK {
+            return Err(ProtocolError::malformed("tensor", "rank over 8"));
+        }
+        match element_count(&shape) {
+            Some(n) if n == data.len() => Ok(Self { shape, data }),
+            _ => Err(ProtocolError::malformed(
+                "tensor",
+                "shape does not match element count",
+            )),
+        }
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: Vec<usize>) -> Result<Self> {
+        let n = element_count(&shape)
+            .ok_or_else(|| ProtocolError::malformed("tensor", "shape overflows"))?;
+        Self::new(shape, vec![0.0; n])
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The elements.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// The elements, mutably.
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+
+    /// Consumes the tensor, returning its elements.
+    pub fn into_data(self) -> Vec<f32> {
+        self.data
+    }
+}
+
+/// Checks a tensor name: 1 to 128 characters of `[A-Za-z0-9._/-]`, so it
+/// needs no JSON escaping and cannot collide with `__metadata__`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with("__")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::malformed(
+            "tensor name",
+            "use 1 to 128 characters of A-Z a-z 0-9 . _ / -",
+        ))
+    }
+}
+
+/// Named tensors, kept in name order.
+#[derive(Clone, Default, PartialEq)]
+pub struct TensorMap {
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl std::fmt::Debug for TensorMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.tensors.iter()).finish()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+impl TensorMap {
+    /// An empty map.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a tensor; names must be valid and unique.
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) -> Result<()> {
+        let name = name.into();
+        validate_name(&name)?;
+        if self.tensors.len() >= MAX_TENSORS {
+            return Err(ProtocolError::malformed(
+                "tensor map",
+                "more than 4096 tensors",
+            ));
+        }
+        if self.tensors.contains_key(&name) {
+            return Err(ProtocolError::malformed(
+                "tensor map",
+                format!("duplicate tensor {name}"),
+            ));
+        }
+        self.tensors.insert(name, tensor);
+        Ok(())
+    }
+
+    /// The tensor called `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    /// The tensor called `name`, mutably.
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        self.tensors.get_mut(name)
+    }
+
+    /// Tensors in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Tensors in name order, mutably.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut Tensor)> {
+        self.tensors.iter_mut().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// True when there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Total number of scalar parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.tensors.values().map(|t| t.data.len()).sum()
+    }
+
+    /// True when both maps have the same names with the same shapes.
+    pub fn same_layout(&self, other: &Self) -> bool {
+        self.tensors.len() == other.tensors.len()
+            && self
+                .tensors
+                .iter()
+                .zip(other.tensors.iter())
+                .all(|((a, ta), (b, tb))| a == b && ta.shape == tb.shape)
+    }
+
+    /// All parameters concatenated in name order.
+    pub fn to_flat(&self) -> Vec<f32> {
+        let mut flat = Vec::with_capacity(self.num_parameters());
+        for tensor in self.tensors.values() {
+            flat.extend_from_slice(&tensor.data);
+        }
+        flat
+    }
+
+    /// A map with this map's layout holding `flat` (as produced by [`TensorMap::to_flat`]).
+    pub fn with_flat(&self, flat: &[f32]) -> Result<Self> {
+        if flat.len() != self.num_parameters() {
+            return Err(ProtocolError::malformed(
+                "flat parameters",
+                "length does not match layout",
+            ));
+        }
+        let mut offset = 0;
+        let mut out = Self::new();
+        for (name, tensor) in &self.tensors {
+            let n = tensor.data.len();
+            out.tensors.insert(
+                name.clone(),
+                Tensor {
+                    shape: tensor.shape.clone(),
+                    data: flat[offset..offset + n].to_vec(),
+                },
+            );
+            offset += n;
+        }
+        Ok(out)
+    }
+
+    /// The canonical safetensors encoding.
+    pub fn to_safetensors(&self) -> Vec<u8> {
+        let mut header = String::from(r#"{"__metadata__":{"format":"pt"}"#);
+        let mut offset = 0usize;
+        for (name, tensor) in &self.tensors {
+            let end = offset + 4 * tensor.data.len();
+            let shape: Vec<String> = tensor.shape.iter().map(usize::to_string).collect();
+            header.push_str(&format!(
+                r#","{name}":{{"dtype":"F32","shape":[{}],"data_offsets":[{offset},{end}]}}"#,
+                shape.join(",")
+            ));
+            offset = end;
+        }
+        header.push('}');
+        while (8 + header.len()) % 8 != 0 {
+            header.push(' ');
+        }
+        let mut out = Vec::with_capacity(8 + header.len() + offset);
+        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        for tensor in self.tensors.values() {
+            for value in &tensor.data {
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// SHA-256 of the canonical encoding.
+    pub fn digest(&self) -> [u8; 32] {
+        sha256(&self.to_safetensors())
+    }
+
+    /// Decodes a safetensors file of F32 tensors, refusing anything over `limit` bytes.
+    pub fn from_safetensors(bytes: &[u8], limit: usize) -> Result<Self> {
+        const WHAT: &str = "safetensors";
+        if bytes.len() > limit {
+            return Err(ProtocolError::TooLarge {
+                what: WHAT,
+                limit,
+                actual: bytes.len(),
+            });
+        }
+        if bytes.len() < 8 {
+            return Err(ProtocolError::malformed(
+                WHAT,
+                "shorter than its length prefix",
+            ));
+        }
+        let mut len_bytes = [0u8; 8];
+        len_bytes.copy_from_slice(&bytes[..8]);
+        let header_len = u64::from_le_bytes(len_bytes);
+        if header_len > MAX_HEADER_LEN as u64 || header_len > (bytes.len() - 8) as u64 {
+            return Err(ProtocolError::malformed(WHAT, "header length out of range"));
+        }
+        let header_end = 8 + header_len as usize;
+        let header: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&bytes[8..header_end])
+                .map_err(|e| ProtocolError::malformed(WHAT, format!("header: {e}")))?;
+        let data = &bytes[header_end..];
+
+        let mut entries = Vec::with_capacity(header.len());
+        for (name, value) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            validate_name(&name)?;
+            let entry: HeaderEntry = serde_json::from_value(value)
+                .map_err(|e| ProtocolError::malformed(WHAT, format!("tensor {name}: {e}")))?;
+            if entry.dtype != "F32" {
+                return Err(ProtocolError::malformed(
+                    WHAT,
+                    format!("tensor {name}: only F32 is accepted"),
+                ));
+            }
+            if entry.shape.len() > MAX_RANK {
+                return Err(ProtocolError::malformed(
+                    WHAT,
+                    format!("tensor {name}: rank over 8"),
+                ));
+            }
+            let [begin, end] = entry.data_offsets;
+            let bytes_needed = element_count(&entry.shape)
+                .and_then(|n| n.checked_mul(4))
+                .ok_or_else(|| {
+                    ProtocolError::malformed(WHAT, format!("tensor {name}: shape overflows"))
+                })?;
+            if end < begin || end - begin != bytes_needed {
+                return Err(ProtocolError::malformed(
+                    WHAT,
+                    format!("tensor {name}: offsets disagree with shape"),
+                ));
+            }
+            entries.push((begin, end, name, entry.shape));
+        }
+        if entries.len() > MAX_TENSORS {
+            return Err(ProtocolError::malformed(WHAT, "more than 4096 tensors"));
+        }
+        // The data section must be covered exactly, without gaps or overlaps.
+        entries.sort_by_key(|(begin, end, _, _)| (*begin, *end));
+        let mut expected = 0usize;
+        for (begin, end, name, _) in &entries {
+            if *begin != expected {
+                return Err(ProtocolError::malformed(
+                    WHAT,
+                    format!("tensor {name}: gap or overlap in data"),
+                ));
+            }
+            expected = *end;
+        }
+        if expected != data.len() {
+            return Err(ProtocolError::malformed(
+                WHAT,
+                "data section length disagrees with header",
+            ));
+        }
+
+        let mut map = Self::new();
+        for (begin, end, name, shape) in entries {
+            let values = data[begin..end]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            map.insert(name, Tensor::new(shape, values)?)?;
+        }
+        Ok(map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> TensorMap {
+        let mut map = TensorMap::new();
+        map.insert(
+            "fc1.weight",
+            Tensor::new(
+                vec![2, 3],
+                vec![1.0, -2.0, 3.5, 0.0, f32::MIN_POSITIVE, 6.0],
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        map.insert("fc1.bias", Tensor::new(vec![2], vec![0.25, -0.5]).unwrap())
+            .unwrap();
+        map.insert("scalar", Tensor::new(vec![], vec![9.0]).unwrap())
+            .unwrap();
+        map
+    }
+
+    #[test]
+    fn canonical_round_trip() {
+        let map = sample();
+        let bytes = map.to_safetensors();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!((8 + header_len) % 8, 0);
+        let back = TensorMap::from_safetensors(&bytes, 1 << 20).unwrap();
+        assert_eq!(back, map);
+        assert_eq!(back.to_safetensors(), bytes, "encoding is canonical");
+        assert_eq!(map.num_parameters(), 9);
+        assert_eq!(map.with_flat(&map.to_flat()).unwrap(), map);
+        assert!(map.same_layout(&back));
+    }
+
+    #[test]
+    fn rejects_bad_inputs() {
+        let bytes = sample().to_safetensors();
+        assert!(matches!(
+            TensorMap::from_safetensors(&bytes, 16),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        assert!(TensorMap::from_safetensors(&bytes[..bytes.len() - 1], 1 << 20).is_err());
+        assert!(TensorMap::from_safetensors(&bytes[..5], 1 << 20).is_err());
+        let mut huge_header = bytes.clone();
+        huge_header[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(TensorMap::from_safetensors(&huge_header, 1 << 20).is_err());
+        let text = String::from_utf8_lossy(&bytes).replace("F32", "F64");
+        assert!(TensorMap::from_safetensors(text.as_bytes(), 1 << 20).is_err());
+        assert!(Tensor::new(vec![2, 2], vec![0.0; 3]).is_err());
+        assert!(Tensor::zeros(vec![usize::MAX, 2]).is_err());
+        let mut map = TensorMap::new();
+        assert!(
+            map.insert("__metadata__", Tensor::zeros(vec![1]).unwrap())
+                .is_err()
+        );
+        assert!(
+            map.insert("with\"quote", Tensor::zeros(vec![1]).unwrap())
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn debug_hides_weights() {
+        let shown = format!("{:?}", sample());
+        assert!(!shown.contains("3.5"));
+        assert!(shown.contains("fc1.weight"));
+    }
+}
