@@ -70,6 +70,29 @@ pub struct EnrollResponse {
     pub signature: Vec<u8>,
 }
 
+/// `GET /v1/server-info`: what a device needs before enrolling. Fetched over
+/// a TLS connection whose certificate the device then checks, together with
+/// `verifying_key`, against the fingerprint it was given out of band.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerInfo {
+    /// Protocol version.
+    pub version: u16,
+    /// The server's fingerprint (hex), for display; devices recompute it.
+    pub fingerprint: String,
+    /// The server's signature suite.
+    pub signature_suite: SignatureSuite,
+    /// The server's ML-DSA verifying key.
+    #[serde(with = "b64")]
+    pub verifying_key: Vec<u8>,
+    /// KEM suites devices may enroll with.
+    pub kem_suites: Vec<KemSuite>,
+    /// The KEM suite the server recommends.
+    pub default_kem_suite: KemSuite,
+    /// Signature suites devices may enroll with.
+    pub signature_suites: Vec<SignatureSuite>,
+}
+
 fn request_transcript(
     token_hash: &TokenHash,
     device_name: &str,

@@ -99,6 +99,22 @@ fn ml_kem_modulus_check(ek: &[u8]) -> Result<()> {
     }
 }
 
+/// FIPS 203 §7.3 decapsulation-key *hash check*: the key embeds its
+/// encapsulation key `ek = dk[384k .. 768k+32]` followed by `H(ek)`; a key file
+/// corrupted there is refused when loaded rather than decapsulating to wrong
+/// secrets later. The caller has checked the length (768k + 96 bytes).
+fn ml_kem_hash_check(dk: &[u8]) -> Result<()> {
+    let k = (dk.len() - 96) / 768;
+    let ek = &dk[384 * k..768 * k + 32];
+    let embedded_hash = &dk[768 * k + 32..768 * k + 64];
+    let computed = digest::digest(&digest::SHA3_256, ek);
+    if crate::secret::ct_eq(computed.as_ref(), embedded_hash) {
+        ml_kem_modulus_check(ek)
+    } else {
+        Err(ProtocolError::InvalidKey("ml-kem decapsulation key"))
+    }
+}
+
 macro_rules! aws_ml_kem {
     ($name:ident, $suite:expr, $alg:expr, $dk_len:expr, $doc:literal) => {
         #[doc = $doc]
@@ -162,6 +178,7 @@ macro_rules! aws_ml_kem {
 
             fn parse_decapsulation_key(bytes: &[u8]) -> Result<Self::DecapsulationKey> {
                 check_len("ml-kem decapsulation key", $dk_len, bytes.len())?;
+                ml_kem_hash_check(bytes)?;
                 awskem::DecapsulationKey::new(&$alg, bytes)
                     .map_err(|_| ProtocolError::InvalidKey("ml-kem decapsulation key"))
             }
@@ -621,6 +638,16 @@ mod tests {
                 KemPublicKey::from_bytes(suite, pair.public.as_bytes()[1..].to_vec()),
                 Err(ProtocolError::InvalidLength { .. })
             ));
+            // A secret key corrupted in its embedded public key is refused at load.
+            if matches!(suite, KemSuite::MlKem768 | KemSuite::MlKem1024) {
+                let mut corrupt = pair.secret.to_secret_bytes().expose().to_vec();
+                let k = (corrupt.len() - 96) / 768;
+                corrupt[384 * k + 5] ^= 1;
+                assert_eq!(
+                    KemSecretKey::from_bytes(suite, SecretBytes::new(corrupt)).unwrap_err(),
+                    ProtocolError::InvalidKey("ml-kem decapsulation key")
+                );
+            }
             // Secret keys survive their encoding.
             let reloaded =
                 KemSecretKey::from_bytes(suite, pair.secret.to_secret_bytes().clone()).unwrap();

@@ -75,6 +75,7 @@ pub mod handshake;
 pub mod identity;
 pub mod kem;
 pub mod model;
+pub mod rotation;
 pub mod secret;
 pub mod sig;
 pub mod suite;
