@@ -147,7 +147,8 @@ impl ProtocolError {
         }
     }
 
-    pub(crate) fn malformed(what: &'static str, reason: impl Into<String>) -> Self {
+    /// A [`ProtocolError::Malformed`] for `what`.
+    pub fn malformed(what: &'static str, reason: impl Into<String>) -> Self {
         Self::Malformed {
             what,
             reason: reason.into(),

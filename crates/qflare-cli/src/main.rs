@@ -1,0 +1,333 @@
+//! `qflare`: run the server and administer it.
+//!
+//! Configuration is layered: defaults, then `config/global_config.yaml` (or
+//! `--config`), then `QFLARE_*` environment variables (a `.env` file in the
+//! working directory is read first), then flags.
+
+mod admin;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use qflare_server::api::{CreateTokenRequest, CreatedToken, DeviceView, Revoked, TokenView};
+use qflare_server::identity::PublicKeyFile;
+use qflare_server::{Config, ServerOptions};
+
+use crate::admin::AdminClient;
+
+/// QFLARE: quantum-safe federated learning.
+#[derive(Debug, Parser)]
+#[command(name = "qflare", version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (default: config/global_config.yaml if present).
+    #[arg(long, global = true, env = "QFLARE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How admin commands reach the server.
+#[derive(Debug, Args)]
+struct Remote {
+    /// The server's URL (default: https:// + the configured listen address).
+    #[arg(long)]
+    server: Option<String>,
+    /// Pin this server fingerprint instead of the certificate in the local state directory.
+    #[arg(long = "server-key")]
+    server_key: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (HTTPS with post-quantum hybrid key exchange).
+    Server {
+        /// Listen address, e.g. 0.0.0.0:8443.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Database URL (sqlite://PATH or postgres://...).
+        #[arg(long)]
+        database: Option<String>,
+        /// State directory holding keys and the certificate.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Enrollment tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Enrolled devices.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// The audit ledger.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a single-use token; printed once, alone on the last line.
+    Create {
+        /// Who or what the token is for.
+        #[arg(long)]
+        label: String,
+        /// How long it stays valid (e.g. 30m, 24h, 7d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// List tokens (never their values).
+    List,
+    /// Revoke an unused token by id.
+    Revoke {
+        /// The token's id from `token list`.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// List enrolled devices.
+    List,
+    /// Revoke a device: its sessions end and its updates are refused.
+    Revoke {
+        /// The device id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Recompute the hash chain and check the signed checkpoints.
+    Verify,
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // A missing .env is normal; a malformed one is worth saying.
+    if let Err(err) = dotenvy::dotenv()
+        && !err.not_found()
+    {
+        eprintln!("warning: .env: {err}");
+    }
+    init_tracing();
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn server_url(config: &Config, remote: &Remote) -> String {
+    remote.server.clone().unwrap_or_else(|| {
+        let listen = config.server.listen;
+        let host = if listen.ip().is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else {
+            listen.ip().to_string()
+        };
+        format!("https://{host}:{}", listen.port())
+    })
+}
+
+async fn admin(config: &Config, remote: &Remote) -> anyhow::Result<AdminClient> {
+    AdminClient::connect(
+        &server_url(config, remote),
+        remote.server_key.as_deref(),
+        &config.server.state_dir,
+        std::env::var("QFLARE_ADMIN_TOKEN").ok(),
+    )
+    .await
+}
+
+fn time(unix: i64) -> String {
+    u64::try_from(unix)
+        .ok()
+        .map(|secs| {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+                .to_string()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Server {
+            listen,
+            database,
+            state_dir,
+        } => {
+            if let Some(listen) = listen {
+                config.server.listen = listen;
+            }
+            if let Some(database) = database {
+                config.server.database_url = Some(database);
+            }
+            if let Some(state_dir) = state_dir {
+                config.server.state_dir = state_dir;
+            }
+            let listener = tokio::net::TcpListener::bind(config.server.listen)
+                .await
+                .with_context(|| format!("binding {}", config.server.listen))?;
+            let metrics = match config.server.metrics_listen {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding the metrics listener {addr}"))?,
+                ),
+                None => None,
+            };
+            let options = ServerOptions {
+                admin_token: std::env::var("QFLARE_ADMIN_TOKEN").ok(),
+                ..ServerOptions::default()
+            };
+            let state_dir = config.server.state_dir.clone();
+            let server = qflare_server::Server::new(config, options).await?;
+            println!("QFLARE server on https://{}", listener.local_addr()?);
+            if let Some(metrics) = &metrics {
+                println!("metrics on http://{}/metrics", metrics.local_addr()?);
+            }
+            if std::env::var("QFLARE_ADMIN_TOKEN").is_err() {
+                println!("admin token: {}", state_dir.join("admin-token").display());
+            }
+            println!("server fingerprint (devices pin it with --server-key):");
+            println!("{}", server.fingerprint());
+            server
+                .serve(listener, metrics, qflare_server::shutdown_signal())
+                .await?;
+        }
+        Command::Token { command, remote } => {
+            let client = admin(&config, &remote).await?;
+            match command {
+                TokenCommand::Create { label, ttl } => {
+                    let created: CreatedToken = client
+                        .post(
+                            "/v1/admin/tokens",
+                            &CreateTokenRequest {
+                                label,
+                                ttl_secs: ttl.map(|d| d.as_secs().max(1)),
+                            },
+                        )
+                        .await?;
+                    println!(
+                        "token {} for {:?}, valid until {}; it is shown only now:",
+                        created.id,
+                        created.label,
+                        time(created.expires_at)
+                    );
+                    println!("{}", created.token);
+                }
+                TokenCommand::List => {
+                    let tokens: Vec<TokenView> = client.get("/v1/admin/tokens").await?;
+                    println!(
+                        "{:<17} {:<8} {:<21} {:<33} label",
+                        "id", "status", "expires", "used by"
+                    );
+                    for t in tokens {
+                        println!(
+                            "{:<17} {:<8} {:<21} {:<33} {}",
+                            t.id,
+                            t.status,
+                            time(t.expires_at),
+                            t.used_by.unwrap_or_else(|| "-".into()),
+                            t.label
+                        );
+                    }
+                }
+                TokenCommand::Revoke { id } => {
+                    let result: Revoked = client
+                        .post(&format!("/v1/admin/tokens/{id}/revoke"), &())
+                        .await?;
+                    println!(
+                        "{}",
+                        if result.revoked {
+                            "revoked"
+                        } else {
+                            "not revoked (unknown, used or already revoked)"
+                        }
+                    );
+                }
+            }
+        }
+        Command::Device { command, remote } => {
+            let client = admin(&config, &remote).await?;
+            match command {
+                DeviceCommand::List => {
+                    let devices: Vec<DeviceView> = client.get("/v1/admin/devices").await?;
+                    println!(
+                        "{:<33} {:<8} {:<18} {:<10} {:<21} name",
+                        "id", "status", "kem", "signature", "last seen"
+                    );
+                    for d in devices {
+                        println!(
+                            "{:<33} {:<8} {:<18} {:<10} {:<21} {}",
+                            d.id,
+                            d.status,
+                            d.kem_suite,
+                            d.signature_suite,
+                            d.last_seen_at.map_or_else(|| "-".into(), time),
+                            d.name
+                        );
+                    }
+                }
+                DeviceCommand::Revoke { id } => {
+                    let result: Revoked = client
+                        .post(&format!("/v1/admin/devices/{id}/revoke"), &())
+                        .await?;
+                    println!(
+                        "{}",
+                        if result.revoked {
+                            "revoked"
+                        } else {
+                            "not revoked (unknown or already revoked)"
+                        }
+                    );
+                }
+            }
+        }
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => {
+            let store = qflare_store::open(&config.server.database_url()).await?;
+            let key = PublicKeyFile::load(&config.server.state_dir)?;
+            let report = qflare_server::ledger::verify(store.as_ref(), &key).await?;
+            match report.first_bad {
+                None => {
+                    println!(
+                        "audit ledger intact: {} entries, {} signed checkpoints verified",
+                        report.entries, report.checkpoints
+                    );
+                }
+                Some((seq, reason)) => {
+                    println!("audit ledger BROKEN at entry {seq}: {reason}");
+                    println!("({} entries verified before it)", report.entries);
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

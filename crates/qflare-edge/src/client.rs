@@ -1,0 +1,355 @@
+//! Talking to the server: enrollment, the session handshake, and sealed
+//! calls inside a session.
+
+use std::path::Path;
+use std::time::Duration;
+
+use qflare_protocol::channel::ClientChannel;
+use qflare_protocol::enrollment::{self, EnrollResponse};
+use qflare_protocol::handshake::{ClientHello, ClientIdentity, ClientStart, ServerHello};
+use qflare_protocol::identity::{DeviceKeys, EnrollmentToken, ServerFingerprint};
+use qflare_protocol::rotation;
+use qflare_protocol::wire::{self, ErrorBody, limits};
+use qflare_protocol::{KemSuite, SignatureSuite};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::EdgeError;
+use crate::identity::Identity;
+use crate::transport::Transport;
+
+/// Header naming the session of a sealed request.
+pub const SESSION_HEADER: &str = "x-qflare-session";
+/// Content type of sealed bodies.
+pub const SEALED_CONTENT_TYPE: &str = "application/vnd.qflare.sealed";
+/// Default timeout of one HTTP exchange (model downloads and uploads included).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Reads a response body, refusing more than `limit` bytes.
+pub(crate) async fn read_body(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, EdgeError> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(EdgeError::Protocol(
+            qflare_protocol::ProtocolError::TooLarge {
+                what: "response",
+                limit,
+                actual: usize::try_from(response.content_length().unwrap_or(u64::MAX))
+                    .unwrap_or(usize::MAX),
+            },
+        ));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(EdgeError::network)? {
+        if body.len() + chunk.len() > limit {
+            return Err(EdgeError::Protocol(
+                qflare_protocol::ProtocolError::TooLarge {
+                    what: "response",
+                    limit,
+                    actual: body.len() + chunk.len(),
+                },
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn server_error(status: u16, body: &[u8]) -> EdgeError {
+    match wire::decode::<ErrorBody>("error", body, 16 * 1024) {
+        Ok(err) => EdgeError::Server {
+            status,
+            code: err.code,
+            message: err.message,
+        },
+        Err(_) => EdgeError::Server {
+            status,
+            code: "unknown".into(),
+            message: format!("HTTP {status} without a QFLARE error body"),
+        },
+    }
+}
+
+/// Decodes a plain (unsealed) JSON answer or the server's error.
+pub(crate) async fn decode_plain<T: DeserializeOwned>(
+    response: reqwest::Response,
+    limit: usize,
+) -> Result<T, EdgeError> {
+    let status = response.status();
+    let body = read_body(response, limit).await?;
+    if !status.is_success() {
+        return Err(server_error(status.as_u16(), &body));
+    }
+    Ok(wire::decode("response", &body, limit)?)
+}
+
+async fn post_json<Req: Serialize, Resp: DeserializeOwned>(
+    transport: &Transport,
+    path: &str,
+    request: &Req,
+    limit: usize,
+) -> Result<Resp, EdgeError> {
+    let response = transport
+        .http
+        .post(transport.url(path))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(wire::encode(request)?)
+        .send()
+        .await
+        .map_err(EdgeError::network)?;
+    decode_plain(response, limit).await
+}
+
+/// What `qflare-edge enroll` needs.
+#[derive(Debug)]
+pub struct EnrollOptions {
+    /// The server's base URL (`https://host:port`).
+    pub server_url: String,
+    /// The single-use token from the admin.
+    pub token: EnrollmentToken,
+    /// The fingerprint from the admin, pinned from now on.
+    pub fingerprint: ServerFingerprint,
+    /// A name for the device.
+    pub device_name: String,
+    /// KEM suite; the server's default when `None`.
+    pub kem_suite: Option<KemSuite>,
+    /// Signature suite; ML-DSA-65 when `None`.
+    pub signature_suite: Option<SignatureSuite>,
+}
+
+/// Enrolls: verifies the server against the fingerprint, generates the
+/// device's key pairs, proves possession, and writes the identity to `dir`.
+pub async fn enroll(options: EnrollOptions, dir: &Path) -> Result<Identity, EdgeError> {
+    if Identity::path(dir).exists() {
+        return Err(EdgeError::Identity(format!(
+            "{} already exists; refusing to overwrite an enrolled identity",
+            Identity::path(dir).display()
+        )));
+    }
+    let server = Transport::discover(&options.server_url, &options.fingerprint).await?;
+    let kem_suite = options.kem_suite.unwrap_or(server.info.default_kem_suite);
+    let signature_suite = options.signature_suite.unwrap_or_default();
+    if !server.info.kem_suites.contains(&kem_suite)
+        || !server.info.signature_suites.contains(&signature_suite)
+    {
+        return Err(EdgeError::Protocol(
+            qflare_protocol::ProtocolError::SuiteMismatch {
+                expected: "a suite the server offers",
+                actual: kem_suite.as_str(),
+            },
+        ));
+    }
+    let keys = DeviceKeys::generate(kem_suite, signature_suite, &mut rand::rng())?;
+    let request = enrollment::build_request(
+        &options.token,
+        &options.device_name,
+        &keys,
+        &options.fingerprint,
+    )?;
+    let transport = Transport::pinned(
+        &options.server_url,
+        server.certificate_sha256,
+        DEFAULT_TIMEOUT,
+    )?;
+    let response: EnrollResponse =
+        post_json(&transport, "/v1/enroll", &request, limits::ENROLL_RESPONSE).await?;
+    let device_id = enrollment::verify_response(
+        &response,
+        &request,
+        &server.verifying_key,
+        &options.fingerprint,
+    )?;
+    let identity = Identity {
+        device_id,
+        device_name: options.device_name,
+        server_url: transport.base_url.clone(),
+        server_fingerprint: options.fingerprint,
+        server_certificate_sha256: server.certificate_sha256,
+        server_key: server.verifying_key,
+        keys,
+        key_version: 1,
+    };
+    identity.create(dir)?;
+    tracing::info!(device_id = %device_id, kem = %kem_suite, signature = %signature_suite, "enrolled");
+    Ok(identity)
+}
+
+/// The pinned transport for an enrolled identity.
+pub fn transport_for(identity: &Identity) -> Result<Transport, EdgeError> {
+    Transport::pinned(
+        &identity.server_url,
+        identity.server_certificate_sha256,
+        DEFAULT_TIMEOUT,
+    )
+}
+
+/// An established session.
+pub struct Session {
+    transport: Transport,
+    channel: ClientChannel,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("session_id", &self.channel.session_id())
+            .field("expires_at", &self.channel.expires_at())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the handshake: hello, verify the server's signed answer against the
+/// pinned key, confirm.
+pub async fn open_session(
+    identity: &Identity,
+    transport: &Transport,
+) -> Result<Session, EdgeError> {
+    let client = ClientIdentity {
+        device_id: identity.device_id,
+        kem_public_key: &identity.keys.kem.public,
+        kem_secret_key: &identity.keys.kem.secret,
+        signing_key: &identity.keys.signing,
+    };
+    let (await_hello, hello): (_, ClientHello) =
+        ClientStart::new(client, &identity.server_key).hello(&mut rand::rng())?;
+    let server_hello: ServerHello =
+        post_json(transport, "/v1/sessions", &hello, limits::SERVER_HELLO).await?;
+    let (established, confirm) = await_hello.finish(&server_hello, unix_now())?;
+    let path = format!("/v1/sessions/{}/confirm", established.session_id);
+    let _: serde_json::Value = post_json(transport, &path, &confirm, 4096).await?;
+    Ok(Session {
+        transport: transport.clone(),
+        channel: established.into_client_channel()?,
+    })
+}
+
+impl Session {
+    /// The session's id.
+    pub fn session_id(&self) -> String {
+        self.channel.session_id().to_hex()
+    }
+
+    /// When the session dies.
+    pub fn expires_at(&self) -> u64 {
+        self.channel.expires_at()
+    }
+
+    /// True when the session has less than `margin_secs` left.
+    pub fn expires_within(&self, margin_secs: u64) -> bool {
+        self.channel.expires_at() <= unix_now().saturating_add(margin_secs)
+    }
+
+    /// Sends `request` sealed to `path` and opens the sealed answer.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        path: &str,
+        request: &Req,
+        response_limit: usize,
+    ) -> Result<Resp, EdgeError> {
+        let body = self
+            .call_raw(path, wire::encode(request)?, response_limit)
+            .await?;
+        Ok(wire::decode("sealed response", &body, response_limit)?)
+    }
+
+    /// Sends raw bytes sealed to `path`; returns the opened answer's bytes.
+    pub async fn call_raw(
+        &mut self,
+        path: &str,
+        mut body: Vec<u8>,
+        response_limit: usize,
+    ) -> Result<Vec<u8>, EdgeError> {
+        let seq = self
+            .channel
+            .seal_request("POST", path, &mut body, unix_now())?;
+        let response = self
+            .transport
+            .http
+            .post(self.transport.url(path))
+            .header(SESSION_HEADER, self.channel.session_id().to_hex())
+            .header(reqwest::header::CONTENT_TYPE, SEALED_CONTENT_TYPE)
+            .body(body)
+            .send()
+            .await
+            .map_err(EdgeError::network)?;
+        let status = response.status();
+        let sealed = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes() == SEALED_CONTENT_TYPE.as_bytes());
+        let mut bytes = read_body(
+            response,
+            response_limit + qflare_protocol::channel::RECORD_OVERHEAD,
+        )
+        .await?;
+        if sealed {
+            self.channel.open_response(seq, "POST", path, &mut bytes)?;
+        }
+        if status.is_success() {
+            if !sealed {
+                return Err(EdgeError::Protocol(
+                    qflare_protocol::ProtocolError::malformed(
+                        "response",
+                        "a successful in-session answer must be sealed",
+                    ),
+                ));
+            }
+            Ok(bytes)
+        } else {
+            Err(server_error(status.as_u16(), &bytes))
+        }
+    }
+
+    /// A round trip through the channel.
+    pub async fn ping(&mut self) -> Result<serde_json::Value, EdgeError> {
+        self.call("/v1/session/ping", &serde_json::json!({}), 4096)
+            .await
+    }
+}
+
+/// Replaces the device's keys through `session`, then rewrites the identity
+/// file in `dir`. The server ends the device's sessions afterwards.
+pub async fn rotate_keys(
+    identity: &mut Identity,
+    session: &mut Session,
+    dir: &Path,
+) -> Result<u32, EdgeError> {
+    let new_keys = DeviceKeys::generate(
+        identity.keys.kem.public.suite(),
+        identity.keys.signing.suite(),
+        &mut rand::rng(),
+    )?;
+    let request = rotation::build_request(
+        identity.device_id,
+        &identity.keys.signing,
+        &new_keys,
+        unix_now(),
+    )?;
+    let answer: serde_json::Value = session
+        .call("/v1/devices/self/rotate-keys", &request, 4096)
+        .await?;
+    let key_version = answer
+        .get("key_version")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| {
+            EdgeError::Protocol(qflare_protocol::ProtocolError::malformed(
+                "rotation answer",
+                "no key_version",
+            ))
+        })?;
+    identity.keys = new_keys;
+    identity.key_version = key_version;
+    identity.replace(dir)?;
+    tracing::info!(key_version, "rotated keys");
+    Ok(key_version)
+}

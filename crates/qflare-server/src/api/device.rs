@@ -1,0 +1,94 @@
+//! Routes inside a sealed session. Each takes a [`SealedRequest`], so the
+//! body it reads has already been authenticated and claimed exactly once.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use qflare_protocol::rotation::{self, KeyRotationRequest};
+use qflare_store::DeviceKeys as StoredKeys;
+use serde_json::json;
+
+use super::{KeysRotated, Pong};
+use crate::app::SharedState;
+use crate::error::{ApiError, ApiResult};
+use crate::ledger::AuditKind;
+use crate::sealed::SealedRequest;
+
+/// `POST /v1/session/ping`: proves the channel works both ways.
+pub async fn ping(State(state): State<SharedState>, request: SealedRequest) -> Response {
+    request.respond(Ok(Pong {
+        device_id: request.device_id.to_hex(),
+        session_id: request.session_id.to_hex(),
+        server_time: state.now(),
+        seq: request.seq,
+    }))
+}
+
+/// `POST /v1/devices/self/rotate-keys`: replace the device's keys. Signed by
+/// the old key and the new one; ends every session of the device afterwards,
+/// so the next one is established with the new keys.
+pub async fn rotate_keys(State(state): State<SharedState>, request: SealedRequest) -> Response {
+    let result = rotate(&state, &request).await;
+    let response = request.respond(result);
+    if response.status().is_success()
+        && let Err(err) = state.store.close_device_sessions(&request.device.id).await
+    {
+        tracing::warn!(%err, "could not close sessions after key rotation");
+    }
+    response
+}
+
+async fn rotate(state: &SharedState, request: &SealedRequest) -> ApiResult<KeysRotated> {
+    let body: KeyRotationRequest =
+        request.json("key rotation", state.config.limits.sealed_bytes)?;
+    let (_, old_key) = super::public::device_keys(&request.device)?;
+    let verified = rotation::verify_request(&body, &request.device_id, &old_key, state.now())?;
+    if !state
+        .config
+        .crypto
+        .kem_suites
+        .contains(&verified.kem_public_key.suite())
+        || !state
+            .config
+            .crypto
+            .signature_suites
+            .contains(&verified.verifying_key.suite())
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unsupported_suite",
+            "the requested suite is not offered",
+        ));
+    }
+    let keys = StoredKeys {
+        kem_suite: verified.kem_public_key.suite().as_str().to_owned(),
+        kem_public_key: verified.kem_public_key.as_bytes().to_vec(),
+        signature_suite: verified.verifying_key.suite().as_str().to_owned(),
+        verifying_key: verified.verifying_key.as_bytes().to_vec(),
+    };
+    if !state
+        .store
+        .rotate_device_keys(&request.device.id, &keys, state.now_i64())
+        .await?
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "device_revoked",
+            "this device has been revoked",
+        ));
+    }
+    let key_version = request.device.key_version + 1;
+    state
+        .audit(
+            AuditKind::KeyRotated,
+            &format!("device:{}", request.device.id),
+            &request.device.id,
+            json!({
+                "key_version": key_version,
+                "kem_suite": keys.kem_suite,
+                "signature_suite": keys.signature_suite,
+            }),
+        )
+        .await;
+    Ok(KeysRotated { key_version })
+}

@@ -1,0 +1,551 @@
+//! Server configuration: defaults, then `config/global_config.yaml`, then
+//! `QFLARE_*` environment variables, then command-line flags (applied by the
+//! caller on the returned struct). Unknown keys anywhere are an error, so a
+//! typo cannot silently fall back to a default.
+//!
+//! Environment overrides name a path with double underscores:
+//! `QFLARE_SERVER__LISTEN=0.0.0.0:8443` sets `server.listen`. Values are parsed
+//! as YAML scalars (`true`, `42`, `[a, b]` work). A few common settings also
+//! have short aliases (see [`ENV_ALIASES`]). The admin token is never part of
+//! the file: it comes from `QFLARE_ADMIN_TOKEN` (or `.env`), or is generated
+//! into the state directory on first start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use qflare_protocol::{KemSuite, SignatureSuite};
+use serde::{Deserialize, Serialize};
+use serde_yaml_ng::{Mapping, Value};
+
+use crate::ratelimit::RateLimit;
+
+/// Where the configuration file is looked for when none is named.
+pub const DEFAULT_CONFIG_PATH: &str = "config/global_config.yaml";
+
+/// Short environment names for the most common settings.
+pub const ENV_ALIASES: &[(&str, &str)] = &[
+    ("QFLARE_LISTEN", "server.listen"),
+    ("QFLARE_METRICS_LISTEN", "server.metrics_listen"),
+    ("QFLARE_STATE_DIR", "server.state_dir"),
+    ("QFLARE_DATABASE_URL", "server.database_url"),
+    ("QFLARE_REDIS_URL", "server.redis_url"),
+];
+
+/// A configuration problem, named precisely.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The YAML (or an environment value) is invalid, or a key is unknown.
+    #[error("invalid configuration ({origin}): {message}")]
+    Invalid {
+        /// Where the bad value came from.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listeners, state and backing services.
+    pub server: ServerSection,
+    /// Which suites the server offers and uses.
+    pub crypto: CryptoSection,
+    /// Session lifetimes.
+    pub sessions: SessionSection,
+    /// Enrollment tokens.
+    pub tokens: TokenSection,
+    /// Body-size limits per route.
+    pub limits: LimitSection,
+    /// Request rates per client address and per device.
+    pub rate_limits: RateLimitSection,
+    /// The audit ledger.
+    pub audit: AuditSection,
+}
+
+/// Listeners, state and backing services.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// HTTPS listen address.
+    pub listen: SocketAddr,
+    /// Plain-HTTP Prometheus listener; `null` disables it. Keep it off public interfaces.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Holds the server's keys, TLS certificate and (by default) the SQLite database.
+    pub state_dir: PathBuf,
+    /// `sqlite://PATH` (created on first start) or `postgres://...`. Default: `sqlite://<state_dir>/qflare.db`.
+    pub database_url: Option<String>,
+    /// Redis for rate limits shared by several replicas; `null` keeps them in memory.
+    pub redis_url: Option<String>,
+    /// PEM certificate chain; generated into the state directory when `null`.
+    pub tls_certificate: Option<PathBuf>,
+    /// PEM private key for `tls_certificate`.
+    pub tls_private_key: Option<PathBuf>,
+    /// Names and addresses put in a generated certificate.
+    pub tls_subject_alt_names: Vec<String>,
+    /// Longest time one request may take before it is answered with an error.
+    pub request_timeout_secs: u64,
+    /// How long a TLS handshake may take.
+    pub tls_handshake_timeout_secs: u64,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace_secs: u64,
+}
+
+impl std::fmt::Debug for ServerSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Database and Redis URLs may embed passwords.
+        f.debug_struct("ServerSection")
+            .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("state_dir", &self.state_dir)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("tls_certificate", &self.tls_certificate)
+            .field("tls_private_key", &self.tls_private_key)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Replaces a URL's password with `***`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            state_dir: PathBuf::from("./qflare-data"),
+            database_url: None,
+            redis_url: None,
+            tls_certificate: None,
+            tls_private_key: None,
+            tls_subject_alt_names: vec!["localhost".into(), "127.0.0.1".into()],
+            request_timeout_secs: 60,
+            tls_handshake_timeout_secs: 10,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl ServerSection {
+    /// The database URL, defaulting to a SQLite file in the state directory.
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.state_dir.join("qflare.db").display()))
+    }
+}
+
+/// Which suites the server offers and uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CryptoSection {
+    /// KEM suites devices may enroll with.
+    pub kem_suites: Vec<KemSuite>,
+    /// The suite devices are told to prefer.
+    pub default_kem_suite: KemSuite,
+    /// Signature suites devices may enroll with.
+    pub signature_suites: Vec<SignatureSuite>,
+    /// The server's own signature suite (used when its key is first generated).
+    pub server_signature_suite: SignatureSuite,
+}
+
+impl Default for CryptoSection {
+    fn default() -> Self {
+        Self {
+            kem_suites: KemSuite::ALL.to_vec(),
+            default_kem_suite: KemSuite::MlKem768,
+            signature_suites: SignatureSuite::ALL.to_vec(),
+            server_signature_suite: SignatureSuite::MlDsa65,
+        }
+    }
+}
+
+/// Session lifetimes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionSection {
+    /// How long a session lives after the handshake (at most 24 h).
+    pub lifetime_secs: u64,
+}
+
+impl Default for SessionSection {
+    fn default() -> Self {
+        Self {
+            lifetime_secs: 3600,
+        }
+    }
+}
+
+/// Enrollment tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenSection {
+    /// Validity when the admin names none.
+    pub default_ttl_secs: u64,
+    /// The longest validity an admin may ask for.
+    pub max_ttl_secs: u64,
+}
+
+impl Default for TokenSection {
+    fn default() -> Self {
+        Self {
+            default_ttl_secs: 24 * 3600,
+            max_ttl_secs: 30 * 24 * 3600,
+        }
+    }
+}
+
+/// Body-size limits per route, in bytes; checked before any parsing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSection {
+    /// `POST /v1/enroll`.
+    pub enroll_bytes: usize,
+    /// `POST /v1/sessions` and `/confirm`.
+    pub session_bytes: usize,
+    /// Sealed in-session requests other than update submission.
+    pub sealed_bytes: usize,
+    /// Sealed update submission (the MNIST CNN's envelope is about 9 MB).
+    pub update_bytes: usize,
+    /// Admin API requests.
+    pub admin_bytes: usize,
+}
+
+impl Default for LimitSection {
+    fn default() -> Self {
+        Self {
+            enroll_bytes: qflare_protocol::wire::limits::ENROLL_REQUEST,
+            session_bytes: qflare_protocol::wire::limits::CLIENT_HELLO,
+            sealed_bytes: 256 * 1024,
+            update_bytes: qflare_protocol::wire::limits::SEALED_RECORD,
+            admin_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// Request rates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSection {
+    /// `POST /v1/enroll`, per client address: the strictest, against token guessing.
+    pub enroll: RateLimit,
+    /// Handshakes, per client address.
+    pub sessions: RateLimit,
+    /// Handshakes and sealed requests, per device.
+    pub device: RateLimit,
+    /// Admin API and web pages, per client address.
+    pub admin: RateLimit,
+    /// Everything else (health, server info), per client address.
+    pub public: RateLimit,
+}
+
+impl Default for RateLimitSection {
+    fn default() -> Self {
+        Self {
+            enroll: RateLimit {
+                per_minute: 10,
+                burst: 5,
+            },
+            sessions: RateLimit {
+                per_minute: 120,
+                burst: 60,
+            },
+            device: RateLimit {
+                per_minute: 1200,
+                burst: 200,
+            },
+            admin: RateLimit {
+                per_minute: 600,
+                burst: 100,
+            },
+            public: RateLimit {
+                per_minute: 600,
+                burst: 100,
+            },
+        }
+    }
+}
+
+/// The audit ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// A signed checkpoint of the chain head every this many entries.
+    pub checkpoint_every: u64,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: 32,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the layered configuration. `path` names a file that must exist;
+    /// without it the default path is used if present.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(path, &env)
+    }
+
+    /// [`Config::load`] with an explicit environment (for tests).
+    pub fn load_from(path: Option<&Path>, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let mut value =
+            serde_yaml_ng::to_value(Self::default()).map_err(|e| invalid("defaults", e))?;
+        let file = match path {
+            Some(path) => Some(path.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+        };
+        if let Some(file) = file {
+            let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            let overlay: Value = serde_yaml_ng::from_str(&text)
+                .map_err(|e| invalid(&file.display().to_string(), e))?;
+            if !overlay.is_null() {
+                merge(&mut value, overlay, &file.display().to_string())?;
+            }
+        }
+        for (name, raw) in env {
+            let path = if let Some((_, path)) = ENV_ALIASES.iter().find(|(alias, _)| alias == name)
+            {
+                path.to_string()
+            } else if let Some(rest) = name
+                .strip_prefix("QFLARE_")
+                .filter(|rest| rest.contains("__"))
+            {
+                rest.split("__")
+                    .map(str::to_ascii_lowercase)
+                    .collect::<Vec<_>>()
+                    .join(".")
+            } else {
+                continue;
+            };
+            let parsed: Value = serde_yaml_ng::from_str(raw).map_err(|e| invalid(name, e))?;
+            set_path(&mut value, &path, parsed, name)?;
+        }
+        serde_yaml_ng::from_value(value).map_err(|e| invalid("merged configuration", e))
+    }
+
+    /// Checks values that types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |message: &str| {
+            Err(ConfigError::Invalid {
+                origin: "validation".into(),
+                message: message.into(),
+            })
+        };
+        if self.crypto.kem_suites.is_empty() || self.crypto.signature_suites.is_empty() {
+            return fail("crypto.kem_suites and crypto.signature_suites must not be empty");
+        }
+        if !self
+            .crypto
+            .kem_suites
+            .contains(&self.crypto.default_kem_suite)
+        {
+            return fail("crypto.default_kem_suite must be one of crypto.kem_suites");
+        }
+        if self.sessions.lifetime_secs == 0
+            || self.sessions.lifetime_secs > qflare_protocol::handshake::MAX_SESSION_LIFETIME_SECS
+        {
+            return fail("sessions.lifetime_secs must be between 1 and 86400");
+        }
+        if self.tokens.default_ttl_secs == 0
+            || self.tokens.default_ttl_secs > self.tokens.max_ttl_secs
+        {
+            return fail(
+                "tokens.default_ttl_secs must be positive and at most tokens.max_ttl_secs",
+            );
+        }
+        if self.audit.checkpoint_every == 0 {
+            return fail("audit.checkpoint_every must be positive");
+        }
+        if self.server.tls_certificate.is_some() != self.server.tls_private_key.is_some() {
+            return fail("server.tls_certificate and server.tls_private_key go together");
+        }
+        for limit in [
+            &self.rate_limits.enroll,
+            &self.rate_limits.sessions,
+            &self.rate_limits.device,
+            &self.rate_limits.admin,
+            &self.rate_limits.public,
+        ] {
+            if limit.per_minute == 0 || limit.burst == 0 {
+                return fail("every rate limit needs per_minute and burst above zero");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(origin: &str, error: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        origin: origin.to_owned(),
+        message: error.to_string(),
+    }
+}
+
+/// Deep-merges `overlay` into `base`. Keys absent from `base` are kept so the
+/// final typed decode reports them as unknown.
+fn merge(base: &mut Value, overlay: Value, origin: &str) -> Result<(), ConfigError> {
+    match (base, overlay) {
+        (Value::Mapping(base), Value::Mapping(overlay)) => {
+            for (key, value) in overlay {
+                match base.get_mut(&key) {
+                    Some(slot) if slot.is_mapping() && value.is_mapping() => {
+                        merge(slot, value, origin)?
+                    }
+                    _ => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+            Ok(())
+        }
+        (_, Value::Mapping(_)) | (Value::Mapping(_), _) => {
+            Err(invalid(origin, "expected a mapping at the top level"))
+        }
+        (slot, value) => {
+            *slot = value;
+            Ok(())
+        }
+    }
+}
+
+fn set_path(root: &mut Value, path: &str, value: Value, origin: &str) -> Result<(), ConfigError> {
+    let mut node = root;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let Value::Mapping(map) = node else {
+            return Err(invalid(
+                origin,
+                format!("{path} does not name a configuration section"),
+            ));
+        };
+        let key = Value::String((*part).to_owned());
+        if i + 1 == parts.len() {
+            map.insert(key, value);
+            return Ok(());
+        }
+        node = map
+            .entry(key)
+            .or_insert_with(|| Value::Mapping(Mapping::new()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::load_from(None, &[]).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.crypto.default_kem_suite, KemSuite::MlKem768);
+    }
+
+    #[test]
+    fn file_then_env_layering() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "server:\n  listen: 0.0.0.0:9000\nsessions:\n  lifetime_secs: 60\n",
+        )
+        .unwrap();
+        let config = Config::load_from(
+            Some(&path),
+            &env(&[
+                ("QFLARE_SESSIONS__LIFETIME_SECS", "120"),
+                ("QFLARE_DATABASE_URL", "postgres://u:pw@db/q"),
+                ("QFLARE_DATA_DIR", "/ignored/not/config"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server.listen.port(), 9000);
+        assert_eq!(config.sessions.lifetime_secs, 120, "env beats the file");
+        assert_eq!(
+            config.server.database_url.as_deref(),
+            Some("postgres://u:pw@db/q")
+        );
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("pw"), "passwords are redacted: {shown}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "server:\n  lisen: 0.0.0.0:9000\n").unwrap();
+        let err = Config::load_from(Some(&path), &[]).unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+        let err = Config::load_from(None, &env(&[("QFLARE_SERVER__NOPE", "1")])).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+        assert!(Config::load_from(Some(Path::new("/no/such/file.yaml")), &[]).is_err());
+    }
+
+    #[test]
+    fn validation_catches_inconsistent_values() {
+        let mut config = Config::default();
+        config.crypto.default_kem_suite = KemSuite::FrodoKem976Aes;
+        config.crypto.kem_suites = vec![KemSuite::MlKem768];
+        assert!(config.validate().is_err());
+        let mut config = Config::default();
+        config.sessions.lifetime_secs = 100_000;
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn url_redaction() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+    }
+}

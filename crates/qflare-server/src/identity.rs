@@ -1,0 +1,383 @@
+//! The server's long-term identity in its state directory.
+//!
+//! | file | holds | mode |
+//! |---|---|---|
+//! | `server-key.json` | ML-DSA suite and 32-byte seed | 0600 |
+//! | `server-key.pub.json` | the verifying key (for `qflare audit verify`) | 0644 |
+//! | `tls/cert.pem`, `tls/key.pem` | self-signed ECDSA-P256 certificate when none is configured | 0644 / 0600 |
+//! | `storage.key` | 32 bytes wrapping session secrets at rest | 0600 |
+//! | `admin-token` | the admin bearer token when `QFLARE_ADMIN_TOKEN` is unset | 0600 |
+//!
+//! Secret files are created with `O_EXCL` and mode 0600 inside a 0700
+//! directory, and a secret file that others can read is refused at start-up,
+//! as ssh does. Several replicas share one identity by sharing these files.
+//!
+//! The TLS certificate is ECDSA so that browsers can open the web pages; the
+//! key exchange is still hybrid post-quantum (X25519MLKEM768), which is what
+//! store-now-decrypt-later threatens, and authentication that must resist a
+//! future quantum attacker comes from the ML-DSA key the fingerprint pins.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use qflare_protocol::SignatureSuite;
+use qflare_protocol::at_rest::AtRestKey;
+use qflare_protocol::identity::ServerFingerprint;
+use qflare_protocol::secret::SecretBytes;
+use qflare_protocol::sig::{SigningKey, VerifyingKey};
+use qflare_protocol::wire::{from_base64url, to_base64url};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+
+/// Problems with the state directory or its files.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A secret file is readable by group or others.
+    #[error("{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}")]
+    Permissions {
+        /// The file.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+    },
+    /// A file's contents are not what they should be.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
+    move |source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> IdentityError {
+    IdentityError::Invalid {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Creates `dir` (and parents) with mode 0700 if missing.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), IdentityError> {
+    if !dir.exists() {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+/// Writes a new file with `mode`, failing if it exists.
+pub fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io(path))?;
+    file.write_all(contents).map_err(io(path))?;
+    file.sync_all().map_err(io(path))
+}
+
+/// Reads a secret file, refusing it if group or others can read it.
+pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, IdentityError> {
+    let meta = fs::metadata(path).map_err(io(path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(IdentityError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    fs::read(path).map(Zeroizing::new).map_err(io(path))
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SigningKeyFile {
+    suite: SignatureSuite,
+    seed: String,
+}
+
+/// The published half of the server's signing key.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeyFile {
+    /// Its suite.
+    pub suite: SignatureSuite,
+    /// base64url of the FIPS 204 encoding.
+    pub verifying_key: String,
+}
+
+impl PublicKeyFile {
+    /// Reads `server-key.pub.json` from a state directory.
+    pub fn load(state_dir: &Path) -> Result<VerifyingKey, IdentityError> {
+        let path = state_dir.join("server-key.pub.json");
+        let text = fs::read(&path).map_err(io(&path))?;
+        let file: Self =
+            serde_json::from_slice(&text).map_err(|e| invalid(&path, e.to_string()))?;
+        let bytes = from_base64url("verifying key", &file.verifying_key)
+            .map_err(|e| invalid(&path, e.to_string()))?;
+        VerifyingKey::from_bytes(file.suite, bytes).map_err(|e| invalid(&path, e.to_string()))
+    }
+}
+
+/// Everything the server proves itself with.
+pub struct ServerIdentity {
+    /// The ML-DSA key that signs enrollment answers, session hellos and audit checkpoints.
+    pub signing_key: SigningKey,
+    /// The TLS certificate chain (end entity first).
+    pub certificate_chain: Vec<CertificateDer<'static>>,
+    /// The TLS private key.
+    pub tls_private_key: PrivateKeyDer<'static>,
+    /// Wraps session secrets stored in the database.
+    pub storage_key: AtRestKey,
+    /// What devices pin: covers the end-entity certificate and the ML-DSA key.
+    pub fingerprint: ServerFingerprint,
+}
+
+impl std::fmt::Debug for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerIdentity")
+            .field("signing_key", &self.signing_key)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerIdentity {
+    /// Loads the identity from the state directory, creating what is missing.
+    pub fn load_or_create(config: &Config) -> Result<Self, IdentityError> {
+        let dir = &config.server.state_dir;
+        ensure_private_dir(dir)?;
+        let signing_key = load_or_create_signing_key(dir, config.crypto.server_signature_suite)?;
+        let (certificate_chain, tls_private_key) = match (
+            &config.server.tls_certificate,
+            &config.server.tls_private_key,
+        ) {
+            (Some(cert), Some(key)) => load_tls(cert, key)?,
+            _ => load_or_create_tls(dir, &config.server.tls_subject_alt_names)?,
+        };
+        let storage_key = load_or_create_secret(&dir.join("storage.key"), 32)?;
+        let storage_key = AtRestKey::new(&storage_key)
+            .map_err(|e| invalid(&dir.join("storage.key"), e.to_string()))?;
+        let end_entity = certificate_chain
+            .first()
+            .ok_or_else(|| invalid(dir, "the TLS certificate chain is empty"))?;
+        let fingerprint =
+            ServerFingerprint::compute(end_entity.as_ref(), signing_key.verifying_key());
+        Ok(Self {
+            signing_key,
+            certificate_chain,
+            tls_private_key,
+            storage_key,
+            fingerprint,
+        })
+    }
+}
+
+fn load_or_create_signing_key(
+    dir: &Path,
+    suite: SignatureSuite,
+) -> Result<SigningKey, IdentityError> {
+    let path = dir.join("server-key.json");
+    let public_path = dir.join("server-key.pub.json");
+    let key = if path.exists() {
+        let text = read_secret_file(&path)?;
+        let file: SigningKeyFile =
+            serde_json::from_slice(&text).map_err(|e| invalid(&path, e.to_string()))?;
+        let seed = Zeroizing::new(
+            from_base64url("seed", &file.seed).map_err(|e| invalid(&path, e.to_string()))?,
+        );
+        SigningKey::from_seed(file.suite, SecretBytes::from_slice(&seed))
+            .map_err(|e| invalid(&path, e.to_string()))?
+    } else {
+        let key = SigningKey::generate(suite, &mut rand::rng())
+            .map_err(|e| invalid(&path, e.to_string()))?;
+        let file = SigningKeyFile {
+            suite,
+            seed: to_base64url(key.seed().expose()),
+        };
+        let text = Zeroizing::new(
+            serde_json::to_vec_pretty(&file).map_err(|e| invalid(&path, e.to_string()))?,
+        );
+        write_new_file(&path, &text, 0o600)?;
+        tracing::info!(path = %path.display(), %suite, "generated the server signing key");
+        key
+    };
+    if !public_path.exists() {
+        let public = PublicKeyFile {
+            suite: key.suite(),
+            verifying_key: to_base64url(key.verifying_key().as_bytes()),
+        };
+        let text =
+            serde_json::to_vec_pretty(&public).map_err(|e| invalid(&public_path, e.to_string()))?;
+        write_new_file(&public_path, &text, 0o644)?;
+    }
+    Ok(key)
+}
+
+fn load_or_create_secret(path: &Path, len: usize) -> Result<SecretBytes, IdentityError> {
+    if path.exists() {
+        let bytes = read_secret_file(path)?;
+        if bytes.len() != len {
+            return Err(invalid(path, format!("expected {len} bytes")));
+        }
+        return Ok(SecretBytes::from_slice(&bytes));
+    }
+    let mut bytes = Zeroizing::new(vec![0u8; len]);
+    rand::Rng::fill_bytes(&mut rand::rng(), &mut bytes);
+    write_new_file(path, &bytes, 0o600)?;
+    Ok(SecretBytes::from_slice(&bytes))
+}
+
+fn load_tls(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), IdentityError> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| invalid(cert, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(cert, e.to_string()))?;
+    let key_pem = read_secret_file(key)?;
+    let private =
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| invalid(key, e.to_string()))?;
+    Ok((chain, private))
+}
+
+fn load_or_create_tls(
+    dir: &Path,
+    names: &[String],
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), IdentityError> {
+    let tls_dir = dir.join("tls");
+    ensure_private_dir(&tls_dir)?;
+    let cert_path = tls_dir.join("cert.pem");
+    let key_path = tls_dir.join("key.pem");
+    if !cert_path.exists() {
+        let key = rcgen::KeyPair::generate().map_err(|e| invalid(&key_path, e.to_string()))?;
+        let mut params = rcgen::CertificateParams::new(names.to_vec())
+            .map_err(|e| invalid(&cert_path, e.to_string()))?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "QFLARE server");
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| invalid(&cert_path, e.to_string()))?;
+        write_new_file(
+            &key_path,
+            Zeroizing::new(key.serialize_pem()).as_bytes(),
+            0o600,
+        )?;
+        write_new_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
+        tracing::info!(path = %cert_path.display(), "generated a self-signed TLS certificate");
+    }
+    load_tls(&cert_path, &key_path)
+}
+
+/// The admin token: from the environment when given, else from (or newly
+/// into) the state directory. Returned as the token itself so the caller can
+/// hash it; never logged.
+pub fn admin_token(
+    state_dir: &Path,
+    from_env: Option<String>,
+) -> Result<SecretBytes, IdentityError> {
+    if let Some(token) = from_env.filter(|t| !t.is_empty()) {
+        if token.len() < 32 {
+            return Err(invalid(
+                Path::new("QFLARE_ADMIN_TOKEN"),
+                "the admin token must be at least 32 characters",
+            ));
+        }
+        return Ok(SecretBytes::new(token.into_bytes()));
+    }
+    let path = state_dir.join("admin-token");
+    if path.exists() {
+        let bytes = read_secret_file(&path)?;
+        let text = String::from_utf8_lossy(&bytes).trim().to_owned();
+        return Ok(SecretBytes::new(text.into_bytes()));
+    }
+    let mut raw = Zeroizing::new([0u8; 32]);
+    rand::Rng::fill_bytes(&mut rand::rng(), raw.as_mut());
+    let token = Zeroizing::new(to_base64url(raw.as_ref()));
+    write_new_file(&path, token.as_bytes(), 0o600)?;
+    tracing::info!(path = %path.display(), "generated the admin token");
+    Ok(SecretBytes::from_slice(token.as_bytes()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_once_then_reloaded_with_owner_only_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.server.state_dir = dir.path().join("state");
+        let first = ServerIdentity::load_or_create(&config).unwrap();
+        let again = ServerIdentity::load_or_create(&config).unwrap();
+        assert!(first.fingerprint.matches(&again.fingerprint));
+        for secret in ["server-key.json", "storage.key", "tls/key.pem"] {
+            let mode = fs::metadata(config.server.state_dir.join(secret))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{secret}");
+        }
+        let mode = fs::metadata(&config.server.state_dir)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let public = PublicKeyFile::load(&config.server.state_dir).unwrap();
+        assert_eq!(&public, first.signing_key.verifying_key());
+    }
+
+    #[test]
+    fn world_readable_secret_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.server.state_dir = dir.path().to_path_buf();
+        ServerIdentity::load_or_create(&config).unwrap();
+        let key = dir.path().join("server-key.json");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            ServerIdentity::load_or_create(&config),
+            Err(IdentityError::Permissions { .. })
+        ));
+    }
+
+    #[test]
+    fn admin_token_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(admin_token(dir.path(), Some("short".into())).is_err());
+        let env = "x".repeat(40);
+        assert_eq!(
+            admin_token(dir.path(), Some(env.clone())).unwrap().expose(),
+            env.as_bytes()
+        );
+        let generated = admin_token(dir.path(), None).unwrap();
+        assert_eq!(admin_token(dir.path(), None).unwrap(), generated);
+        assert_eq!(generated.len(), 43);
+    }
+}

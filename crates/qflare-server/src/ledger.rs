@@ -1,0 +1,259 @@
+//! The tamper-evident audit ledger.
+//!
+//! Every security event is appended as an entry whose hash covers its
+//! sequence number, the previous entry's hash, and its content:
+//!
+//! ```text
+//! hash_n = SHA-384 transcript("audit/entry"; seq, prev = hash_{n-1}, at, kind, actor, subject, detail)
+//! ```
+//!
+//! so changing, inserting or deleting any entry breaks every later link.
+//! Every `checkpoint_every` entries the server signs the chain head with its
+//! ML-DSA key; an attacker with write access to the database but not to the
+//! key cannot rewrite history past the last checkpoint and re-sign it.
+//! [`verify`] recomputes the chain and checks each checkpoint, naming the
+//! first entry that does not hold. The store serializes appends (one chain
+//! even across replicas sharing PostgreSQL).
+
+use std::sync::Arc;
+
+use qflare_protocol::sig::{SigningKey, VerifyingKey};
+use qflare_protocol::transcript::{Domain, Transcript};
+use qflare_store::{AuditDraft, AuditEntry, CheckpointRecord, Store, StoreError};
+use serde_json::Value;
+
+/// The hash a chain starts from.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The kinds of security event the ledger records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditKind {
+    /// An admin created an enrollment token.
+    TokenCreated,
+    /// A token was consumed by an enrollment.
+    TokenUsed,
+    /// An admin revoked a token.
+    TokenRevoked,
+    /// An enrollment attempt was refused.
+    EnrollmentRefused,
+    /// A device enrolled.
+    DeviceEnrolled,
+    /// A session was established.
+    SessionOpened,
+    /// A handshake was refused.
+    SessionRefused,
+    /// An admin revoked a device.
+    DeviceRevoked,
+    /// A device replaced its keys.
+    KeyRotated,
+    /// A round was opened.
+    RoundOpened,
+    /// An update was accepted into a round.
+    UpdateAccepted,
+    /// An update was refused, by the host or the enclave.
+    UpdateRejected,
+    /// A round was aggregated into a new global model.
+    RoundAggregated,
+    /// A round failed and will be retried or abandoned.
+    RoundFailed,
+    /// The enclave process was (re)started and attested.
+    EnclaveAttested,
+}
+
+impl AuditKind {
+    /// The stable name stored in the ledger.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::TokenCreated => "token_created",
+            Self::TokenUsed => "token_used",
+            Self::TokenRevoked => "token_revoked",
+            Self::EnrollmentRefused => "enrollment_refused",
+            Self::DeviceEnrolled => "device_enrolled",
+            Self::SessionOpened => "session_opened",
+            Self::SessionRefused => "session_refused",
+            Self::DeviceRevoked => "device_revoked",
+            Self::KeyRotated => "key_rotated",
+            Self::RoundOpened => "round_opened",
+            Self::UpdateAccepted => "update_accepted",
+            Self::UpdateRejected => "update_rejected",
+            Self::RoundAggregated => "round_aggregated",
+            Self::RoundFailed => "round_failed",
+            Self::EnclaveAttested => "enclave_attested",
+        }
+    }
+}
+
+/// The hash of entry `seq` following `prev_hash`.
+pub fn entry_hash(seq: u64, prev_hash: &str, draft: &AuditDraft) -> String {
+    let mut t = Transcript::new(Domain::LedgerEntry);
+    t.append_u64("seq", seq)
+        .append("prev_hash", prev_hash.as_bytes())
+        .append("at", &draft.at.to_be_bytes())
+        .append("kind", draft.kind.as_bytes())
+        .append("actor", draft.actor.as_bytes())
+        .append("subject", draft.subject.as_bytes())
+        .append("detail", draft.detail_json.as_bytes());
+    hex::encode(t.hash().as_bytes())
+}
+
+fn checkpoint_message(seq: u64, head_hash: &str) -> Vec<u8> {
+    let mut t = Transcript::new(Domain::LedgerCheckpoint);
+    t.append_u64("seq", seq)
+        .append("head_hash", head_hash.as_bytes());
+    t.hash().as_bytes().to_vec()
+}
+
+/// Appends entries and signs checkpoints.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    store: Arc<dyn Store>,
+    signing_key: Arc<SigningKey>,
+    checkpoint_every: u64,
+}
+
+impl Ledger {
+    /// A ledger over `store`, checkpointed by `signing_key`.
+    pub fn new(store: Arc<dyn Store>, signing_key: Arc<SigningKey>, checkpoint_every: u64) -> Self {
+        Self {
+            store,
+            signing_key,
+            checkpoint_every: checkpoint_every.max(1),
+        }
+    }
+
+    /// Records an event. A failure is logged and returned; callers that have
+    /// already committed the action they audit log it and carry on.
+    pub async fn record(
+        &self,
+        kind: AuditKind,
+        actor: &str,
+        subject: &str,
+        detail: Value,
+        at: u64,
+    ) -> Result<AuditEntry, StoreError> {
+        let draft = AuditDraft {
+            at: i64::try_from(at).unwrap_or(i64::MAX),
+            kind: kind.as_str().to_owned(),
+            actor: actor.to_owned(),
+            subject: subject.to_owned(),
+            detail_json: detail.to_string(),
+        };
+        let link = |seq: u64, prev: &str, draft: &AuditDraft| entry_hash(seq, prev, draft);
+        let entry = match self.store.append_audit(&draft, &link).await {
+            Ok(entry) => entry,
+            Err(err) => {
+                tracing::error!(kind = kind.as_str(), %err, "audit append failed");
+                return Err(err);
+            }
+        };
+        if entry.seq % self.checkpoint_every == 0 {
+            self.checkpoint(&entry).await?;
+        }
+        Ok(entry)
+    }
+
+    async fn checkpoint(&self, head: &AuditEntry) -> Result<(), StoreError> {
+        let signature = self
+            .signing_key
+            .sign(&checkpoint_message(head.seq, &head.hash))
+            .map_err(|e| StoreError::Backend(format!("checkpoint signature: {e}")))?;
+        self.store
+            .insert_checkpoint(&CheckpointRecord {
+                seq: head.seq,
+                head_hash: head.hash.clone(),
+                signature,
+                signer_key: self.signing_key.verifying_key().as_bytes().to_vec(),
+                created_at: head.at,
+            })
+            .await
+    }
+}
+
+/// The outcome of [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Entries checked.
+    pub entries: u64,
+    /// Checkpoints checked.
+    pub checkpoints: u64,
+    /// The first entry (by sequence number) that does not hold, and why.
+    pub first_bad: Option<(u64, String)>,
+}
+
+/// Recomputes the whole chain and checks every checkpoint against `server_key`.
+pub async fn verify(
+    store: &dyn Store,
+    server_key: &VerifyingKey,
+) -> Result<VerifyReport, StoreError> {
+    let mut expected_seq = 1u64;
+    let mut prev_hash = GENESIS_HASH.to_owned();
+    let mut hashes = std::collections::HashMap::new();
+    let mut first_bad = None;
+    let mut after = 0u64;
+    'pages: loop {
+        let page = store.audit_entries(after, 1000).await?;
+        if page.is_empty() {
+            break;
+        }
+        for entry in &page {
+            after = entry.seq;
+            let problem = if entry.seq != expected_seq {
+                Some(format!(
+                    "expected entry {expected_seq}, found {} (an entry is missing)",
+                    entry.seq
+                ))
+            } else if entry.prev_hash != prev_hash {
+                Some("its link to the previous entry is broken".to_owned())
+            } else {
+                let draft = AuditDraft {
+                    at: entry.at,
+                    kind: entry.kind.clone(),
+                    actor: entry.actor.clone(),
+                    subject: entry.subject.clone(),
+                    detail_json: entry.detail_json.clone(),
+                };
+                (entry_hash(entry.seq, &entry.prev_hash, &draft) != entry.hash)
+                    .then(|| "its content does not match its hash (edited)".to_owned())
+            };
+            if let Some(reason) = problem {
+                first_bad = Some((expected_seq.min(entry.seq), reason));
+                break 'pages;
+            }
+            hashes.insert(entry.seq, entry.hash.clone());
+            prev_hash = entry.hash.clone();
+            expected_seq += 1;
+        }
+    }
+    let entries = expected_seq - 1;
+    let checkpoints = store.checkpoints().await?;
+    for checkpoint in &checkpoints {
+        let reason = if checkpoint.signer_key != server_key.as_bytes() {
+            Some("checkpoint signed by another key")
+        } else if server_key
+            .verify(
+                &checkpoint_message(checkpoint.seq, &checkpoint.head_hash),
+                &checkpoint.signature,
+                "audit checkpoint",
+            )
+            .is_err()
+        {
+            Some("checkpoint signature does not verify")
+        } else if first_bad.is_none() && hashes.get(&checkpoint.seq) != Some(&checkpoint.head_hash)
+        {
+            Some("checkpoint does not match the chain (history rewritten)")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            let candidate = (checkpoint.seq, reason.to_owned());
+            if first_bad.as_ref().is_none_or(|(seq, _)| candidate.0 < *seq) {
+                first_bad = Some(candidate);
+            }
+        }
+    }
+    Ok(VerifyReport {
+        entries,
+        checkpoints: checkpoints.len() as u64,
+        first_bad,
+    })
+}

@@ -1,0 +1,159 @@
+//! Every route of the server, in one place.
+//!
+//! | method | path | auth | handler |
+//! |---|---|---|---|
+//! | GET | `/healthz` | — | [`public::healthz`] |
+//! | GET | `/v1/server-info` | — | [`public::server_info`] |
+//! | POST | `/v1/enroll` | enrollment token | [`public::enroll`] |
+//! | POST | `/v1/sessions` | device (handshake) | [`public::open_session`] |
+//! | POST | `/v1/sessions/{id}/confirm` | device (handshake) | [`public::confirm_session`] |
+//! | POST | `/v1/session/ping` | sealed session | [`device::ping`] |
+//! | POST | `/v1/devices/self/rotate-keys` | sealed session | [`device::rotate_keys`] |
+//! | POST, GET | `/v1/admin/tokens` | admin token | [`admin::create_token`], [`admin::list_tokens`] |
+//! | POST | `/v1/admin/tokens/{id}/revoke` | admin token | [`admin::revoke_token`] |
+//! | GET | `/v1/admin/devices` | admin token | [`admin::list_devices`] |
+//! | POST | `/v1/admin/devices/{id}/revoke` | admin token | [`admin::revoke_device`] |
+//! | GET | `/v1/admin/audit` | admin token | [`admin::list_audit`] |
+//!
+//! Layers, outermost first: request metrics and timeout, then a per-address
+//! rate limit chosen by route group, then (admin) the bearer check. Per-device
+//! limits apply inside the handshake handlers and the sealed extractor.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::api::{admin, device, public};
+use crate::app::{ClientAddr, SharedState};
+use crate::error::ApiError;
+use crate::metrics::RequestLabels;
+use crate::ratelimit::RateLimit;
+
+/// Builds the HTTPS router.
+pub fn router(state: SharedState) -> Router {
+    let open = Router::new()
+        .route("/healthz", get(public::healthz))
+        .route("/v1/server-info", get(public::server_info))
+        .route_layer(from_fn_with_state(state.clone(), limit_public));
+    let enroll = Router::new()
+        .route("/v1/enroll", post(public::enroll))
+        .route_layer(from_fn_with_state(state.clone(), limit_enroll));
+    let sessions = Router::new()
+        .route("/v1/sessions", post(public::open_session))
+        .route("/v1/sessions/{id}/confirm", post(public::confirm_session))
+        .route_layer(from_fn_with_state(state.clone(), limit_sessions));
+    let sealed = Router::new()
+        .route("/v1/session/ping", post(device::ping))
+        .route("/v1/devices/self/rotate-keys", post(device::rotate_keys))
+        .route_layer(from_fn_with_state(state.clone(), limit_public));
+    let admin = Router::new()
+        .route(
+            "/v1/admin/tokens",
+            post(admin::create_token).get(admin::list_tokens),
+        )
+        .route("/v1/admin/tokens/{id}/revoke", post(admin::revoke_token))
+        .route("/v1/admin/devices", get(admin::list_devices))
+        .route("/v1/admin/devices/{id}/revoke", post(admin::revoke_device))
+        .route("/v1/admin/audit", get(admin::list_audit))
+        .route_layer(from_fn_with_state(state.clone(), admin::require_admin))
+        .route_layer(from_fn_with_state(state.clone(), limit_admin));
+    Router::new()
+        .merge(open)
+        .merge(enroll)
+        .merge(sessions)
+        .merge(sealed)
+        .merge(admin)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed",
+    )
+}
+
+/// Metrics and the request timeout, around everything.
+async fn observe(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let timeout = Duration::from_secs(state.config.server.request_timeout_secs.max(1));
+    let response = match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "the request took too long",
+        )
+        .detail(format!("{route} exceeded {timeout:?}"))
+        .into_response(),
+    };
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+fn client_key(request: &Request) -> String {
+    request
+        .extensions()
+        .get::<ClientAddr>()
+        .map_or_else(|| "unknown".to_owned(), |addr| addr.0.ip().to_string())
+}
+
+async fn limit_by_address(
+    state: &SharedState,
+    class: &'static str,
+    limit: RateLimit,
+    request: Request,
+    next: Next,
+) -> Response {
+    match state.rate_limit(class, &client_key(&request), &limit).await {
+        Ok(()) => next.run(request).await,
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn limit_public(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let limit = state.config.rate_limits.public;
+    limit_by_address(&state, "public", limit, request, next).await
+}
+
+async fn limit_enroll(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let limit = state.config.rate_limits.enroll;
+    limit_by_address(&state, "enroll", limit, request, next).await
+}
+
+async fn limit_sessions(
+    State(state): State<SharedState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let limit = state.config.rate_limits.sessions;
+    limit_by_address(&state, "sessions", limit, request, next).await
+}
+
+async fn limit_admin(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let limit = state.config.rate_limits.admin;
+    limit_by_address(&state, "admin", limit, request, next).await
+}

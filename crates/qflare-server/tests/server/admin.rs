@@ -1,0 +1,217 @@
+//! The admin API: authentication, tokens, devices, the audit trail.
+
+use qflare_server::api::{DeviceView, TokenView};
+use qflare_store::Store;
+
+use crate::harness::{Setup, TestServer, error_of, tempdir};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_requires_the_admin_token() {
+    let dir = tempdir();
+    let server = TestServer::start(Setup::new(&dir.path().join("state"))).await;
+    let url = server.admin.url("/v1/admin/tokens");
+
+    let none = server.admin.http.get(&url).send().await.unwrap();
+    let (status, error) = error_of(none).await;
+    assert_eq!((status, error.code.as_str()), (401, "unauthorized"));
+
+    let wrong = server
+        .admin
+        .http
+        .get(&url)
+        .bearer_auth("not-the-token")
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(wrong).await;
+    assert_eq!((status, error.code.as_str()), (401, "unauthorized"));
+
+    let almost = server
+        .admin
+        .http
+        .post(&url)
+        .bearer_auth(format!("{}x", crate::harness::ADMIN_TOKEN))
+        .json(&serde_json::json!({ "label": "x" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(almost.status(), 401);
+    assert!(
+        server.state.store.list_tokens().await.unwrap().is_empty(),
+        "nothing was created"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_devices_and_audit_through_the_admin_api() {
+    let dir = tempdir();
+    let server = TestServer::start(Setup::new(&dir.path().join("state"))).await;
+
+    // Bad requests are refused with the stable error shape.
+    let (status, error) = error_of(
+        server
+            .admin_post("/v1/admin/tokens", serde_json::json!({ "label": "" }))
+            .await,
+    )
+    .await;
+    assert_eq!((status, error.code.as_str()), (400, "invalid_label"));
+    let (status, error) = error_of(
+        server
+            .admin_post(
+                "/v1/admin/tokens",
+                serde_json::json!({ "label": "x", "ttl_secs": 999_999_999 }),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!((status, error.code.as_str()), (400, "invalid_ttl"));
+    let (status, error) = error_of(
+        server
+            .admin_post(
+                "/v1/admin/tokens",
+                serde_json::json!({ "label": "x", "surprise": true }),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!((status, error.code.as_str()), (400, "malformed_request"));
+
+    let identity = server.enrolled(&dir.path().join("device")).await;
+    let unused = server.create_token(600).await;
+
+    let tokens: Vec<TokenView> = server
+        .admin_get("/v1/admin/tokens")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tokens.len(), 2);
+    let listed = serde_json::to_string(&tokens).unwrap();
+    assert!(
+        !listed.contains(&unused.token),
+        "token values are never listed"
+    );
+    assert!(
+        tokens
+            .iter()
+            .any(|t| t.status == "used"
+                && t.used_by.as_deref() == Some(&identity.device_id.to_hex()))
+    );
+    assert!(
+        tokens
+            .iter()
+            .any(|t| t.id == unused.id && t.status == "active")
+    );
+
+    let devices: Vec<DeviceView> = server
+        .admin_get("/v1/admin/devices")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].status, "active");
+    let revoked: serde_json::Value = server
+        .admin_post(
+            &format!("/v1/admin/devices/{}/revoke", identity.device_id),
+            serde_json::json!({}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(revoked["revoked"], true);
+    let again: serde_json::Value = server
+        .admin_post(
+            &format!("/v1/admin/devices/{}/revoke", identity.device_id),
+            serde_json::json!({}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["revoked"], false);
+
+    let audit: Vec<serde_json::Value> = server
+        .admin_get("/v1/admin/audit?after=0&limit=100")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = audit.iter().filter_map(|e| e["kind"].as_str()).collect();
+    for kind in [
+        "token_created",
+        "token_used",
+        "device_enrolled",
+        "device_revoked",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+    let text = serde_json::to_string(&audit).unwrap();
+    assert!(
+        !text.contains(&unused.token),
+        "the ledger never holds token values"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_verifies_and_catches_an_edited_entry() {
+    let dir = tempdir();
+    let state = dir.path().join("state");
+    let mut setup = Setup::new(&state);
+    setup.config.audit.checkpoint_every = 4;
+    let server = TestServer::start(setup).await;
+    for i in 0..3 {
+        server
+            .enrolled(&dir.path().join(format!("device-{i}")))
+            .await;
+    }
+    let key = server.state.identity.signing_key.verifying_key().clone();
+    let store = server.state.store.clone();
+    let report = qflare_server::ledger::verify(store.as_ref(), &key)
+        .await
+        .unwrap();
+    assert_eq!(report.first_bad, None);
+    assert!(report.entries >= 9, "{report:?}");
+    assert!(report.checkpoints >= 2, "{report:?}");
+    server.stop().await;
+
+    // Someone with write access to the database rewrites one event.
+    let url = format!("sqlite://{}", state.join("qflare.db").display());
+    let raw = qflare_store::SqliteStore::open(&url).await.unwrap();
+    raw.execute_raw("UPDATE audit_log SET actor = 'admin' WHERE seq = 3")
+        .await
+        .unwrap();
+    let report = qflare_server::ledger::verify(&raw, &key).await.unwrap();
+    let (seq, reason) = report.first_bad.unwrap();
+    assert_eq!(seq, 3, "{reason}");
+    assert!(reason.contains("edited"), "{reason}");
+
+    // Rewriting the whole chain after it is caught by the signed checkpoint.
+    let fixed = qflare_server::ledger::entry_hash;
+    let entries = raw.audit_entries(0, 100).await.unwrap();
+    let mut prev = qflare_server::ledger::GENESIS_HASH.to_owned();
+    for entry in &entries {
+        let draft = qflare_store::AuditDraft {
+            at: entry.at,
+            kind: entry.kind.clone(),
+            actor: entry.actor.clone(),
+            subject: entry.subject.clone(),
+            detail_json: entry.detail_json.clone(),
+        };
+        let hash = fixed(entry.seq, &prev, &draft);
+        raw.execute_raw(&format!(
+            "UPDATE audit_log SET prev_hash = '{prev}', hash = '{hash}' WHERE seq = {}",
+            entry.seq
+        ))
+        .await
+        .unwrap();
+        prev = hash;
+    }
+    let report = qflare_server::ledger::verify(&raw, &key).await.unwrap();
+    let (seq, reason) = report.first_bad.unwrap();
+    assert_eq!(seq, 4, "the first checkpoint after the edit: {reason}");
+    assert!(reason.contains("checkpoint"), "{reason}");
+}
