@@ -1,0 +1,150 @@
+//! Where the enclave's keys live and how it proves what it is.
+//!
+//! [`EnclaveBackend`] is the seam for hardware: everything that touches the
+//! per-boot private keys — producing attestation reports, opening sealed
+//! update envelopes, certifying models — goes through it, so an SGX, TDX,
+//! SEV-SNP or Nitro backend can keep the keys inside the TEE and add its
+//! quote as report `evidence` without the frame protocol or the host
+//! changing. [`SoftwareBackend`] is the implementation for a hardened OS
+//! process: keys in process memory (zeroized on drop), measurement = SHA-384
+//! of its own executable, self-signed reports in mode `software`.
+
+use qflare_protocol::attestation::{
+    self, AttestationMode, AttestationReport, MEASUREMENT_LEN, ReportBody,
+};
+use qflare_protocol::envelope::{self, OpenedUpdate, UpdateEnvelope};
+use qflare_protocol::kem::{KemKeyPair, KemPublicKey};
+use qflare_protocol::model::{self, ModelCertificate};
+use qflare_protocol::sig::{SigningKey, VerifyingKey};
+use qflare_protocol::{KemSuite, ProtocolError, SignatureSuite};
+use rand_core::CryptoRng;
+
+/// Key custody and attestation.
+pub trait EnclaveBackend: Send {
+    /// How isolated this enclave is.
+    fn mode(&self) -> AttestationMode;
+    /// SHA-384 of the enclave's code.
+    fn measurement(&self) -> [u8; MEASUREMENT_LEN];
+    /// The key devices seal updates to.
+    fn kem_public_key(&self) -> &KemPublicKey;
+    /// The key reports and certificates verify under.
+    fn verifying_key(&self) -> &VerifyingKey;
+    /// A signed report binding measurement, keys, `nonce` and `now`.
+    fn attest(&self, nonce: [u8; 32], now: u64) -> Result<AttestationReport, ProtocolError>;
+    /// Opens an envelope sealed to this enclave and checks both device signatures.
+    fn open(
+        &self,
+        envelope: &UpdateEnvelope,
+        device_key: &VerifyingKey,
+    ) -> Result<OpenedUpdate, ProtocolError>;
+    /// Signs a certificate for a model this enclave produced.
+    fn certify(
+        &self,
+        architecture: &str,
+        model_version: u64,
+        round_id: u64,
+        model: &[u8],
+    ) -> Result<ModelCertificate, ProtocolError>;
+}
+
+/// The software backend: a hardened process, self-signed reports.
+pub struct SoftwareBackend {
+    measurement: [u8; MEASUREMENT_LEN],
+    kem: KemKeyPair,
+    signing: SigningKey,
+}
+
+impl std::fmt::Debug for SoftwareBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoftwareBackend")
+            .field("measurement", &hex::encode(self.measurement))
+            .field("kem", &self.kem.public)
+            .field("verifying_key", self.signing.verifying_key())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SoftwareBackend {
+    /// Generates this boot's key pairs.
+    pub fn new<R: CryptoRng + ?Sized>(
+        measurement: [u8; MEASUREMENT_LEN],
+        kem_suite: KemSuite,
+        signature_suite: SignatureSuite,
+        rng: &mut R,
+    ) -> Result<Self, ProtocolError> {
+        Ok(Self {
+            measurement,
+            kem: KemKeyPair::generate(kem_suite, rng)?,
+            signing: SigningKey::generate(signature_suite, rng)?,
+        })
+    }
+}
+
+impl EnclaveBackend for SoftwareBackend {
+    fn mode(&self) -> AttestationMode {
+        AttestationMode::Software
+    }
+
+    fn measurement(&self) -> [u8; MEASUREMENT_LEN] {
+        self.measurement
+    }
+
+    fn kem_public_key(&self) -> &KemPublicKey {
+        &self.kem.public
+    }
+
+    fn verifying_key(&self) -> &VerifyingKey {
+        self.signing.verifying_key()
+    }
+
+    fn attest(&self, nonce: [u8; 32], now: u64) -> Result<AttestationReport, ProtocolError> {
+        attestation::sign_report(
+            &ReportBody {
+                mode: AttestationMode::Software,
+                measurement: self.measurement,
+                kem_public_key: self.kem.public.clone(),
+                verifying_key: self.signing.verifying_key().clone(),
+                nonce,
+                issued_at: now,
+                evidence: Vec::new(),
+            },
+            &self.signing,
+        )
+    }
+
+    fn open(
+        &self,
+        envelope: &UpdateEnvelope,
+        device_key: &VerifyingKey,
+    ) -> Result<OpenedUpdate, ProtocolError> {
+        envelope::open(envelope, &self.kem.secret, &self.kem.public, device_key)
+    }
+
+    fn certify(
+        &self,
+        architecture: &str,
+        model_version: u64,
+        round_id: u64,
+        model: &[u8],
+    ) -> Result<ModelCertificate, ProtocolError> {
+        model::certify(architecture, model_version, round_id, model, &self.signing)
+    }
+}
+
+/// SHA-384 of a file (the software measurement of an executable).
+pub fn measure_file(path: &std::path::Path) -> std::io::Result<[u8; MEASUREMENT_LEN]> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA384);
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        context.update(&buffer[..n]);
+    }
+    let mut out = [0u8; MEASUREMENT_LEN];
+    out.copy_from_slice(context.finish().as_ref());
+    Ok(out)
+}

@@ -1,0 +1,532 @@
+//! Aggregation and poisoning-defense settings: the `aggregation` section of
+//! `config/global_config.yaml`.
+//!
+//! Every struct rejects unknown keys and every field has a default, so a file
+//! sets only what it changes. [`AggregationConfig::validate`] checks ranges;
+//! [`crate::round::RoundAggregator::new`] calls it.
+//!
+//! ```yaml
+//! aggregation:
+//!   aggregator: fed_avg            # fed_avg | trimmed_mean | median | multi_krum | fltrust
+//!   trimmed_mean:
+//!     trim_fraction: 0.1           # β: drop ⌊β·n⌋ lowest and highest per coordinate
+//!   multi_krum:
+//!     byzantine: 1                 # f
+//!     select: null                 # m; null means n − f
+//!   max_example_count: 100000
+//!   min_accepted: 1
+//!   max_buffered_bytes: 4294967296
+//!   defense: recommended           # a preset name (recommended | original_design | off) or:
+//!   # defense:
+//!   #   norm_bound:
+//!   #     action: reject           # off | reject | clip
+//!   #     median_multiple: 3.0     # bound = 3 × median norm of the round's updates
+//!   #     absolute_max: null       # and/or a fixed bound; the smaller applies
+//!   #   similarity:
+//!   #     reference: round_median  # off | previous_global_update | round_median
+//!   #     min_cosine: 0.0
+//!   #     outlier_threshold: 3.5   # k of the MAD rule; null turns the rule off
+//!   #     min_spread: 0.05
+//! ```
+//!
+//! # The defense, step by step
+//!
+//! After validation, each update Δᵢ (a delta: trained weights minus the
+//! global model) goes through:
+//!
+//! 1. **Norm bound.** bound = min(`median_multiple` × median‖Δ‖, `absolute_max`)
+//!    over the round's validated updates. Above it, `reject` drops the update
+//!    (`norm_exceeded`) and `clip` rescales it to the bound (`clipped`).
+//! 2. **Direction.** sᵢ = cos(Δᵢ, r) for a reference direction r: the previous
+//!    round's global update, or the coordinate-wise median of this round's
+//!    surviving updates. sᵢ < `min_cosine` is `low_similarity`.
+//! 3. **Robust outlier rule** over the survivors' similarities:
+//!    zᵢ = (median(s) − sᵢ) / max(1.4826·MAD(s), `min_spread`), and zᵢ > k
+//!    (`outlier_threshold`) is `similarity_outlier`. 1.4826·MAD estimates a
+//!    standard deviation for normal data, so k = 3.5 is the modified z-score
+//!    cut-off of Iglewicz and Hoaglin (*How to Detect and Handle Outliers*,
+//!    1993). It is one-sided: agreeing more than the crowd is not suspicious.
+//!    `min_spread` guards MAD ≈ 0 (near-identical honest updates), where any
+//!    rounding-level difference would otherwise look like an outlier.
+//!
+//! # The recommended default, and why
+//!
+//! Honest IID deltas (MNIST, same global model, same optimizer, samples of the
+//! same distribution) share the descent direction: their cosine with the
+//! round's coordinate-wise median is clearly positive (typically 0.5 to 0.95)
+//! and tightly clustered. Their norms differ by the number of local steps,
+//! hence with the example count, by a factor of about two. So:
+//!
+//! * **×10 and ×100 scaling** puts a norm at ≥ 5× the median even for the
+//!   smallest honest update: `norm_exceeded` at 3× (3 leaves room for the
+//!   honest spread). Rejecting rather than clipping, because a scaled update
+//!   is evidence of an attacker, and clipping would still let it steer.
+//! * **Large Gaussian noise** is caught by the norm bound. Noise of honest
+//!   size points in a random direction (|cos| ≈ 1/√d, ~0.001 for the MNIST
+//!   CNN), far below the honest cluster: `similarity_outlier`.
+//! * **Sign flipping** keeps the norm and negates the cosine:
+//!   `low_similarity` at `min_cosine` 0, since an update pointing away from
+//!   the consensus cannot help the round.
+//! * The reference is the **round median**, not the previous global update:
+//!   it exists in round 1, it is what the honest majority agrees on now, and
+//!   the coordinate-wise median tolerates up to half the updates being
+//!   arbitrary (breakdown point 1/2). Successive global updates decorrelate
+//!   as training converges, making the previous one a weaker reference late.
+//!
+//! Pathological non-IID partitions make honest deltas disagree; there use
+//! [`DefensePreset::OriginalDesign`] or relax `min_cosine` and
+//! `outlier_threshold`. Every robust rule assumes an honest majority.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// The `aggregation` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregationConfig {
+    /// How accepted updates are combined.
+    pub aggregator: AggregatorKind,
+    /// Settings of the trimmed-mean aggregator.
+    pub trimmed_mean: TrimmedMeanConfig,
+    /// Settings of the Multi-Krum aggregator.
+    pub multi_krum: MultiKrumConfig,
+    /// The poisoning defense run before the aggregator.
+    pub defense: DefenseConfig,
+    /// Largest example count an update may claim. FedAvg weighs updates by
+    /// their claimed count, which the enclave cannot verify, so this cap
+    /// bounds how far one device can outweigh the others: set it near the
+    /// largest honest local data set.
+    pub max_example_count: u64,
+    /// Fewest accepted updates for a round to produce a model.
+    pub min_accepted: usize,
+    /// Most bytes of update data a round may buffer when the defense or the
+    /// aggregator needs the whole round. Checked on every submit.
+    pub max_buffered_bytes: u64,
+}
+
+impl Default for AggregationConfig {
+    fn default() -> Self {
+        Self {
+            aggregator: AggregatorKind::FedAvg,
+            trimmed_mean: TrimmedMeanConfig::default(),
+            multi_krum: MultiKrumConfig::default(),
+            defense: DefenseConfig::default(),
+            max_example_count: 100_000,
+            min_accepted: 1,
+            // 4 GiB: about 600 MNIST-CNN updates (6.65 MB each) or 5,000
+            // MNIST-2NN updates, well inside a 24 GiB host.
+            max_buffered_bytes: 4 << 30,
+        }
+    }
+}
+
+/// The aggregators. See [`crate::aggregate`] for the exact rules and papers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AggregatorKind {
+    /// Mean weighted by example count (McMahan et al., 2017).
+    #[default]
+    FedAvg,
+    /// Coordinate-wise trimmed mean (Yin et al., 2018).
+    TrimmedMean,
+    /// Coordinate-wise median (Yin et al., 2018).
+    Median,
+    /// Multi-Krum (Blanchard et al., 2017).
+    MultiKrum,
+    /// FLTrust (Cao et al., 2021); needs a trusted reference update.
+    Fltrust,
+}
+
+impl AggregatorKind {
+    /// The snake_case name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FedAvg => "fed_avg",
+            Self::TrimmedMean => "trimmed_mean",
+            Self::Median => "median",
+            Self::MultiKrum => "multi_krum",
+            Self::Fltrust => "fltrust",
+        }
+    }
+}
+
+/// Settings of the trimmed-mean aggregator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrimmedMeanConfig {
+    /// β in [0, 0.5): per coordinate, the ⌊β·n⌋ lowest and ⌊β·n⌋ highest
+    /// values are dropped. Tolerates up to ⌊β·n⌋ Byzantine updates.
+    pub trim_fraction: f64,
+}
+
+impl Default for TrimmedMeanConfig {
+    fn default() -> Self {
+        Self { trim_fraction: 0.1 }
+    }
+}
+
+/// Settings of the Multi-Krum aggregator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MultiKrumConfig {
+    /// f: the number of Byzantine updates assumed. A round needs n ≥ 2f + 3.
+    pub byzantine: usize,
+    /// m: how many updates to average; `None` means n − f. Capped at n − f.
+    pub select: Option<usize>,
+}
+
+impl Default for MultiKrumConfig {
+    fn default() -> Self {
+        Self {
+            byzantine: 1,
+            select: None,
+        }
+    }
+}
+
+/// What the norm bound does to an update above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormAction {
+    /// No norm bound.
+    Off,
+    /// Reject the update (`norm_exceeded`).
+    Reject,
+    /// Rescale it to the bound (`clipped`, still accepted).
+    Clip,
+}
+
+/// The L2 norm bound.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NormBoundConfig {
+    /// What happens above the bound.
+    pub action: NormAction,
+    /// Bound as a multiple of the median norm of the round's validated
+    /// updates. Needs the whole round, so updates are buffered.
+    pub median_multiple: Option<f64>,
+    /// A fixed bound. When both are set, the smaller applies. On its own it
+    /// can be decided as each update arrives.
+    pub absolute_max: Option<f64>,
+}
+
+impl Default for NormBoundConfig {
+    fn default() -> Self {
+        DefenseConfig::recommended().norm_bound
+    }
+}
+
+/// The reference direction updates are compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SimilarityReference {
+    /// No similarity check.
+    Off,
+    /// The previous round's global update (new global minus old). Falls back
+    /// to the round median when the round has none (round 1) or it is zero.
+    PreviousGlobalUpdate,
+    /// The coordinate-wise median of this round's updates that passed the
+    /// norm bound.
+    RoundMedian,
+}
+
+/// The cosine-similarity check and its robust outlier rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimilarityConfig {
+    /// The reference direction.
+    pub reference: SimilarityReference,
+    /// Reject when cos(Δᵢ, reference) is below this, in [-1, 1].
+    pub min_cosine: Option<f64>,
+    /// k of the MAD rule: reject when (median − sᵢ) / max(1.4826·MAD,
+    /// `min_spread`) > k. Needs the whole round.
+    pub outlier_threshold: Option<f64>,
+    /// Floor of the MAD rule's spread estimate, in cosine units (> 0).
+    pub min_spread: f64,
+}
+
+impl Default for SimilarityConfig {
+    fn default() -> Self {
+        DefenseConfig::recommended().similarity
+    }
+}
+
+/// Named defense settings, selectable by name in the configuration file
+/// (`defense: original_design`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefensePreset {
+    /// The default; see the [module documentation](self).
+    Recommended,
+    /// The original QFLARE design's rule: "compare against the current global
+    /// model and reject drastic statistical outliers". See
+    /// [`DefenseConfig::original_design`] for how it maps onto the settings.
+    OriginalDesign,
+    /// No defense beyond validation.
+    Off,
+}
+
+/// The poisoning defense. In a file it is either a [`DefensePreset`] name or
+/// a map of these fields (missing ones take the recommended values).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DefenseConfig {
+    /// The L2 norm bound.
+    pub norm_bound: NormBoundConfig,
+    /// The direction check.
+    pub similarity: SimilarityConfig,
+}
+
+impl Default for DefenseConfig {
+    fn default() -> Self {
+        Self::recommended()
+    }
+}
+
+impl DefenseConfig {
+    /// The settings of a preset.
+    pub fn preset(preset: DefensePreset) -> Self {
+        match preset {
+            DefensePreset::Recommended => Self::recommended(),
+            DefensePreset::OriginalDesign => Self::original_design(),
+            DefensePreset::Off => Self::off(),
+        }
+    }
+
+    /// The default: reject norms above 3× the round median, reject
+    /// directions opposed to the round's coordinate-wise median, and reject
+    /// similarity outliers at k = 3.5. Why: see the [module documentation](self).
+    pub fn recommended() -> Self {
+        Self {
+            norm_bound: NormBoundConfig {
+                action: NormAction::Reject,
+                median_multiple: Some(3.0),
+                absolute_max: None,
+            },
+            similarity: SimilarityConfig {
+                reference: SimilarityReference::RoundMedian,
+                min_cosine: Some(0.0),
+                outlier_threshold: Some(3.5),
+                min_spread: 0.05,
+            },
+        }
+    }
+
+    /// The original design's rule, "compare against the current global model
+    /// and reject drastic statistical outliers", made precise for deltas:
+    ///
+    /// * A device's distance from the current global model is
+    ///   ‖wᵢ − w_global‖ = ‖Δᵢ‖, so "drastic outlier" in distance is the norm
+    ///   bound: reject above 3× the round's median norm.
+    /// * The global model itself has no direction (the cosine of raw weights
+    ///   with the global model is ≈ 1 for every update); the direction it is
+    ///   moving in is the previous global update. So the comparison is
+    ///   cos(Δᵢ, previous global update), with the round median as the
+    ///   fallback in round 1.
+    /// * "Statistical outliers" is the MAD rule at k = 3.5; the original names
+    ///   no fixed similarity threshold, so there is none.
+    pub fn original_design() -> Self {
+        Self {
+            norm_bound: NormBoundConfig {
+                action: NormAction::Reject,
+                median_multiple: Some(3.0),
+                absolute_max: None,
+            },
+            similarity: SimilarityConfig {
+                reference: SimilarityReference::PreviousGlobalUpdate,
+                min_cosine: None,
+                outlier_threshold: Some(3.5),
+                min_spread: 0.05,
+            },
+        }
+    }
+
+    /// No defense: every validated update is aggregated.
+    pub fn off() -> Self {
+        Self {
+            norm_bound: NormBoundConfig {
+                action: NormAction::Off,
+                median_multiple: None,
+                absolute_max: None,
+            },
+            similarity: SimilarityConfig {
+                reference: SimilarityReference::Off,
+                min_cosine: None,
+                outlier_threshold: None,
+                min_spread: 0.05,
+            },
+        }
+    }
+
+    /// True when every check can be decided as each update arrives, without
+    /// seeing the rest of the round: an absolute norm bound only, and a fixed
+    /// cosine threshold against a previous global update that exists.
+    pub fn decides_on_arrival(&self, has_previous_update: bool) -> bool {
+        let norm = match self.norm_bound.action {
+            NormAction::Off => true,
+            NormAction::Reject | NormAction::Clip => self.norm_bound.median_multiple.is_none(),
+        };
+        let similarity = match self.similarity.reference {
+            SimilarityReference::Off => true,
+            SimilarityReference::PreviousGlobalUpdate => {
+                has_previous_update && self.similarity.outlier_threshold.is_none()
+            }
+            SimilarityReference::RoundMedian => false,
+        };
+        norm && similarity
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let norm = &self.norm_bound;
+        positive("defense.norm_bound.median_multiple", norm.median_multiple)?;
+        positive("defense.norm_bound.absolute_max", norm.absolute_max)?;
+        if norm.action != NormAction::Off
+            && norm.median_multiple.is_none()
+            && norm.absolute_max.is_none()
+        {
+            return Err(invalid(
+                "defense.norm_bound",
+                "an action other than off needs median_multiple or absolute_max",
+            ));
+        }
+        let sim = &self.similarity;
+        if let Some(min) = sim.min_cosine
+            && !(-1.0..=1.0).contains(&min)
+        {
+            return Err(invalid(
+                "defense.similarity.min_cosine",
+                "must be in [-1, 1]",
+            ));
+        }
+        positive(
+            "defense.similarity.outlier_threshold",
+            sim.outlier_threshold,
+        )?;
+        positive("defense.similarity.min_spread", Some(sim.min_spread))?;
+        Ok(())
+    }
+}
+
+impl AggregationConfig {
+    /// Checks every range. Called by [`crate::round::RoundAggregator::new`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let beta = self.trimmed_mean.trim_fraction;
+        if !(0.0..0.5).contains(&beta) {
+            return Err(invalid("trimmed_mean.trim_fraction", "must be in [0, 0.5)"));
+        }
+        if self.multi_krum.select == Some(0) {
+            return Err(invalid("multi_krum.select", "must be at least 1"));
+        }
+        if self.max_example_count == 0 {
+            return Err(invalid("max_example_count", "must be at least 1"));
+        }
+        if self.min_accepted == 0 {
+            return Err(invalid("min_accepted", "must be at least 1"));
+        }
+        if self.max_buffered_bytes == 0 {
+            return Err(invalid("max_buffered_bytes", "must be at least 1"));
+        }
+        self.defense.validate()
+    }
+}
+
+fn invalid(field: &'static str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.to_owned(),
+    }
+}
+
+fn positive(field: &'static str, value: Option<f64>) -> Result<(), ConfigError> {
+    match value {
+        Some(v) if !(v.is_finite() && v > 0.0) => Err(invalid(field, "must be finite and above 0")),
+        _ => Ok(()),
+    }
+}
+
+/// The explicit form of [`DefenseConfig`] in a file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefenseFields {
+    #[serde(default)]
+    norm_bound: NormBoundConfig,
+    #[serde(default)]
+    similarity: SimilarityConfig,
+}
+
+impl<'de> Deserialize<'de> for DefenseConfig {
+    // A preset name or a map. Written as a visitor rather than an untagged
+    // enum so that a typo in the map still reports the unknown key.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DefenseVisitor;
+
+        impl<'de> Visitor<'de> for DefenseVisitor {
+            type Value = DefenseConfig;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a defense preset (recommended, original_design, off) or a map with norm_bound and similarity")
+            }
+
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<DefenseConfig, E> {
+                DefensePreset::deserialize(de::value::StrDeserializer::<E>::new(name))
+                    .map(DefenseConfig::preset)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<DefenseConfig, A::Error> {
+                let fields =
+                    DefenseFields::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(DefenseConfig {
+                    norm_bound: fields.norm_bound,
+                    similarity: fields.similarity,
+                })
+            }
+        }
+
+        deserializer.deserialize_any(DefenseVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_presets_differ() {
+        AggregationConfig::default().validate().unwrap();
+        for preset in [
+            DefensePreset::Recommended,
+            DefensePreset::OriginalDesign,
+            DefensePreset::Off,
+        ] {
+            DefenseConfig::preset(preset).validate().unwrap();
+        }
+        assert_ne!(
+            DefenseConfig::recommended(),
+            DefenseConfig::original_design()
+        );
+        assert!(!DefenseConfig::recommended().decides_on_arrival(true));
+        assert!(DefenseConfig::off().decides_on_arrival(false));
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        let mut config = AggregationConfig::default();
+        config.trimmed_mean.trim_fraction = 0.5;
+        assert!(config.validate().is_err());
+        let mut config = AggregationConfig::default();
+        config.defense.norm_bound.median_multiple = None;
+        assert!(config.validate().is_err(), "reject with no bound");
+        let mut config = AggregationConfig::default();
+        config.defense.similarity.min_spread = 0.0;
+        assert!(config.validate().is_err());
+        let mut config = AggregationConfig::default();
+        config.defense.similarity.min_cosine = Some(1.5);
+        assert!(config.validate().is_err());
+        let mut config = AggregationConfig::default();
+        config.defense.norm_bound.absolute_max = Some(f64::NAN);
+        assert!(config.validate().is_err());
+    }
+}

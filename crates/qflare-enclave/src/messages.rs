@@ -1,0 +1,208 @@
+//! The metadata of each frame kind (see [`crate::frame`]). Blobs are listed
+//! beside each type.
+
+use qflare_protocol::SignatureSuite;
+use qflare_protocol::attestation::AttestationReport;
+use qflare_protocol::identity::DeviceId;
+use qflare_protocol::model::ModelCertificate;
+use qflare_protocol::wire::{b64, b64_array};
+use serde::{Deserialize, Serialize};
+
+use crate::config::AggregationConfig;
+use crate::round::RoundStats;
+
+/// `Attest`: no blobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestRequest {
+    /// The verifier's fresh nonce.
+    #[serde(with = "b64_array")]
+    pub nonce: [u8; 32],
+}
+
+/// How the process hardened itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hardening {
+    /// `PR_SET_DUMPABLE` is 0: no ptrace attach by same-uid processes, no core.
+    pub not_dumpable: bool,
+    /// `RLIMIT_CORE` is 0.
+    pub no_core_files: bool,
+    /// `mlockall` succeeded: secrets never reach swap.
+    pub memory_locked: bool,
+    /// The seccomp allow-list is installed.
+    pub seccomp: bool,
+}
+
+/// `Report`: no blobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportAnswer {
+    /// The signed report.
+    pub report: AttestationReport,
+    /// What the process did to protect itself (self-reported, not attested).
+    pub hardening: Hardening,
+}
+
+/// `InitModel`: no blobs. The enclave builds model version 0 itself, so the
+/// host cannot have an arbitrary starting model certified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitModelRequest {
+    /// `mnist-2nn` or `mnist-cnn`.
+    pub architecture: String,
+    /// Initialization seed.
+    pub seed: u64,
+}
+
+/// A previous enclave boot's verifying key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousKey {
+    /// Its suite.
+    pub signature_suite: SignatureSuite,
+    /// The key.
+    #[serde(with = "b64")]
+    pub verifying_key: Vec<u8>,
+}
+
+/// `Certify`: blob 0 is the model. Asks a restarted enclave to endorse the
+/// current model, certified by its previous boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertifyRequest {
+    /// The previous boot's certificate of the model.
+    pub certificate: ModelCertificate,
+    /// The previous boot's key, from its attestation report.
+    pub previous_key: PreviousKey,
+}
+
+/// `Model`: blob 0 is the model when the request created one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelAnswer {
+    /// The enclave's certificate.
+    pub certificate: ModelCertificate,
+}
+
+/// A device allowed to submit in a round, with its registered key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundDevice {
+    /// The device.
+    pub device_id: DeviceId,
+    /// Its signature suite.
+    pub signature_suite: SignatureSuite,
+    /// Its registered verifying key.
+    #[serde(with = "b64")]
+    pub verifying_key: Vec<u8>,
+}
+
+/// `BeginRound`: blob 0 is the global model (which this enclave boot must
+/// have certified); optional blob 1 is the previous global model, whose
+/// difference to blob 0 is the defense's reference direction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BeginRoundRequest {
+    /// The round.
+    pub round_id: u64,
+    /// The version of the global model.
+    pub model_version: u64,
+    /// Its architecture.
+    pub architecture: String,
+    /// Defense and aggregator settings.
+    pub config: AggregationConfig,
+    /// The selected devices.
+    pub devices: Vec<RoundDevice>,
+    /// Local training settings, for FLTrust's reference update on the root data.
+    #[serde(default)]
+    pub reference_training: Option<qflare_ml::TrainConfig>,
+}
+
+/// `Submit`: blob 0 is the envelope (its JSON encoding).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// The device the host checked the outer signature of.
+    pub device_id: DeviceId,
+}
+
+/// One device's verdict as the ledger records it: the aggregator's verdicts
+/// and the enclave's own envelope checks in one shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerVerdict {
+    /// The device.
+    pub device_id: DeviceId,
+    /// `accepted`, `pending` or `rejected`.
+    pub status: String,
+    /// Stable reason code (`accepted`, `clipped`, `bad_signature`, `non_finite`, ...).
+    pub code: String,
+    /// The deciding score, when a rule compared one.
+    #[serde(default)]
+    pub score: Option<f64>,
+    /// The update's L2 norm.
+    #[serde(default)]
+    pub norm: Option<f64>,
+    /// Its cosine with the reference direction.
+    #[serde(default)]
+    pub cosine: Option<f64>,
+    /// Its share of the aggregate.
+    #[serde(default)]
+    pub weight: Option<f64>,
+}
+
+/// `Finalize`: no blobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinalizeRequest {}
+
+/// `Outcome` (answer to `Finalize`): blob 0 is the new model when aggregated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutcomeAnswer {
+    /// True when a new model was produced.
+    pub aggregated: bool,
+    /// Its certificate.
+    pub certificate: Option<ModelCertificate>,
+    /// Why not, when not.
+    pub error: Option<String>,
+    /// Whether the round can be retried with more updates.
+    pub retryable: bool,
+    /// Every submission's final verdict.
+    pub verdicts: Vec<LedgerVerdict>,
+    /// Round-level numbers.
+    pub stats: Option<RoundStats>,
+}
+
+/// `Abort`: no blobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AbortRequest {}
+
+/// `Ack`: no blobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckAnswer {
+    /// The round concerned.
+    pub round_id: Option<u64>,
+}
+
+/// `Probe`: no blobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeRequest {}
+
+/// `ProbeResult`: the sandbox, tested from inside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeAnswer {
+    /// How the process hardened itself at start-up.
+    pub hardening: Hardening,
+    /// Opening a file failed (as the allow-list intends).
+    pub open_blocked: bool,
+    /// Creating a socket failed.
+    pub socket_blocked: bool,
+    /// Spawning a process failed.
+    pub exec_blocked: bool,
+}

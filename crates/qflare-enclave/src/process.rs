@@ -1,0 +1,194 @@
+//! The `qflare-enclave` process: harden, measure, generate this boot's keys,
+//! close the sandbox, then serve frames on stdin/stdout until stdin closes.
+//! Logs go to stderr (never keys or weights).
+
+use std::io::{BufReader, BufWriter};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use qflare_ml::{Dataset, Split};
+use qflare_protocol::{KemSuite, SignatureSuite};
+
+use crate::backend::{SoftwareBackend, measure_file};
+use crate::frame::{Frame, FrameReader, Kind, stream_still_aligned};
+use crate::sandbox::{self, SeccompMode};
+use crate::service::EnclaveService;
+
+/// Command-line options of the enclave process.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// KEM suite of this boot's key.
+    pub kem_suite: KemSuite,
+    /// Signature suite of this boot's key.
+    pub signature_suite: SignatureSuite,
+    /// FLTrust's root data set (an MNIST-format directory), read before the sandbox closes.
+    pub root_data: Option<PathBuf>,
+    /// How many root examples to keep.
+    pub root_examples: usize,
+    /// Compute threads (0: all cores).
+    pub threads: usize,
+    /// Seccomp enforcement.
+    pub seccomp: SeccompMode,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            kem_suite: KemSuite::MlKem768,
+            signature_suite: SignatureSuite::MlDsa65,
+            root_data: None,
+            root_examples: 500,
+            threads: 1,
+            seccomp: SeccompMode::Enforce,
+        }
+    }
+}
+
+const USAGE: &str = "usage: qflare-enclave [--kem SUITE] [--signature SUITE] [--root-data DIR] \
+[--root-examples N] [--threads N] [--seccomp enforce|log]\n\
+Speaks QFLARE's enclave frame protocol on stdin/stdout; started by the QFLARE server.";
+
+/// Parses the process's arguments.
+pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
+    let mut options = Options::default();
+    let mut args = args.into_iter();
+    while let Some(flag) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
+        };
+        match flag.as_str() {
+            "--kem" => options.kem_suite = value()?.parse().map_err(|e| format!("--kem: {e}"))?,
+            "--signature" => {
+                options.signature_suite =
+                    value()?.parse().map_err(|e| format!("--signature: {e}"))?
+            }
+            "--root-data" => options.root_data = Some(PathBuf::from(value()?)),
+            "--root-examples" => {
+                options.root_examples = value()?
+                    .parse()
+                    .map_err(|e| format!("--root-examples: {e}"))?
+            }
+            "--threads" => {
+                options.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?
+            }
+            "--seccomp" => {
+                options.seccomp = match value()?.as_str() {
+                    "enforce" => SeccompMode::Enforce,
+                    "log" => SeccompMode::Log,
+                    other => return Err(format!("--seccomp: unknown mode {other}")),
+                }
+            }
+            "--help" | "-h" => return Err(USAGE.to_owned()),
+            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+        }
+    }
+    Ok(options)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Runs the enclave until stdin closes.
+pub fn run(options: Options) -> ExitCode {
+    let mut hardening = sandbox::harden_process();
+    let measurement = match std::env::current_exe().and_then(|exe| measure_file(&exe)) {
+        Ok(measurement) => measurement,
+        Err(err) => {
+            tracing::error!(%err, "cannot measure the enclave executable");
+            return ExitCode::from(2);
+        }
+    };
+    let backend = match SoftwareBackend::new(
+        measurement,
+        options.kem_suite,
+        options.signature_suite,
+        &mut rand::rng(),
+    ) {
+        Ok(backend) => backend,
+        Err(err) => {
+            tracing::error!(%err, "cannot generate the enclave keys");
+            return ExitCode::from(2);
+        }
+    };
+    let root_data = match &options.root_data {
+        Some(dir) => match Dataset::load(dir, Split::Train) {
+            Ok(data) => Some(data.head(options.root_examples)),
+            Err(err) => {
+                tracing::error!(%err, "cannot load the FLTrust root data");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    // Compute threads must exist before the sandbox forbids creating them.
+    if let Err(err) = qflare_ml::set_compute_threads(options.threads) {
+        tracing::error!(%err, "cannot start the compute threads");
+        return ExitCode::from(2);
+    }
+    hardening.memory_locked = sandbox::lock_memory();
+    if let Err(err) = sandbox::install_seccomp(options.seccomp) {
+        tracing::error!(%err, "refusing to run without the seccomp sandbox");
+        return ExitCode::from(3);
+    }
+    hardening.seccomp = options.seccomp == SeccompMode::Enforce;
+    tracing::info!(
+        measurement = %hex::encode(measurement),
+        kem = %options.kem_suite,
+        ?hardening,
+        "enclave ready"
+    );
+
+    let mut service = EnclaveService::new(backend, hardening, root_data);
+    let mut reader = FrameReader::new(BufReader::with_capacity(1 << 20, std::io::stdin().lock()));
+    let mut writer = BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+    loop {
+        let answer = match reader.read() {
+            Ok(frame) if frame.kind == Kind::Probe => {
+                Frame::new(Kind::ProbeResult, &sandbox::probe(hardening), Vec::new())
+            }
+            Ok(frame) => service.handle(&frame, unix_now()),
+            Err(crate::frame::FrameError::Closed) => return ExitCode::SUCCESS,
+            Err(err) => {
+                let aligned = stream_still_aligned(&err);
+                tracing::warn!(%err, aligned, "malformed frame");
+                if Frame::error(err.code(), &err.to_string())
+                    .write_to(&mut writer)
+                    .is_err()
+                    || !aligned
+                {
+                    // Without alignment there is no next frame to trust; the host restarts us.
+                    return ExitCode::from(4);
+                }
+                continue;
+            }
+        };
+        if let Err(err) = answer.write_to(&mut writer) {
+            tracing::error!(%err, "cannot answer; exiting");
+            return ExitCode::from(5);
+        }
+    }
+}
+
+/// The binary's `main`: logging to stderr, arguments, [`run`].
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    match parse_args(std::env::args().skip(1)) {
+        Ok(options) => run(options),
+        Err(message) => {
+            eprintln!("{message}");
+            ExitCode::from(64)
+        }
+    }
+}

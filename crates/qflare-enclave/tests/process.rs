@@ -1,0 +1,432 @@
+//! The real `qflare-enclave` process: attested, sandboxed, robust to bad
+//! frames, and survivable — killed mid-round with SIGKILL, restarted by the
+//! host, and the retried round completes.
+
+// A test fails loudly on any unexpected error; unwrap says so most plainly.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use qflare_enclave::AggregationConfig;
+use qflare_enclave::backend::measure_file;
+use qflare_enclave::frame::{ErrorMeta, Frame, FrameReader, Kind};
+use qflare_enclave::host::{EnclaveClient, EnclaveCommand, EnclaveError};
+use qflare_enclave::messages::{
+    AttestRequest, BeginRoundRequest, CertifyRequest, InitModelRequest, LedgerVerdict, ModelAnswer,
+    OutcomeAnswer, PreviousKey, ProbeAnswer, ProbeRequest, RoundDevice, SubmitRequest,
+};
+use qflare_protocol::attestation::{self, AttestationMode, AttestationPolicy};
+use qflare_protocol::envelope::{self, UpdateMetadata};
+use qflare_protocol::identity::DeviceId;
+use qflare_protocol::model;
+use qflare_protocol::sig::SigningKey;
+use qflare_protocol::tensor::TensorMap;
+use qflare_protocol::{ProtocolError, SignatureSuite};
+use rand::SeedableRng;
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_qflare-enclave"))
+}
+
+fn policy() -> AttestationPolicy {
+    AttestationPolicy {
+        allowed_measurements: vec![measure_file(&binary()).unwrap()],
+        allowed_modes: vec![AttestationMode::Software],
+        max_age_secs: 300,
+    }
+}
+
+fn command() -> EnclaveCommand {
+    EnclaveCommand {
+        program: binary(),
+        args: vec!["--threads".into(), "1".into()],
+    }
+}
+
+async fn start() -> EnclaveClient {
+    EnclaveClient::start(command(), policy(), Duration::from_secs(60))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn attested_hardened_and_sandboxed() {
+    let client = start().await;
+    let info = client.info().await.unwrap();
+    assert_eq!(info.report.mode, AttestationMode::Software);
+    assert!(info.hardening.not_dumpable);
+    assert!(info.hardening.no_core_files);
+    assert!(info.hardening.seccomp);
+
+    // From inside, the forbidden operations fail.
+    let answer = client
+        .call_expecting(
+            &Frame::new(Kind::Probe, &ProbeRequest {}, Vec::new()),
+            Kind::ProbeResult,
+        )
+        .await
+        .unwrap();
+    let probe: ProbeAnswer = answer.meta().unwrap();
+    assert!(probe.open_blocked, "open(2) must fail inside the sandbox");
+    assert!(
+        probe.socket_blocked,
+        "socket(2) must fail inside the sandbox"
+    );
+    assert!(
+        probe.exec_blocked,
+        "spawning a process must fail inside the sandbox"
+    );
+
+    // And the process still works afterwards.
+    let nonce = [7u8; 32];
+    let report = client.attest(nonce).await.unwrap();
+    attestation::verify_report(&report, &policy(), Some(&nonce), now()).unwrap();
+    client.shutdown().await;
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn the_verifier_refuses_wrong_measurement_nonce_and_mode() {
+    let mut wrong = policy();
+    wrong.allowed_measurements = vec![[0u8; 48]];
+    let err = EnclaveClient::start(command(), wrong, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, EnclaveError::Attestation(ProtocolError::AttestationRefused(m)) if m.contains("measurement")),
+        "{err}"
+    );
+
+    let mut no_software = policy();
+    no_software.allowed_modes.clear();
+    let err = EnclaveClient::start(command(), no_software, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, EnclaveError::Attestation(ProtocolError::AttestationRefused(m)) if m.contains("mode")),
+        "{err}"
+    );
+
+    let client = start().await;
+    let report = client.attest([1u8; 32]).await.unwrap();
+    let err = attestation::verify_report(&report, &policy(), Some(&[2u8; 32]), now()).unwrap_err();
+    assert!(matches!(err, ProtocolError::AttestationRefused(m) if m.contains("nonce")));
+    client.shutdown().await;
+}
+
+#[test]
+fn malformed_frames_get_error_frames_and_the_process_goes_on() {
+    let mut child = Command::new(binary())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut reader = FrameReader::new(child.stdout.take().unwrap());
+    let attest = Frame::new(Kind::Attest, &AttestRequest { nonce: [3; 32] }, Vec::new())
+        .encode()
+        .unwrap();
+
+    let mut cases: Vec<(Vec<u8>, &str)> = Vec::new();
+    let mut unknown = attest.clone();
+    unknown[5] = 0x42;
+    cases.push((unknown, "unknown_kind"));
+    let mut version = attest.clone();
+    version[4] = 9;
+    cases.push((version, "bad_header"));
+    cases.push((
+        Frame {
+            kind: Kind::Attest,
+            meta: b"{not json".to_vec(),
+            blobs: vec![],
+        }
+        .encode()
+        .unwrap(),
+        "malformed_metadata",
+    ));
+    cases.push((
+        Frame::new(
+            Kind::Submit,
+            &serde_json::json!({"device_id": "00"}),
+            vec![vec![]],
+        )
+        .encode()
+        .unwrap(),
+        "malformed_metadata",
+    ));
+    cases.push((
+        Frame::new(
+            Kind::Submit,
+            &SubmitRequest {
+                device_id: DeviceId::from_bytes([1; 16]),
+            },
+            vec![vec![1]],
+        )
+        .encode()
+        .unwrap(),
+        "bad_state",
+    ));
+    cases.push((
+        Frame::new(
+            Kind::Attest,
+            &AttestRequest { nonce: [3; 32] },
+            vec![vec![]],
+        )
+        .encode()
+        .unwrap(),
+        "malformed_body",
+    ));
+    let mut lying = Frame::new(Kind::Attest, &AttestRequest { nonce: [3; 32] }, Vec::new())
+        .encode()
+        .unwrap();
+    lying.push(0);
+    let n = lying.len() as u32 - 12;
+    lying[8..12].copy_from_slice(&n.to_be_bytes());
+    cases.push((lying, "malformed_body"));
+
+    for (bytes, code) in cases {
+        stdin.write_all(&bytes).unwrap();
+        stdin.flush().unwrap();
+        let answer = reader.read().unwrap();
+        assert_eq!(answer.kind, Kind::Error);
+        let meta: ErrorMeta = answer.meta().unwrap();
+        assert_eq!(meta.code, code, "{}", meta.message);
+    }
+    // Still alive and serving.
+    stdin.write_all(&attest).unwrap();
+    stdin.flush().unwrap();
+    assert_eq!(reader.read().unwrap().kind, Kind::Report);
+
+    // A frame claiming an absurd length leaves the stream unaligned: the
+    // enclave answers and stops cleanly rather than guessing.
+    let mut huge = attest.clone();
+    huge[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+    stdin.write_all(&huge[..12]).unwrap();
+    stdin.flush().unwrap();
+    let answer = reader.read().unwrap();
+    let meta: ErrorMeta = answer.meta().unwrap();
+    assert_eq!(meta.code, "too_large");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(4));
+    let mut rest = Vec::new();
+    let _ = child.stdout.take().map(|mut s| s.read_to_end(&mut rest));
+}
+
+struct Fleet {
+    devices: Vec<(DeviceId, SigningKey)>,
+    updates: Vec<Vec<u8>>,
+}
+
+/// 20 devices with honest updates: a shared direction plus small noise.
+fn fleet(global: &TensorMap) -> Fleet {
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(99);
+    let direction: Vec<f32> = global.to_flat().iter().map(|w| -0.01 * w).collect();
+    let mut devices = Vec::new();
+    let mut updates = Vec::new();
+    for _ in 0..20 {
+        let key = SigningKey::generate(SignatureSuite::MlDsa65, &mut rng).unwrap();
+        devices.push((DeviceId::random(&mut rng), key));
+        let noisy: Vec<f32> = direction
+            .iter()
+            .map(|d| d * (1.0 + 0.1 * (rand::RngExt::random::<f32>(&mut rng) - 0.5)))
+            .collect();
+        updates.push(global.with_flat(&noisy).unwrap().to_safetensors());
+    }
+    Fleet { devices, updates }
+}
+
+async fn begin(client: &EnclaveClient, fleet: &Fleet, model: &[u8]) {
+    let request = BeginRoundRequest {
+        round_id: 1,
+        model_version: 0,
+        architecture: "mnist-2nn".into(),
+        config: AggregationConfig::default(),
+        devices: fleet
+            .devices
+            .iter()
+            .map(|(id, key)| RoundDevice {
+                device_id: *id,
+                signature_suite: key.suite(),
+                verifying_key: key.verifying_key().as_bytes().to_vec(),
+            })
+            .collect(),
+        reference_training: None,
+    };
+    client
+        .call_expecting(
+            &Frame::new(Kind::BeginRound, &request, vec![model.to_vec()]),
+            Kind::Ack,
+        )
+        .await
+        .unwrap();
+}
+
+async fn submit(
+    client: &EnclaveClient,
+    fleet: &Fleet,
+    index: usize,
+) -> Result<LedgerVerdict, EnclaveError> {
+    let enclave_key = client.info().await.unwrap().verified.kem_public_key;
+    let (device_id, key) = &fleet.devices[index];
+    let meta = UpdateMetadata {
+        round_id: 1,
+        device_id: *device_id,
+        model_version: 0,
+        example_count: 600,
+    };
+    let sealed = envelope::seal(
+        &meta,
+        &fleet.updates[index],
+        key,
+        &enclave_key,
+        &mut rand::rng(),
+    )
+    .unwrap();
+    let answer = client
+        .call_expecting(
+            &Frame::new(
+                Kind::Submit,
+                &SubmitRequest {
+                    device_id: *device_id,
+                },
+                vec![serde_json::to_vec(&sealed).unwrap()],
+            ),
+            Kind::Verdict,
+        )
+        .await?;
+    Ok(answer.meta().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_round_restarted_and_the_retried_round_completes() {
+    let client = start().await;
+    let first = client.info().await.unwrap();
+    let answer = client
+        .call_expecting(
+            &Frame::new(
+                Kind::InitModel,
+                &InitModelRequest {
+                    architecture: "mnist-2nn".into(),
+                    seed: 7,
+                },
+                Vec::new(),
+            ),
+            Kind::Model,
+        )
+        .await
+        .unwrap();
+    let model_bytes = answer.blobs[0].clone();
+    let certificate = answer.meta::<ModelAnswer>().unwrap().certificate;
+    model::verify(&certificate, &model_bytes, &first.verified.verifying_key).unwrap();
+    let global = TensorMap::from_safetensors(&model_bytes, 1 << 26).unwrap();
+    let fleet = fleet(&global);
+
+    begin(&client, &fleet, &model_bytes).await;
+    for i in 0..10 {
+        let verdict = submit(&client, &fleet, i).await.unwrap();
+        assert_ne!(verdict.status, "rejected", "{verdict:?}");
+    }
+
+    // SIGKILL mid-round.
+    let pid = first.pid.unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let err = submit(&client, &fleet, 10).await.unwrap_err();
+    assert!(matches!(err, EnclaveError::Died(_)), "{err}");
+
+    // The host restarts and re-attests it: new generation, new keys.
+    let second = client.ensure_running().await.unwrap();
+    assert_eq!(second.generation, first.generation + 1);
+    assert_ne!(
+        second.verified.kem_public_key,
+        first.verified.kem_public_key
+    );
+    assert_ne!(second.pid, first.pid);
+
+    // The new enclave aggregates only on a model it certified: it refuses the
+    // old round until the model is re-certified with the previous boot's key.
+    let refused = client
+        .call(&Frame::new(
+            Kind::BeginRound,
+            &BeginRoundRequest {
+                round_id: 1,
+                model_version: 0,
+                architecture: "mnist-2nn".into(),
+                config: AggregationConfig::default(),
+                devices: vec![],
+                reference_training: None,
+            },
+            vec![model_bytes.clone()],
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, EnclaveError::Refused { .. }), "{refused}");
+    let recertified = client
+        .call_expecting(
+            &Frame::new(
+                Kind::Certify,
+                &CertifyRequest {
+                    certificate: certificate.clone(),
+                    previous_key: PreviousKey {
+                        signature_suite: first.verified.verifying_key.suite(),
+                        verifying_key: first.verified.verifying_key.as_bytes().to_vec(),
+                    },
+                },
+                vec![model_bytes.clone()],
+            ),
+            Kind::Model,
+        )
+        .await
+        .unwrap()
+        .meta::<ModelAnswer>()
+        .unwrap()
+        .certificate;
+    model::verify(&recertified, &model_bytes, &second.verified.verifying_key).unwrap();
+
+    // The retried round: every device re-seals to the new key; all 20 land.
+    begin(&client, &fleet, &model_bytes).await;
+    for i in 0..20 {
+        let verdict = submit(&client, &fleet, i).await.unwrap();
+        assert_ne!(verdict.status, "rejected", "device {i}: {verdict:?}");
+    }
+    // An envelope sealed to the dead enclave's key is refused, not a crash.
+    let answer = client
+        .call_expecting(
+            &Frame::new(Kind::Finalize, &serde_json::json!({}), Vec::new()),
+            Kind::Outcome,
+        )
+        .await
+        .unwrap();
+    let outcome: OutcomeAnswer = answer.meta().unwrap();
+    assert!(outcome.aggregated, "{:?}", outcome.error);
+    let accepted = outcome
+        .verdicts
+        .iter()
+        .filter(|v| v.status == "accepted")
+        .count();
+    assert_eq!(accepted, 20, "{:?}", outcome.verdicts);
+    let new_model = &answer.blobs[0];
+    model::verify(
+        outcome.certificate.as_ref().unwrap(),
+        new_model,
+        &second.verified.verifying_key,
+    )
+    .unwrap();
+    assert_eq!(outcome.certificate.unwrap().model_version, 1);
+    client.shutdown().await;
+}
