@@ -71,6 +71,7 @@ pub mod crypto;
 pub mod enrollment;
 pub mod envelope;
 pub mod error;
+pub mod federation;
 pub mod handshake;
 pub mod identity;
 pub mod kem;

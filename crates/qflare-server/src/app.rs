@@ -79,6 +79,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Wall-clock time.
     pub clock: Arc<dyn Clock>,
+    /// The round controller and its enclave, when this server coordinates training.
+    pub federation: Option<Arc<crate::federation::Federation>>,
     admin_token_hash: [u8; 32],
 }
 
@@ -93,6 +95,7 @@ impl AppState {
         ledger: Ledger,
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
+        federation: Option<Arc<crate::federation::Federation>>,
         admin_token: &[u8],
     ) -> Self {
         Self {
@@ -103,6 +106,7 @@ impl AppState {
             ledger,
             metrics,
             clock,
+            federation,
             admin_token_hash: sha256(admin_token),
         }
     }

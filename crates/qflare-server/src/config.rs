@@ -70,6 +70,12 @@ pub struct Config {
     pub rate_limits: RateLimitSection,
     /// The audit ledger.
     pub audit: AuditSection,
+    /// The enclave process.
+    pub enclave: EnclaveSection,
+    /// Federated training: rounds, selection, deadlines.
+    pub federation: FederationSection,
+    /// The enclave's poisoning defense and aggregator.
+    pub aggregation: qflare_enclave::AggregationConfig,
 }
 
 /// Listeners, state and backing services.
@@ -312,6 +318,109 @@ impl Default for AuditSection {
     }
 }
 
+/// The enclave process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnclaveSection {
+    /// The enclave executable. Default: `qflare-enclave` beside the server's
+    /// executable, else the server's own executable with the `enclave` argument.
+    pub command: Option<PathBuf>,
+    /// Arguments for `command` (ignored when the default is used).
+    pub args: Vec<String>,
+    /// The KEM suite of the enclave's per-boot key.
+    pub kem_suite: KemSuite,
+    /// Also trust the SHA-384 of the executable the server spawns (a
+    /// development convenience: the server chose that file).
+    pub trust_spawned_binary: bool,
+    /// Trusted measurements (96 hex characters each).
+    pub allowed_measurements: Vec<String>,
+    /// Accept self-signed `software` reports.
+    pub allow_software_mode: bool,
+    /// Longest time one enclave request may take before the process is restarted.
+    pub request_timeout_secs: u64,
+    /// FLTrust's root data set (an MNIST-format directory), read by the enclave at start.
+    pub root_data: Option<PathBuf>,
+    /// Compute threads inside the enclave.
+    pub threads: usize,
+}
+
+impl Default for EnclaveSection {
+    fn default() -> Self {
+        Self {
+            command: None,
+            args: Vec::new(),
+            kem_suite: KemSuite::MlKem768,
+            trust_spawned_binary: true,
+            allowed_measurements: Vec::new(),
+            allow_software_mode: true,
+            request_timeout_secs: 600,
+            root_data: None,
+            threads: 1,
+        }
+    }
+}
+
+/// Federated training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationSection {
+    /// Run the round controller and the enclave on this server (one server
+    /// per deployment; other replicas serve enrollment and sessions only).
+    pub enabled: bool,
+    /// `mnist-2nn` or `mnist-cnn`.
+    pub architecture: String,
+    /// Seed of the initial model the enclave creates.
+    pub model_seed: u64,
+    /// Start rounds as soon as enough devices are active (else `qflare round start`).
+    pub auto_start: bool,
+    /// Stop after this many aggregated rounds (0: never).
+    pub max_rounds: u64,
+    /// Devices per round (C·K in the FedAvg paper); `fraction` wins when set.
+    pub clients_per_round: usize,
+    /// Fraction of active devices per round (the paper's C).
+    pub fraction: Option<f64>,
+    /// Fewest accepted updates for a round to produce a model.
+    pub min_updates: usize,
+    /// Seconds a round stays open; at the deadline it is aggregated if the
+    /// minimum arrived, else it fails and a new round starts.
+    pub round_timeout_secs: u64,
+    /// Devices seen within this many seconds are eligible for selection.
+    pub active_within_secs: u64,
+    /// Local training settings sent to devices.
+    pub training: qflare_protocol::federation::TrainingPlan,
+    /// The held-out test set (an MNIST-format directory) each new model is evaluated on.
+    pub eval_data: Option<PathBuf>,
+    /// How many test examples to evaluate on.
+    pub eval_examples: usize,
+    /// How often devices are told to poll, in seconds.
+    pub poll_interval_secs: u64,
+}
+
+impl Default for FederationSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            architecture: "mnist-2nn".into(),
+            model_seed: 1,
+            auto_start: false,
+            max_rounds: 0,
+            clients_per_round: 10,
+            fraction: None,
+            min_updates: 2,
+            round_timeout_secs: 600,
+            active_within_secs: 3600,
+            training: qflare_protocol::federation::TrainingPlan {
+                learning_rate: 0.1,
+                batch_size: 10,
+                epochs: 1,
+            },
+            eval_data: None,
+            eval_examples: 10_000,
+            poll_interval_secs: 2,
+        }
+    }
+}
+
 impl Config {
     /// Loads the layered configuration. `path` names a file that must exist;
     /// without it the default path is used if present.
@@ -389,6 +498,36 @@ impl Config {
             return fail(
                 "tokens.default_ttl_secs must be positive and at most tokens.max_ttl_secs",
             );
+        }
+        if self.federation.min_updates == 0 || self.federation.clients_per_round == 0 {
+            return fail(
+                "federation.min_updates and federation.clients_per_round must be positive",
+            );
+        }
+        if self
+            .federation
+            .fraction
+            .is_some_and(|f| !(f > 0.0 && f <= 1.0))
+        {
+            return fail("federation.fraction must be in (0, 1]");
+        }
+        if self
+            .federation
+            .architecture
+            .parse::<qflare_ml::Architecture>()
+            .is_err()
+        {
+            return fail("federation.architecture must be mnist-2nn or mnist-cnn");
+        }
+        if self.aggregation.validate().is_err() {
+            return fail(
+                "the aggregation section is inconsistent (see qflare-enclave's config docs)",
+            );
+        }
+        for measurement in &self.enclave.allowed_measurements {
+            if measurement.len() != 96 || hex::decode(measurement).is_err() {
+                return fail("enclave.allowed_measurements holds 96-hex-character SHA-384 values");
+            }
         }
         if self.audit.checkpoint_every == 0 {
             return fail("audit.checkpoint_every must be positive");
@@ -535,6 +674,14 @@ mod tests {
         let mut config = Config::default();
         config.sessions.lifetime_secs = 100_000;
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn the_documented_config_file_is_exactly_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/global_config.yaml");
+        let from_file = Config::load_from(Some(&path), &[]).unwrap();
+        assert_eq!(from_file, Config::default());
+        from_file.validate().unwrap();
     }
 
     #[test]

@@ -27,12 +27,14 @@ pub mod app;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod federation;
 pub mod identity;
 pub mod ledger;
 pub mod metrics;
 pub mod ratelimit;
 pub mod routes;
 pub mod sealed;
+pub mod web;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -76,6 +78,9 @@ pub enum ServerError {
     /// A listener failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The enclave or the round controller could not start.
+    #[error("federation: {0}")]
+    Federation(String),
 }
 
 /// Start-up choices that are not configuration.
@@ -125,6 +130,15 @@ impl Server {
         let ledger = Ledger::new(store.clone(), signing_key, config.audit.checkpoint_every);
         let tls = tls_config(&identity)?;
         let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        let federation = if config.federation.enabled {
+            Some(
+                federation::Federation::start(&config)
+                    .await
+                    .map_err(|e| ServerError::Federation(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         let state = Arc::new(AppState::new(
             config,
             store,
@@ -133,6 +147,7 @@ impl Server {
             ledger,
             metrics,
             clock,
+            federation,
             admin_token.expose(),
         ));
         Ok(Self { state, tls })

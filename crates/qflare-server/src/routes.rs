@@ -2,6 +2,8 @@
 //!
 //! | method | path | auth | handler |
 //! |---|---|---|---|
+//! | GET | `/`, `/devices`, `/audit` | admin token (HTTP Basic password) | [`crate::web`] |
+//! | GET | `/static/qflare.css` | — | [`crate::web::stylesheet`] |
 //! | GET | `/healthz` | — | [`public::healthz`] |
 //! | GET | `/v1/server-info` | — | [`public::server_info`] |
 //! | POST | `/v1/enroll` | enrollment token | [`public::enroll`] |
@@ -14,6 +16,12 @@
 //! | GET | `/v1/admin/devices` | admin token | [`admin::list_devices`] |
 //! | POST | `/v1/admin/devices/{id}/revoke` | admin token | [`admin::revoke_device`] |
 //! | GET | `/v1/admin/audit` | admin token | [`admin::list_audit`] |
+//! | POST | `/v1/rounds/current` | sealed session | [`federation::current_round`] |
+//! | POST | `/v1/models/current` | sealed session | [`federation::current_model`] |
+//! | POST | `/v1/updates` | sealed session | [`federation::submit_update`] |
+//! | GET | `/v1/admin/rounds` | admin token | [`federation::list_rounds`] |
+//! | POST | `/v1/admin/rounds/start` | admin token | [`federation::start_rounds`] |
+//! | POST | `/v1/admin/rounds/pause` | admin token | [`federation::pause_rounds`] |
 //!
 //! Layers, outermost first: request metrics and timeout, then a per-address
 //! rate limit chosen by route group, then (admin) the bearer check. Per-device
@@ -28,7 +36,7 @@ use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
-use crate::api::{admin, device, public};
+use crate::api::{admin, device, federation, public};
 use crate::app::{ClientAddr, SharedState};
 use crate::error::ApiError;
 use crate::metrics::RequestLabels;
@@ -50,6 +58,9 @@ pub fn router(state: SharedState) -> Router {
     let sealed = Router::new()
         .route("/v1/session/ping", post(device::ping))
         .route("/v1/devices/self/rotate-keys", post(device::rotate_keys))
+        .route("/v1/rounds/current", post(federation::current_round))
+        .route("/v1/models/current", post(federation::current_model))
+        .route("/v1/updates", post(federation::submit_update))
         .route_layer(from_fn_with_state(state.clone(), limit_public));
     let admin = Router::new()
         .route(
@@ -60,9 +71,23 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/admin/devices", get(admin::list_devices))
         .route("/v1/admin/devices/{id}/revoke", post(admin::revoke_device))
         .route("/v1/admin/audit", get(admin::list_audit))
+        .route("/v1/admin/rounds", get(federation::list_rounds))
+        .route("/v1/admin/rounds/start", post(federation::start_rounds))
+        .route("/v1/admin/rounds/pause", post(federation::pause_rounds))
         .route_layer(from_fn_with_state(state.clone(), admin::require_admin))
         .route_layer(from_fn_with_state(state.clone(), limit_admin));
+    let pages = Router::new()
+        .route("/", get(crate::web::dashboard))
+        .route("/devices", get(crate::web::devices))
+        .route("/audit", get(crate::web::audit))
+        .route_layer(from_fn_with_state(
+            state.clone(),
+            crate::web::require_admin_page,
+        ))
+        .route_layer(from_fn_with_state(state.clone(), limit_admin))
+        .route("/static/qflare.css", get(crate::web::stylesheet));
     Router::new()
+        .merge(pages)
         .merge(open)
         .merge(enroll)
         .merge(sessions)

@@ -191,6 +191,11 @@ impl SealedRequest {
         }
     }
 
+    /// Seals raw bytes as the answer (binary payloads such as model downloads).
+    pub fn respond_raw(&self, body: Vec<u8>) -> Response {
+        self.seal(StatusCode::OK, body)
+    }
+
     /// Seals an error answer (status kept, body sealed).
     pub fn respond_error(&self, err: ApiError) -> Response {
         let status = err.status;

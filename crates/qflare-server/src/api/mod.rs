@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod device;
+pub mod federation;
 pub mod public;
 
 use serde::{Deserialize, Serialize};

@@ -215,3 +215,75 @@ async fn the_ledger_verifies_and_catches_an_edited_entry() {
     assert_eq!(seq, 4, "the first checkpoint after the edit: {reason}");
     assert!(reason.contains("checkpoint"), "{reason}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_pages_need_the_admin_token_and_escape_what_they_show() {
+    let dir = tempdir();
+    let server = TestServer::start(Setup::new(&dir.path().join("state"))).await;
+    let url = server.admin.url("/audit");
+
+    let anonymous = server.admin.http.get(&url).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert!(
+        anonymous.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Basic")
+    );
+    let wrong = server
+        .admin
+        .http
+        .get(&url)
+        .basic_auth("admin", Some("nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+
+    // A label with markup ends up in the ledger, and so on the audit page.
+    let created = server
+        .admin_post(
+            "/v1/admin/tokens",
+            serde_json::json!({ "label": "<script>alert(1)</script>" }),
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    server.enrolled(&dir.path().join("device")).await;
+
+    for path in ["/", "/devices", "/audit"] {
+        let page = server
+            .admin
+            .http
+            .get(server.admin.url(path))
+            .basic_auth("admin", Some(crate::harness::ADMIN_TOKEN))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.status(), 200, "{path}");
+        let csp = page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(csp.contains("default-src 'none'"), "{csp}");
+        let html = page.text().await.unwrap();
+        assert!(html.starts_with("<!doctype html>"));
+        assert!(
+            !html.contains("<script>"),
+            "{path} must escape user-controlled text"
+        );
+        if path == "/audit" {
+            assert!(html.contains("&lt;script&gt;"));
+            assert!(html.contains("Chain intact"));
+            assert!(html.contains("device_enrolled"));
+        }
+    }
+    let css = server
+        .admin
+        .http
+        .get(server.admin.url("/static/qflare.css"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(css.headers()["content-type"], "text/css; charset=utf-8");
+    server.stop().await;
+}

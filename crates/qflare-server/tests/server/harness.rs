@@ -74,6 +74,9 @@ pub fn config(state_dir: &Path) -> Config {
     let mut config = Config::default();
     config.server.state_dir = state_dir.to_path_buf();
     config.server.metrics_listen = None;
+    // These tests exercise enrollment and sessions; the federation tests
+    // (crates/qflare-cli/tests) run the enclave.
+    config.federation.enabled = false;
     config.rate_limits.enroll = generous();
     config.rate_limits.sessions = generous();
     config.rate_limits.device = generous();

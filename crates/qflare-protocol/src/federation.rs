@@ -1,0 +1,198 @@
+//! The federated-learning exchanges inside a sealed session (step 3 and 4):
+//!
+//! | route | request | answer |
+//! |---|---|---|
+//! | `POST /v1/rounds/current` | [`RoundQuery`] | [`RoundInfo`] |
+//! | `POST /v1/models/current` | [`ModelQuery`] | [`encode_model_download`] bytes |
+//! | `POST /v1/updates` | [`crate::envelope::UpdateEnvelope`] | [`SubmitReceipt`] |
+//!
+//! The round answer carries an attestation report made for the device's own
+//! nonce, so a device checks a *fresh* report against its measurement
+//! allow-list before it seals anything to the enclave's key. The model
+//! download is binary (no base64 for a 6.65 MB model): a length-prefixed
+//! [`ModelDownload`] header followed by the safetensors bytes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::attestation::AttestationReport;
+use crate::error::{ProtocolError, Result};
+use crate::model::ModelCertificate;
+use crate::wire::b64_array;
+
+/// Local training settings a round asks devices to use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingPlan {
+    /// SGD learning rate.
+    pub learning_rate: f64,
+    /// Minibatch size (B).
+    pub batch_size: usize,
+    /// Local epochs (E).
+    pub epochs: usize,
+}
+
+/// `POST /v1/rounds/current` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundQuery {
+    /// A fresh nonce for the enclave's attestation report, when the device
+    /// wants one (it should before sealing an update).
+    #[serde(default, with = "option_nonce")]
+    pub nonce: Option<[u8; 32]>,
+}
+
+mod option_nonce {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(transparent)]
+    struct Wrapped(#[serde(with = "crate::wire::b64_array")] [u8; 32]);
+
+    pub fn serialize<S: Serializer>(
+        value: &Option<[u8; 32]>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        value.map(Wrapped).serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<[u8; 32]>, D::Error> {
+        Ok(Option::<Wrapped>::deserialize(deserializer)?.map(|w| w.0))
+    }
+}
+
+/// Where the federation stands, from one device's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundStatus {
+    /// No round is open; poll again later.
+    Waiting,
+    /// A round is open and this device is selected and has not submitted.
+    Train,
+    /// A round is open but this device is not in it.
+    NotSelected,
+    /// This device has already submitted to the open round.
+    Submitted,
+    /// Training has finished; the device can stop.
+    Finished,
+}
+
+/// `POST /v1/rounds/current` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundInfo {
+    /// What the device should do.
+    pub status: RoundStatus,
+    /// The open round, if any.
+    pub round_id: Option<u64>,
+    /// The model version devices must train from.
+    pub model_version: Option<u64>,
+    /// The model architecture.
+    pub architecture: Option<String>,
+    /// Local training settings.
+    pub training: Option<TrainingPlan>,
+    /// Unix seconds after which submissions are refused.
+    pub deadline: Option<u64>,
+    /// The enclave's report for the device's nonce (or the latest one).
+    pub report: Option<AttestationReport>,
+    /// Seconds the device should wait before asking again.
+    pub poll_after_secs: u64,
+}
+
+/// `POST /v1/models/current` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelQuery {}
+
+/// The header of a model download.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDownload {
+    /// The enclave's certificate of the bytes that follow.
+    pub certificate: ModelCertificate,
+    /// The enclave key that signed it (must match the attested report's).
+    #[serde(with = "b64_array")]
+    pub enclave_key_sha256: [u8; 32],
+}
+
+/// Encodes a download: `u32 BE header length | header JSON | model bytes`.
+pub fn encode_model_download(header: &ModelDownload, model: &[u8]) -> Result<Vec<u8>> {
+    let header = crate::wire::encode(header)?;
+    let mut out = Vec::with_capacity(4 + header.len() + model.len());
+    out.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(model);
+    Ok(out)
+}
+
+/// Splits a download into its header and model bytes.
+pub fn decode_model_download(bytes: &[u8]) -> Result<(ModelDownload, &[u8])> {
+    if bytes.len() < 4 {
+        return Err(ProtocolError::malformed("model download", "truncated"));
+    }
+    let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    let rest = &bytes[4..];
+    if len > rest.len() || len > crate::wire::limits::MODEL_CERTIFICATE {
+        return Err(ProtocolError::malformed(
+            "model download",
+            "header length out of range",
+        ));
+    }
+    let (header, model) = rest.split_at(len);
+    let header = crate::wire::decode(
+        "model download header",
+        header,
+        crate::wire::limits::MODEL_CERTIFICATE,
+    )?;
+    Ok((header, model))
+}
+
+/// `POST /v1/updates` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitReceipt {
+    /// The round.
+    pub round_id: u64,
+    /// `accepted` (folded in), `pending` (the defense decides when the round
+    /// closes) or `rejected`.
+    pub status: String,
+    /// The enclave's reason code.
+    pub code: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_round_trip_and_truncation() {
+        let header = ModelDownload {
+            certificate: ModelCertificate {
+                version: 1,
+                architecture: "mnist-2nn".into(),
+                model_version: 3,
+                round_id: 3,
+                model_sha256: [1; 32],
+                signature: vec![2; 10],
+            },
+            enclave_key_sha256: [3; 32],
+        };
+        let bytes = encode_model_download(&header, b"weights").unwrap();
+        let (back, model) = decode_model_download(&bytes).unwrap();
+        assert_eq!(back, header);
+        assert_eq!(model, b"weights");
+        assert!(decode_model_download(&bytes[..3]).is_err());
+        let mut lying = bytes.clone();
+        lying[0] = 0xff;
+        assert!(decode_model_download(&lying).is_err());
+        let query: RoundQuery =
+            serde_json::from_str(r#"{"nonce":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}"#)
+                .unwrap();
+        assert_eq!(query.nonce, Some([0; 32]));
+        assert_eq!(
+            serde_json::from_str::<RoundQuery>("{}").unwrap().nonce,
+            None
+        );
+    }
+}

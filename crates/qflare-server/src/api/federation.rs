@@ -1,0 +1,362 @@
+//! Federated-learning routes: the device side inside sealed sessions, and
+//! the admin's round controls.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use qflare_protocol::envelope::{self, UpdateEnvelope};
+use qflare_protocol::federation::{
+    ModelDownload, ModelQuery, RoundInfo, RoundQuery, RoundStatus, SubmitReceipt,
+    encode_model_download,
+};
+use qflare_protocol::wire::limits;
+use qflare_store::{RoundState, SubmissionOutcome};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::app::SharedState;
+use crate::error::{ApiError, ApiResult};
+use crate::federation::{Federation, FederationError};
+use crate::ledger::AuditKind;
+use crate::metrics::Metrics;
+use crate::sealed::SealedRequest;
+
+fn federation(state: &SharedState) -> ApiResult<Arc<Federation>> {
+    state.federation.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "federation_disabled",
+            "this server does not coordinate federated training",
+        )
+    })
+}
+
+impl From<FederationError> for ApiError {
+    fn from(err: FederationError) -> Self {
+        match err {
+            FederationError::Enclave(qflare_enclave::host::EnclaveError::Died(_)) => {
+                let mut api = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "enclave_restarting",
+                    "the enclave restarted; fetch a fresh attestation and retry",
+                )
+                .detail(err);
+                api.retry_after = Some(2);
+                api
+            }
+            FederationError::Store(store) => store.into(),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+/// `POST /v1/rounds/current`.
+pub async fn current_round(State(state): State<SharedState>, request: SealedRequest) -> Response {
+    let result = round_info(&state, &request).await;
+    request.respond(result)
+}
+
+async fn round_info(state: &SharedState, request: &SealedRequest) -> ApiResult<RoundInfo> {
+    let fed = federation(state)?;
+    let query: RoundQuery = request.json("round query", 1024)?;
+    let poll = state.config.federation.poll_interval_secs;
+    let report = match query.nonce {
+        Some(nonce) => Some(fed.attest(nonce).await?),
+        None => fed.enclave().info().await.map(|info| info.report),
+    };
+    let latest = state.store.latest_round().await?;
+    let model = state.store.latest_model().await?;
+    let finished = state.config.federation.max_rounds > 0
+        && model
+            .as_ref()
+            .is_some_and(|m| m.version >= state.config.federation.max_rounds);
+    let mut info = RoundInfo {
+        status: if finished {
+            RoundStatus::Finished
+        } else {
+            RoundStatus::Waiting
+        },
+        round_id: None,
+        model_version: None,
+        architecture: Some(state.config.federation.architecture.clone()),
+        training: None,
+        deadline: None,
+        report,
+        poll_after_secs: poll,
+    };
+    if let Some(round) = latest.filter(|r| r.state == RoundState::Open) {
+        let me = request.device.id.as_str();
+        let participant = state
+            .store
+            .participants(round.id)
+            .await?
+            .into_iter()
+            .find(|p| p.device_id == me);
+        info.status = match participant {
+            None => RoundStatus::NotSelected,
+            Some(p) if p.submitted_at.is_some() => RoundStatus::Submitted,
+            Some(_) => RoundStatus::Train,
+        };
+        info.round_id = Some(round.id);
+        info.model_version = Some(round.base_model_version);
+        info.training = Some(state.config.federation.training.clone());
+        info.deadline = u64::try_from(round.deadline).ok();
+    }
+    Ok(info)
+}
+
+/// `POST /v1/models/current`: the model devices train from, with the running
+/// enclave's certificate, as `header length | header | safetensors`.
+pub async fn current_model(State(state): State<SharedState>, request: SealedRequest) -> Response {
+    let result = model_download(&state, &request).await;
+    match result {
+        Ok(bytes) => request.respond_raw(bytes),
+        Err(err) => request.respond_error(err),
+    }
+}
+
+async fn model_download(state: &SharedState, request: &SealedRequest) -> ApiResult<Vec<u8>> {
+    let fed = federation(state)?;
+    let _: ModelQuery = request.json("model query", 1024)?;
+    let enclave = fed
+        .enclave()
+        .ensure_running()
+        .await
+        .map_err(FederationError::from)?;
+    let model = fed.current_model(state, &enclave).await?;
+    Ok(encode_model_download(
+        &ModelDownload {
+            certificate: model.certificate.clone(),
+            enclave_key_sha256: model.enclave_key_sha256,
+        },
+        &model.bytes,
+    )?)
+}
+
+/// `POST /v1/updates`: check who sent it, store it sealed, forward it.
+pub async fn submit_update(State(state): State<SharedState>, request: SealedRequest) -> Response {
+    let result = submit(&state, &request).await;
+    if let Err(err) = &result {
+        Metrics::count(&state.metrics.updates, err.code);
+    }
+    request.respond(result)
+}
+
+async fn submit(state: &SharedState, request: &SealedRequest) -> ApiResult<SubmitReceipt> {
+    let fed = federation(state)?;
+    let envelope: UpdateEnvelope = request.json("update envelope", limits::UPDATE_ENVELOPE)?;
+    let refuse = |status: StatusCode, code: &'static str, message: &'static str| {
+        ApiError::new(status, code, message)
+    };
+    if envelope.device_id != request.device_id {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "device_mismatch",
+            "an envelope may only be sent by its own device",
+        ));
+    }
+    let (_, key) = super::public::device_keys(&request.device)?;
+    if let Err(err) = envelope::verify_outer(&envelope, &key) {
+        state
+            .audit(
+                AuditKind::UpdateRejected,
+                "server",
+                &request.device.id,
+                json!({ "round_id": envelope.round_id, "code": "bad_signature" }),
+            )
+            .await;
+        return Err(ApiError::authentication(err));
+    }
+    let stored = state
+        .store
+        .record_submission(
+            envelope.round_id,
+            &request.device.id,
+            &request.body,
+            state.now_i64(),
+        )
+        .await?;
+    match stored {
+        SubmissionOutcome::Stored => {}
+        SubmissionOutcome::NotSelected => {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "not_selected",
+                "this device is not selected for the round",
+            ));
+        }
+        SubmissionOutcome::AlreadySubmitted => {
+            return Err(refuse(
+                StatusCode::CONFLICT,
+                "duplicate",
+                "this device has already submitted to the round",
+            ));
+        }
+        SubmissionOutcome::DeadlinePassed => {
+            return Err(refuse(
+                StatusCode::CONFLICT,
+                "deadline_passed",
+                "the round's deadline has passed",
+            ));
+        }
+        SubmissionOutcome::RoundNotOpen => {
+            return Err(refuse(
+                StatusCode::CONFLICT,
+                "round_closed",
+                "the round is no longer open",
+            ));
+        }
+        SubmissionOutcome::UnknownRound => {
+            return Err(refuse(
+                StatusCode::NOT_FOUND,
+                "unknown_round",
+                "no such round",
+            ));
+        }
+    }
+    let verdict = fed
+        .submit(envelope.round_id, envelope.device_id, request.body.clone())
+        .await?;
+    Metrics::count(&state.metrics.updates, &verdict.code);
+    if verdict.status == "rejected" {
+        state
+            .audit(
+                AuditKind::UpdateRejected,
+                "enclave",
+                &request.device.id,
+                json!({ "round_id": envelope.round_id, "code": verdict.code }),
+            )
+            .await;
+    }
+    Ok(SubmitReceipt {
+        round_id: envelope.round_id,
+        status: verdict.status,
+        code: verdict.code,
+    })
+}
+
+/// `POST /v1/admin/rounds/start` and `/pause` answer, and `GET /v1/admin/rounds`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationView {
+    /// Whether new rounds are being opened.
+    pub running: bool,
+    /// The enclave's generation.
+    pub enclave_generation: u64,
+    /// The enclave's measurement (hex).
+    pub enclave_measurement: Option<String>,
+    /// Recent rounds, newest first.
+    pub rounds: Vec<RoundView>,
+    /// Every model with its test metrics, oldest first.
+    pub models: Vec<ModelView>,
+}
+
+/// A round in the admin view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundView {
+    /// Id.
+    pub id: u64,
+    /// State.
+    pub state: String,
+    /// Version of the model it started from.
+    pub base_model_version: u64,
+    /// Devices selected.
+    pub selected: u32,
+    /// Devices that submitted.
+    pub submitted: usize,
+    /// Opened, Unix seconds.
+    pub opened_at: i64,
+    /// Closed, Unix seconds.
+    pub closed_at: Option<i64>,
+    /// Deadline, Unix seconds.
+    pub deadline: i64,
+    /// The outcome (statistics, or why it failed).
+    pub outcome: Option<serde_json::Value>,
+}
+
+/// A model in the admin view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelView {
+    /// Version.
+    pub version: u64,
+    /// The round that produced it.
+    pub round_id: u64,
+    /// Created, Unix seconds.
+    pub created_at: i64,
+    /// Test accuracy, when evaluated.
+    pub accuracy: Option<f64>,
+    /// Test loss, when evaluated.
+    pub loss: Option<f64>,
+}
+
+/// The federation's state for the admin API and the web pages.
+pub async fn view(state: &SharedState, limit: u32) -> ApiResult<FederationView> {
+    let fed = federation(state)?;
+    let mut rounds = Vec::new();
+    for round in state.store.list_rounds(limit).await? {
+        let submitted = state
+            .store
+            .participants(round.id)
+            .await?
+            .iter()
+            .filter(|p| p.submitted_at.is_some())
+            .count();
+        rounds.push(RoundView {
+            id: round.id,
+            state: round.state.as_str().to_owned(),
+            base_model_version: round.base_model_version,
+            selected: round.target_updates,
+            submitted,
+            opened_at: round.opened_at,
+            closed_at: round.closed_at,
+            deadline: round.deadline,
+            outcome: round
+                .outcome_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok()),
+        });
+    }
+    let models = state
+        .store
+        .model_history()
+        .await?
+        .into_iter()
+        .map(|m| ModelView {
+            version: m.version,
+            round_id: m.round_id,
+            created_at: m.created_at,
+            accuracy: m.accuracy,
+            loss: m.loss,
+        })
+        .collect();
+    let enclave = fed.enclave().info().await;
+    Ok(FederationView {
+        running: fed.running().await,
+        enclave_generation: fed.enclave().generation(),
+        enclave_measurement: enclave.map(|e| hex::encode(e.verified.measurement)),
+        rounds,
+        models,
+    })
+}
+
+/// `GET /v1/admin/rounds`.
+pub async fn list_rounds(State(state): State<SharedState>) -> ApiResult<Json<FederationView>> {
+    Ok(Json(view(&state, 50).await?))
+}
+
+/// `POST /v1/admin/rounds/start`.
+pub async fn start_rounds(State(state): State<SharedState>) -> ApiResult<Json<FederationView>> {
+    federation(&state)?.start_training().await;
+    Ok(Json(view(&state, 10).await?))
+}
+
+/// `POST /v1/admin/rounds/pause`.
+pub async fn pause_rounds(State(state): State<SharedState>) -> ApiResult<Json<FederationView>> {
+    federation(&state)?.pause().await;
+    Ok(Json(view(&state, 10).await?))
+}
