@@ -5,6 +5,7 @@
 //! working directory is read first), then flags.
 
 mod admin;
+mod bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use qflare_protocol::KemSuite;
 use qflare_server::api::{CreateTokenRequest, CreatedToken, DeviceView, Revoked, TokenView};
 use qflare_server::identity::PublicKeyFile;
 use qflare_server::{Config, ServerOptions};
@@ -73,6 +75,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Benchmarks against a real server started in-process.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,16 +114,69 @@ enum DeviceCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Sessions and enrollments per second, next to plain HTTPS requests.
+    ///
+    /// Starts a real server in-process on 127.0.0.1:0 (TLS 1.3 with
+    /// X25519MLKEM768, SQLite in a temporary directory, built-in defaults
+    /// rather than --config) and measures over real HTTPS on loopback, each
+    /// with --devices concurrent workers:
+    ///
+    ///   healthz      GET /healthz, one pinned client per worker, the
+    ///                connection kept alive by the pool as in normal use;
+    ///   sessions     a full handshake (POST /v1/sessions, then /confirm) by
+    ///                one of --devices devices enrolled beforehand, each on
+    ///                its own kept-alive connection;
+    ///   enrollments  discovery (server info + fingerprint check), key
+    ///                generation and POST /v1/enroll, with tokens created
+    ///                through the admin API before the clock starts.
+    ///
+    /// After a --warmup of each, it runs --rounds rounds of healthz, sessions,
+    /// enrollments for --seconds each, and reports the median rate of the
+    /// rounds and the median of the per-round ratios sessions/healthz and
+    /// enrollments/healthz: what the post-quantum application layer costs on
+    /// top of the same TLS. Every rate-limit class is raised far above what
+    /// loopback reaches (the check still runs), so the numbers measure crypto
+    /// and I/O, not the limiter. Client and server share the machine's CPUs;
+    /// "CPU ms/op" is the whole process's CPU time per operation, which is
+    /// less sensitive than the rates to other load on the machine.
+    ///
+    /// Prints a markdown table on stdout (progress on stderr). Exits with an
+    /// error if any operation failed or the limiter refused anything.
+    #[command(verbatim_doc_comment)]
+    Sessions {
+        /// Concurrent workers in every phase (health checkers, enrolled devices, enrolling devices).
+        #[arg(long, default_value_t = 64)]
+        devices: usize,
+        /// Measured seconds per operation and round.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Warm-up seconds per operation, before the first round.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        /// Rounds of healthz, sessions, enrollments.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// The devices' KEM suite, e.g. x25519-ml-kem-768 (default: the server's, ml-kem-768).
+        #[arg(long)]
+        kem: Option<KemSuite>,
+        /// Also write the results as JSON to PATH.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Recompute the hash chain and check the signed checkpoints.
     Verify,
 }
 
-fn init_tracing() {
+fn init_tracing(default_filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -130,8 +190,15 @@ async fn main() -> ExitCode {
     {
         eprintln!("warning: .env: {err}");
     }
-    init_tracing();
-    match run(Cli::parse()).await {
+    let cli = Cli::parse();
+    // A benchmark would otherwise log every enrollment it performs, and the
+    // logging would become part of what it measures.
+    init_tracing(if matches!(cli.command, Command::Bench { .. }) {
+        "warn"
+    } else {
+        "info"
+    });
+    match run(cli).await {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -308,6 +375,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Bench { command } => match command {
+            BenchCommand::Sessions {
+                devices,
+                seconds,
+                warmup,
+                rounds,
+                kem,
+                json,
+            } => {
+                bench::sessions(bench::SessionsOptions {
+                    devices,
+                    seconds,
+                    warmup,
+                    rounds,
+                    kem,
+                    json,
+                })
+                .await?;
+            }
+        },
         Command::Audit {
             command: AuditCommand::Verify,
         } => {

@@ -186,6 +186,11 @@ impl Server {
                 stop_rx.clone(),
             ));
         }
+        tokio::spawn(sweep_sessions(self.state.clone(), stop_rx.clone()));
+        let controller =
+            self.state.federation.clone().map(|federation| {
+                tokio::spawn(federation.run(self.state.clone(), stop_rx.clone()))
+            });
         tracing::info!(
             addr = %listener.local_addr()?,
             fingerprint = %self.fingerprint(),
@@ -266,7 +271,27 @@ impl Server {
                 "connections still open after the grace period; closing"
             );
         }
+        if let Some(controller) = controller {
+            // The controller stops its enclave on the way out.
+            let _ = tokio::time::timeout(grace, controller).await;
+        }
         Ok(())
+    }
+}
+
+/// Deletes expired sessions (and abandoned handshakes) every few minutes, so
+/// the session table holds only live sessions.
+async fn sweep_sessions(state: SharedState, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        match state.store.delete_expired_sessions(state.now_i64()).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::debug!(removed, "expired sessions deleted"),
+            Err(err) => tracing::warn!(%err, "could not delete expired sessions"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(300)) => {}
+            _ = stop.changed() => return,
+        }
     }
 }
 

@@ -7,8 +7,10 @@
 //! A handler cannot forget a check because it never sees unchecked bytes.
 //!
 //! Replies go back through [`SealedRequest::respond`], sealed under the same
-//! sequence number; errors found after the record opened are sealed too, so
-//! the device can authenticate them.
+//! sequence number; errors found by the handler are sealed too, so the device
+//! can authenticate them. Errors found before the request is accepted
+//! (unknown session, bad record, a sequence number already claimed) are
+//! plain: sealing under a number that is not ours would reuse a nonce.
 
 use std::sync::Arc;
 
@@ -89,13 +91,9 @@ impl FromRequest<SharedState> for SealedRequest {
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| ApiError::authentication("missing session header"))
             .and_then(|v| SessionId::parse(v).map_err(ApiError::authentication))?;
-        let limit = if path == UPDATE_PATH {
-            state.config.limits.update_bytes
-        } else {
-            state.config.limits.sealed_bytes
-        };
-        let mut record = read_limited(&parts.headers, body, limit).await?.to_vec();
-
+        // Everything that can be checked without the body is checked first,
+        // so an unauthenticated client cannot make the server buffer a
+        // large body (up to the update limit) for nothing.
         let now = state.now();
         let session = state
             .store
@@ -127,6 +125,12 @@ impl FromRequest<SharedState> for SealedRequest {
         state
             .rate_limit("device", &device.id, &state.config.rate_limits.device)
             .await?;
+        let limit = if path == UPDATE_PATH {
+            state.config.limits.update_bytes
+        } else {
+            state.config.limits.sealed_bytes
+        };
+        let mut record = read_limited(&parts.headers, body, limit).await?.to_vec();
 
         let secrets = state
             .identity
@@ -139,7 +143,7 @@ impl FromRequest<SharedState> for SealedRequest {
         let seq = channel
             .open_request(&method, &path, &mut record, session.last_seq, now)
             .map_err(|err| match err {
-                ProtocolError::Replay { .. } => ApiError::from(err),
+                ProtocolError::Replay { .. } | ProtocolError::Expired { .. } => ApiError::from(err),
                 other => ApiError::authentication(other),
             })?;
         if !state

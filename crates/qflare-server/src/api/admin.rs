@@ -2,6 +2,7 @@
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
@@ -237,8 +238,10 @@ fn default_audit_limit() -> u32 {
 /// `GET /v1/admin/audit?after=N&limit=M`.
 pub async fn list_audit(
     State(state): State<SharedState>,
-    Query(query): Query<AuditQuery>,
+    query: Result<Query<AuditQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<AuditView>>> {
+    // axum's own rejection is plain text that echoes the parser; ours is the stable shape.
+    let Query(query) = query.map_err(ApiError::malformed)?;
     let entries = state
         .store
         .audit_entries(query.after, query.limit.clamp(1, 1000))

@@ -171,13 +171,12 @@ async fn refuse_session(
 async fn active_device(state: &SharedState, id: &DeviceId) -> ApiResult<DeviceRecord> {
     let hex = id.to_hex();
     match state.store.get_device(&hex).await? {
-        None => Err(refuse_session(
-            state,
-            &hex,
-            "unknown device",
-            ApiError::authentication("unknown device"),
-        )
-        .await),
+        // Not audited: anyone can name a random id, and the ledger must not
+        // be writable by unauthenticated clients. The metric still counts it.
+        None => {
+            Metrics::count(&state.metrics.sessions, "unknown_device");
+            Err(ApiError::authentication("unknown device"))
+        }
         Some(device) if device.revoked_at.is_some() => Err(refuse_session(
             state,
             &hex,
@@ -201,14 +200,12 @@ pub async fn open_session(
 ) -> ApiResult<impl IntoResponse> {
     let limit = state.config.limits.session_bytes.min(limits::CLIENT_HELLO);
     let hello: ClientHello = read_json("client hello", &headers, body, limit).await?;
-    state
-        .rate_limit(
-            "device",
-            &hello.device_id.to_hex(),
-            &state.config.rate_limits.device,
-        )
-        .await?;
     let device = active_device(&state, &hello.device_id).await?;
+    // Per-device budgets exist only for enrolled devices, so random ids
+    // cannot fill the limiter's table.
+    state
+        .rate_limit("device", &device.id, &state.config.rate_limits.device)
+        .await?;
     let (kem_key, _) = device_keys(&device)?;
     let now = state.now();
     let (pending, server_hello) = ServerStart::new(&state.identity.signing_key)

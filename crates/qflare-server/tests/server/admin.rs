@@ -133,6 +133,13 @@ async fn tokens_devices_and_audit_through_the_admin_api() {
         .unwrap();
     assert_eq!(again["revoked"], false);
 
+    let (status, error) = error_of(server.admin_get("/v1/admin/audit?bogus=1").await).await;
+    assert_eq!((status, error.code.as_str()), (400, "malformed_request"));
+    assert!(
+        !error.message.contains("bogus"),
+        "the parser's message is not echoed"
+    );
+
     let audit: Vec<serde_json::Value> = server
         .admin_get("/v1/admin/audit?after=0&limit=100")
         .await
