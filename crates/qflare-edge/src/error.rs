@@ -1,5 +1,6 @@
 //! The edge library's error type.
 
+use qflare_ml::MlError;
 use qflare_protocol::ProtocolError;
 
 /// Everything that can go wrong on the device side.
@@ -27,6 +28,59 @@ pub enum EdgeError {
     /// The identity directory or file is unusable.
     #[error("identity: {0}")]
     Identity(String),
+    /// The enclave's attestation report was refused (mode, measurement,
+    /// nonce, age or signature); nothing is sealed to its key.
+    #[error("attestation refused: {0}")]
+    Attestation(ProtocolError),
+    /// A downloaded global model failed verification; the device does not
+    /// train on it.
+    #[error("model refused: {0}")]
+    ModelRefused(ModelRefusal),
+    /// The server's description of a round is unusable (a missing field, an
+    /// unknown architecture, a training plan outside the device's limits).
+    #[error("round refused: {0}")]
+    RoundRefused(String),
+    /// Loading data or local training failed.
+    #[error("machine learning: {0}")]
+    Ml(#[from] MlError),
+    /// The device's run configuration cannot work.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// Why a downloaded global model was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelRefusal {
+    /// The download is not a header followed by model bytes.
+    #[error("malformed download: {0}")]
+    Malformed(ProtocolError),
+    /// The download names another enclave key than the attested one.
+    #[error("the certificate's enclave key is not the attested enclave's key")]
+    EnclaveKeyMismatch,
+    /// The certificate does not verify against the attested key, or the
+    /// bytes are not the certified ones (a flipped byte, a swapped model).
+    #[error("certificate check failed: {0}")]
+    Certificate(ProtocolError),
+    /// The certified model is another version than the round trains from.
+    #[error("certified model version {received}, the round trains from version {expected}")]
+    VersionMismatch {
+        /// The round's model version.
+        expected: u64,
+        /// The certificate's.
+        received: u64,
+    },
+    /// The certified architecture is not the round's.
+    #[error("certified architecture {received:?}, the round uses {expected:?}")]
+    ArchitectureMismatch {
+        /// The round's architecture id.
+        expected: String,
+        /// The certificate's.
+        received: String,
+    },
+    /// The certified bytes do not decode to the architecture's tensors with
+    /// finite values.
+    #[error("model does not fit its architecture: {0}")]
+    Layout(String),
 }
 
 impl EdgeError {

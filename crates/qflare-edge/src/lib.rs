@@ -9,6 +9,11 @@
 //!   and its private KEM and signing keys — owner-only, never overwritten.
 //! * [`client`]: enrollment with proof of possession, the session handshake
 //!   (verifying the pinned server key), sealed calls, key rotation.
+//! * [`run`](mod@run): the federated-learning loop — poll the round, verify
+//!   the enclave's report and the global model, train locally, seal the
+//!   update to the attested enclave, submit — with back-off, session
+//!   renewal, re-sealing after an enclave restart, and progress events.
+//! * [`shard`]: the device's local data (an IID shard of an IDX data set).
 //!
 //! Private keys are generated here and never leave the device; only public
 //! keys and signatures are sent.
@@ -18,8 +23,15 @@
 pub mod client;
 pub mod error;
 pub mod identity;
+pub mod run;
+pub mod shard;
 pub mod transport;
 
 pub use client::{EnrollOptions, Session, enroll, open_session, rotate_keys, transport_for};
-pub use error::EdgeError;
+pub use error::{EdgeError, ModelRefusal};
 pub use identity::Identity;
+pub use run::{
+    Backoff, DeviceConfig, DeviceEvent, Events, RoundRecord, RoundTimings, RunSummary, StopOutcome,
+    StopReason, TamperFn, run_device,
+};
+pub use shard::{DEFAULT_PARTITION_SEED, Shard, load_local_data};
