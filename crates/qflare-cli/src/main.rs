@@ -80,6 +80,30 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// Federated training rounds.
+    Round {
+        #[command(subcommand)]
+        command: RoundCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Run the enclave process (started by the server; not for humans).
+    #[command(hide = true)]
+    Enclave {
+        /// The enclave's own arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RoundCommand {
+    /// Start (or resume) opening rounds.
+    Start,
+    /// Stop opening new rounds; an open round still finishes.
+    Pause,
+    /// Rounds, models and their test accuracy.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -182,15 +206,33 @@ fn init_tracing(default_filter: &str) {
         .init();
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The enclave runs before any async runtime exists: its sandbox forbids
+    // the system calls an idle runtime thread makes.
+    if let Command::Enclave { args } = cli.command {
+        return qflare_enclave::process::main_with_args(args);
+    }
     // A missing .env is normal; a malformed one is worth saying.
     if let Err(err) = dotenvy::dotenv()
         && !err.not_found()
     {
         eprintln!("warning: .env: {err}");
     }
-    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async_main(cli))
+}
+
+async fn async_main(cli: Cli) -> ExitCode {
     // A benchmark would otherwise log every enrollment it performs, and the
     // logging would become part of what it measures.
     init_tracing(if matches!(cli.command, Command::Bench { .. }) {
@@ -204,6 +246,50 @@ async fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn print_federation(view: &qflare_server::api::federation::FederationView) {
+    println!(
+        "training {}; enclave generation {}, measurement {}",
+        if view.running { "running" } else { "paused" },
+        view.enclave_generation,
+        view.enclave_measurement.as_deref().unwrap_or("-")
+    );
+    println!(
+        "{:>6} {:<12} {:>6} {:>9} {:>10}  outcome",
+        "round", "state", "model", "selected", "submitted"
+    );
+    for round in &view.rounds {
+        let outcome = round
+            .outcome
+            .as_ref()
+            .map(|o| o.to_string())
+            .unwrap_or_default();
+        println!(
+            "{:>6} {:<12} {:>6} {:>9} {:>10}  {}",
+            round.id,
+            round.state,
+            round.base_model_version,
+            round.selected,
+            round.submitted,
+            outcome
+        );
+    }
+    println!(
+        "{:>6} {:>6} {:>10} {:>8}",
+        "model", "round", "accuracy", "loss"
+    );
+    for model in &view.models {
+        println!(
+            "{:>6} {:>6} {:>10} {:>8}",
+            model.version,
+            model.round_id,
+            model
+                .accuracy
+                .map_or_else(|| "-".into(), |a| format!("{:.2}%", 100.0 * a)),
+            model.loss.map_or_else(|| "-".into(), |l| format!("{l:.4}"))
+        );
     }
 }
 
@@ -395,6 +481,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await?;
             }
         },
+        Command::Round { command, remote } => {
+            let client = admin(&config, &remote).await?;
+            let view: qflare_server::api::federation::FederationView = match command {
+                RoundCommand::Start => client.post("/v1/admin/rounds/start", &()).await?,
+                RoundCommand::Pause => client.post("/v1/admin/rounds/pause", &()).await?,
+                RoundCommand::Status => client.get("/v1/admin/rounds").await?,
+            };
+            print_federation(&view);
+        }
+        Command::Enclave { .. } => {
+            anyhow::bail!("the enclave subcommand runs before the async runtime starts")
+        }
         Command::Audit {
             command: AuditCommand::Verify,
         } => {

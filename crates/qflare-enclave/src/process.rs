@@ -176,6 +176,13 @@ pub fn run(options: Options) -> ExitCode {
 
 /// The binary's `main`: logging to stderr, arguments, [`run`].
 pub fn main() -> ExitCode {
+    main_with_args(std::env::args().skip(1).collect())
+}
+
+/// [`main`] with explicit arguments (for `qflare enclave ...`). Must run
+/// before any async runtime starts: the sandbox forbids the system calls an
+/// idle runtime thread would make.
+pub fn main_with_args(args: Vec<String>) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -184,7 +191,7 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    match parse_args(std::env::args().skip(1)) {
+    match parse_args(args) {
         Ok(options) => run(options),
         Err(message) => {
             eprintln!("{message}");

@@ -142,6 +142,8 @@ pub struct Federation {
     inner: Mutex<Inner>,
     notify: Notify,
     status: watch::Sender<FederationStatus>,
+    /// Nanoseconds spent waiting on the enclave for submissions and aggregation.
+    enclave_nanos: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Federation {
@@ -249,7 +251,25 @@ impl Federation {
             }),
             notify: Notify::new(),
             status,
+            enclave_nanos: std::sync::atomic::AtomicU64::new(0),
         }))
+    }
+
+    /// Time spent in the enclave on submissions and aggregation so far.
+    pub fn enclave_time(&self) -> Duration {
+        Duration::from_nanos(
+            self.enclave_nanos
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    async fn timed<T>(&self, work: impl Future<Output = T>) -> T {
+        let start = std::time::Instant::now();
+        let out = work.await;
+        let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.enclave_nanos
+            .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+        out
     }
 
     /// The enclave handle.
@@ -726,11 +746,10 @@ impl Federation {
             return Ok(());
         }
         let answer = match self
-            .enclave
-            .call_expecting(
+            .timed(self.enclave.call_expecting(
                 &Frame::new(Kind::Finalize, &json!({}), Vec::new()),
                 Kind::Outcome,
-            )
+            ))
             .await
         {
             Ok(answer) => answer,
@@ -860,11 +879,10 @@ impl Federation {
         envelope: Vec<u8>,
     ) -> Result<LedgerVerdict, FederationError> {
         let answer = self
-            .enclave
-            .call_expecting(
+            .timed(self.enclave.call_expecting(
                 &Frame::new(Kind::Submit, &SubmitRequest { device_id }, vec![envelope]),
                 Kind::Verdict,
-            )
+            ))
             .await;
         let answer = match answer {
             Ok(answer) => answer,

@@ -1,0 +1,606 @@
+//! A whole federation in one process, for `qflare demo`, `qflare bench
+//! fedavg` and the end-to-end tests: the real server over real HTTPS on
+//! loopback, the real enclave process, and N simulated devices — each with
+//! its own token, keys, identity directory and data partition — running the
+//! real device loop ([`qflare_edge::run_device`]) as concurrent clients.
+//!
+//! Nothing here bypasses the protocol: devices enroll with tokens, open
+//! sessions, verify the enclave's attestation and the model certificate,
+//! train, sign and seal their updates exactly as a separate machine would.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use qflare_edge::run::{DeviceConfig, Events, RoundTimings, RunSummary, TamperFn};
+use qflare_edge::{EnrollOptions, Identity};
+use qflare_enclave::AggregationConfig;
+use qflare_ml::{Architecture, Dataset, Partition, Split};
+use qflare_protocol::attestation::{AttestationMode, AttestationPolicy};
+use qflare_protocol::federation::TrainingPlan;
+use qflare_protocol::identity::EnrollmentToken;
+use qflare_protocol::tensor::TensorMap;
+use qflare_server::federation::FederationStatus;
+use qflare_server::{Config, Server, ServerOptions, SharedState};
+use rand::SeedableRng;
+use tokio::sync::{oneshot, watch};
+
+/// How a malicious device corrupts its update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Attack {
+    /// Sends the negated update (pushes the model the other way).
+    SignFlip,
+    /// Multiplies the update (model replacement, boosted).
+    Scale(f32),
+    /// Replaces the update with Gaussian noise of this standard deviation.
+    GaussianNoise(f32),
+    /// Trains on labels y → 9 − y (data poisoning; the update looks honest in size).
+    LabelFlip,
+}
+
+impl std::str::FromStr for Attack {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "sign-flip" => Ok(Self::SignFlip),
+            "scale" => Ok(Self::Scale(10.0)),
+            "noise" => Ok(Self::GaussianNoise(0.1)),
+            "label-flip" => Ok(Self::LabelFlip),
+            other => match other.strip_prefix("scale:").and_then(|f| f.parse().ok()) {
+                Some(factor) => Ok(Self::Scale(factor)),
+                None => match other.strip_prefix("noise:").and_then(|s| s.parse().ok()) {
+                    Some(sigma) => Ok(Self::GaussianNoise(sigma)),
+                    None => Err(format!(
+                        "unknown attack {other}: use sign-flip, scale[:FACTOR], noise[:SIGMA] or label-flip"
+                    )),
+                },
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Attack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::SignFlip => f.write_str("sign-flip"),
+            Self::Scale(factor) => write!(f, "scale x{factor}"),
+            Self::GaussianNoise(sigma) => write!(f, "gaussian noise σ={sigma}"),
+            Self::LabelFlip => f.write_str("label-flip"),
+        }
+    }
+}
+
+/// How the training data is split among devices.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Split3 {
+    /// IID: shuffled, equal shares.
+    Iid,
+    /// The FedAvg paper's pathological non-IID: 2 label-sorted shards of 300 each.
+    Shards,
+    /// Per-label Dirichlet proportions.
+    Dirichlet(f64),
+}
+
+/// A simulation's settings.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// Simulated devices.
+    pub devices: usize,
+    /// Aggregated rounds to run.
+    pub rounds: u64,
+    /// Devices per round.
+    pub clients_per_round: usize,
+    /// The model.
+    pub architecture: Architecture,
+    /// The data split.
+    pub split: Split3,
+    /// Cap on each device's examples (after the split).
+    pub examples_per_device: Option<usize>,
+    /// Local training.
+    pub training: TrainingPlan,
+    /// MNIST (or Fashion-MNIST) IDX directory.
+    pub data_dir: PathBuf,
+    /// Test examples each new model is evaluated on.
+    pub eval_examples: usize,
+    /// Malicious devices: `attackers` of them (the last ones) run `attack`.
+    pub attack: Option<(usize, Attack)>,
+    /// Defense and aggregator.
+    pub aggregation: AggregationConfig,
+    /// How to run the enclave: the executable and its leading arguments.
+    pub enclave_program: PathBuf,
+    /// Leading arguments (e.g. `["enclave"]` for the `qflare` binary).
+    pub enclave_args: Vec<String>,
+    /// Where the server keeps its state (a fresh directory).
+    pub state_dir: PathBuf,
+    /// Seconds a round stays open.
+    pub round_timeout_secs: u64,
+    /// Threads all devices' training shares.
+    pub compute_threads: usize,
+    /// Seed for the split and the initial model.
+    pub seed: u64,
+}
+
+/// One round's row of the report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoundRow {
+    /// Round id.
+    pub round_id: u64,
+    /// `completed` or `failed`.
+    pub state: String,
+    /// Devices selected.
+    pub selected: u32,
+    /// Updates accepted by the enclave.
+    pub accepted: usize,
+    /// Updates rejected.
+    pub rejected: usize,
+    /// Rejection codes, in device order.
+    pub rejections: Vec<String>,
+    /// Test accuracy of the model the round produced.
+    pub accuracy: Option<f64>,
+    /// Test loss of that model.
+    pub loss: Option<f64>,
+    /// Seconds from opening to aggregation.
+    pub seconds: f64,
+    /// Sealed update bytes devices sent.
+    pub bytes_sent: u64,
+}
+
+/// What a simulation measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SimReport {
+    /// One row per round.
+    pub rounds: Vec<RoundRow>,
+    /// Test accuracy of the initial model.
+    pub initial_accuracy: Option<f64>,
+    /// Test accuracy of the last model.
+    pub final_accuracy: Option<f64>,
+    /// Wall time of the training part, seconds.
+    pub wall_seconds: f64,
+    /// Device-side time per phase, summed over devices and rounds, seconds.
+    pub device_seconds: PhaseSeconds,
+    /// Time the server spent waiting on the enclave (submissions and aggregation), seconds.
+    pub enclave_seconds: f64,
+    /// Rounds to reach each requested accuracy target, if reached.
+    pub rounds_to_target: Vec<(f64, Option<u64>)>,
+}
+
+/// Device time by phase.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PhaseSeconds {
+    /// Handshakes.
+    pub session: f64,
+    /// Checking attestation reports.
+    pub attestation: f64,
+    /// Verifying model certificates.
+    pub model_verify: f64,
+    /// Signing and sealing updates.
+    pub sealing: f64,
+    /// Local training.
+    pub training: f64,
+    /// Everything (the wall time of the device's rounds).
+    pub total: f64,
+}
+
+impl PhaseSeconds {
+    fn add(&mut self, t: &RoundTimings) {
+        self.session += t.session.as_secs_f64();
+        self.attestation += t.attestation.as_secs_f64();
+        self.model_verify += t.model_verify.as_secs_f64();
+        self.sealing += t.sealing.as_secs_f64();
+        self.training += t.training.as_secs_f64();
+        self.total += t.wall.as_secs_f64();
+    }
+
+    /// Handshake, attestation, certificate and sealing time.
+    pub fn cryptography(&self) -> f64 {
+        self.session + self.attestation + self.model_verify + self.sealing
+    }
+}
+
+/// A running simulation: server, enclave and enrolled devices.
+pub struct Simulation {
+    options: SimOptions,
+    /// The server's state (store, federation).
+    pub state: SharedState,
+    /// The server's URL.
+    pub url: String,
+    devices: Vec<(PathBuf, Dataset, Option<TamperFn>)>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), qflare_server::ServerError>>,
+    status: watch::Receiver<FederationStatus>,
+}
+
+fn flip_labels(data: &Dataset) -> anyhow::Result<Dataset> {
+    let labels: Vec<u8> = data.labels().iter().map(|y| 9 - y).collect();
+    Ok(Dataset::new(data.images().to_vec(), labels, 28, 28)?)
+}
+
+fn tamper(attack: Attack, seed: u64) -> Option<TamperFn> {
+    let f: TamperFn = match attack {
+        Attack::SignFlip => Arc::new(|mut delta: TensorMap| {
+            for (_, t) in delta.iter_mut() {
+                t.data_mut().iter_mut().for_each(|v| *v = -*v);
+            }
+            delta
+        }),
+        Attack::Scale(factor) => Arc::new(move |mut delta: TensorMap| {
+            for (_, t) in delta.iter_mut() {
+                t.data_mut().iter_mut().for_each(|v| *v *= factor);
+            }
+            delta
+        }),
+        Attack::GaussianNoise(sigma) => Arc::new(move |mut delta: TensorMap| {
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+            for (_, t) in delta.iter_mut() {
+                t.data_mut().iter_mut().for_each(|v| {
+                    let z: f32 =
+                        rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng);
+                    *v = sigma * z;
+                });
+            }
+            delta
+        }),
+        Attack::LabelFlip => return None,
+    };
+    Some(f)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Simulation {
+    /// Starts the server and its enclave, and enrolls every device.
+    pub async fn start(options: SimOptions) -> anyhow::Result<Self> {
+        qflare_ml::set_compute_threads(options.compute_threads)?;
+        let mut config = Config::default();
+        config.server.state_dir = options.state_dir.clone();
+        config.server.metrics_listen = None;
+        // A simulation is many devices behind one address.
+        let generous = qflare_server::ratelimit::RateLimit {
+            per_minute: 1_000_000,
+            burst: 100_000,
+        };
+        config.rate_limits.enroll = generous;
+        config.rate_limits.sessions = generous;
+        config.rate_limits.device = generous;
+        config.rate_limits.public = generous;
+        config.rate_limits.admin = generous;
+        config.enclave.command = Some(options.enclave_program.clone());
+        config.enclave.args = options.enclave_args.clone();
+        config.federation.enabled = true;
+        config.federation.architecture = options.architecture.to_string();
+        config.federation.model_seed = options.seed;
+        config.federation.auto_start = false;
+        config.federation.max_rounds = options.rounds;
+        config.federation.clients_per_round = options.clients_per_round;
+        config.federation.min_updates = 1.max(options.clients_per_round / 2);
+        config.federation.round_timeout_secs = options.round_timeout_secs;
+        config.federation.training = options.training.clone();
+        config.federation.eval_data = Some(options.data_dir.clone());
+        config.federation.eval_examples = options.eval_examples;
+        config.federation.poll_interval_secs = 1;
+        config.aggregation = options.aggregation.clone();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("https://{}", listener.local_addr()?);
+        let server = Server::new(config, ServerOptions::default()).await?;
+        let fingerprint = server.fingerprint();
+        let state = server.state().clone();
+        let status = state
+            .federation
+            .as_ref()
+            .context("the federation did not start")?
+            .subscribe();
+        let (tx, rx) = oneshot::channel();
+        let handle = tokio::spawn(server.serve(listener, None, async move {
+            let _ = rx.await;
+        }));
+
+        let train = {
+            let dir = options.data_dir.clone();
+            tokio::task::spawn_blocking(move || Dataset::load(&dir, Split::Train)).await??
+        };
+        let scheme = match options.split {
+            Split3::Iid => Partition::Iid,
+            Split3::Shards => Partition::LabelShards {
+                shards_per_client: 2,
+                shard_size: 300,
+            },
+            Split3::Dirichlet(alpha) => Partition::Dirichlet { alpha },
+        };
+        let parts = qflare_ml::partition(train.labels(), options.devices, &scheme, options.seed)?;
+        let attackers = options.attack.map_or(0, |(n, _)| n);
+        let mut devices = Vec::with_capacity(options.devices);
+        for (index, part) in parts.iter().enumerate() {
+            let mut data = train.subset(part)?;
+            if let Some(cap) = options.examples_per_device {
+                data = data.head(cap);
+            }
+            let malicious = index >= options.devices.saturating_sub(attackers);
+            let mut tamper_fn = None;
+            if malicious && let Some((_, attack)) = options.attack {
+                if attack == Attack::LabelFlip {
+                    data = flip_labels(&data)?;
+                }
+                tamper_fn = tamper(attack, options.seed + index as u64);
+            }
+            let dir = options
+                .state_dir
+                .join("devices")
+                .join(format!("device-{index:03}"));
+            if Identity::path(&dir).exists() {
+                // A restarted server keeps its devices (and they keep their keys).
+                devices.push((dir, data, tamper_fn));
+                continue;
+            }
+            let token = create_token(&state, &format!("device-{index}")).await?;
+            let identity = qflare_edge::enroll(
+                EnrollOptions {
+                    server_url: url.clone(),
+                    token,
+                    fingerprint,
+                    device_name: format!(
+                        "sim-{index:03}{}",
+                        if malicious { "-malicious" } else { "" }
+                    ),
+                    kem_suite: None,
+                    signature_suite: None,
+                },
+                &dir,
+            )
+            .await
+            .with_context(|| format!("enrolling device {index}"))?;
+            drop(identity);
+            devices.push((dir, data, tamper_fn));
+        }
+        Ok(Self {
+            options,
+            state,
+            url,
+            devices,
+            shutdown: Some(tx),
+            server: handle,
+            status,
+        })
+    }
+
+    /// The attestation policy devices use: the enclave executable's
+    /// measurement, software mode allowed (this is a simulation on one host).
+    pub fn device_policy(&self) -> anyhow::Result<AttestationPolicy> {
+        Ok(AttestationPolicy {
+            allowed_measurements: vec![qflare_enclave::backend::measure_file(
+                &self.options.enclave_program,
+            )?],
+            allowed_modes: vec![AttestationMode::Software],
+            max_age_secs: 600,
+        })
+    }
+
+    /// Runs the configured rounds; `on_round` is called after each aggregated round.
+    pub async fn run(
+        &mut self,
+        targets: &[f64],
+        mut on_round: impl FnMut(&RoundRow),
+    ) -> anyhow::Result<SimReport> {
+        let federation = self.state.federation.clone().context("no federation")?;
+        let policy = self.device_policy()?;
+        let started = Instant::now();
+        federation.start_training().await;
+        let mut tasks = Vec::new();
+        for (index, (dir, data, tamper)) in self.devices.iter().enumerate() {
+            let mut config = DeviceConfig::new(policy.clone(), data.clone());
+            config.stop_when_finished = true;
+            config.max_poll_secs = 1;
+            config.train_seed = self.options.seed + index as u64;
+            config.tamper = tamper.clone();
+            let mut identity = Identity::load(dir)?;
+            // The server may have restarted on another port; the pins stay.
+            identity.server_url = self.url.clone();
+            tasks.push(tokio::spawn(async move {
+                qflare_edge::run_device(&identity, config, Events::none()).await
+            }));
+        }
+        // A resumed federation reports only the rounds this run adds.
+        let mut reported = self
+            .state
+            .store
+            .latest_model()
+            .await?
+            .map_or(0, |m| m.version);
+        let mut rows = Vec::new();
+        let mut last_change = Instant::now();
+        let timeout = Duration::from_secs(self.options.round_timeout_secs.max(30) * 3);
+        loop {
+            let status = self.status.borrow().clone();
+            let version = status.model_version.unwrap_or(0);
+            while reported < version {
+                reported += 1;
+                if let Some(row) = round_row(&self.state, reported).await? {
+                    on_round(&row);
+                    rows.push(row);
+                }
+                last_change = Instant::now();
+            }
+            if status.finished {
+                break;
+            }
+            if last_change.elapsed() > timeout {
+                bail!("no progress for {timeout:?} (round {})", status.round_id);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.status.changed()).await;
+        }
+        let wall_seconds = started.elapsed().as_secs_f64();
+        let mut device_seconds = PhaseSeconds::default();
+        for task in tasks {
+            match tokio::time::timeout(Duration::from_secs(60), task).await {
+                Ok(Ok(Ok(summary))) => add_summary(&mut device_seconds, &summary),
+                Ok(Ok(Err(err))) => bail!("a device failed: {err}"),
+                Ok(Err(err)) => bail!("a device task failed: {err}"),
+                Err(_) => bail!("a device did not stop after training finished"),
+            }
+        }
+        let history = self.state.store.model_history().await?;
+        let initial_accuracy = history.first().and_then(|m| m.accuracy);
+        let final_accuracy = history.last().and_then(|m| m.accuracy);
+        let rounds_to_target = targets
+            .iter()
+            .map(|t| {
+                (
+                    *t,
+                    history
+                        .iter()
+                        .find(|m| m.accuracy.is_some_and(|a| a >= *t))
+                        .map(|m| m.version),
+                )
+            })
+            .collect();
+        Ok(SimReport {
+            rounds: rows,
+            initial_accuracy,
+            final_accuracy,
+            wall_seconds,
+            device_seconds,
+            enclave_seconds: federation.enclave_time().as_secs_f64(),
+            rounds_to_target,
+        })
+    }
+
+    /// The identity directories of the simulated devices, in order.
+    pub fn device_dirs(&self) -> Vec<PathBuf> {
+        self.devices.iter().map(|(dir, _, _)| dir.clone()).collect()
+    }
+
+    /// Loads device `index`'s identity, pointed at this server.
+    pub fn identity(&self, index: usize) -> anyhow::Result<Identity> {
+        let (dir, _, _) = self.devices.get(index).context("no such device")?;
+        let mut identity = Identity::load(dir)?;
+        identity.server_url = self.url.clone();
+        Ok(identity)
+    }
+
+    /// Watches the federation's progress.
+    pub fn status(&self) -> watch::Receiver<FederationStatus> {
+        self.status.clone()
+    }
+
+    /// Stops abruptly, as a crash would: no graceful drain, the enclave
+    /// process is killed with its handle.
+    pub async fn kill(mut self) {
+        drop(self.shutdown.take());
+        self.server.abort();
+        let _ = (&mut self.server).await;
+    }
+
+    /// Stops the server and its enclave.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.server).await??;
+        Ok(())
+    }
+}
+
+fn add_summary(total: &mut PhaseSeconds, summary: &RunSummary) {
+    for round in &summary.rounds {
+        total.add(&round.timings);
+    }
+}
+
+async fn create_token(state: &SharedState, label: &str) -> anyhow::Result<EnrollmentToken> {
+    let token = EnrollmentToken::generate(&mut rand::rng());
+    let now = state.now_i64();
+    state
+        .store
+        .create_token(&qflare_store::TokenRecord {
+            id: hex::encode(&qflare_protocol::crypto::sha256(label.as_bytes())[..8]),
+            hash: token.hash().0,
+            label: label.to_owned(),
+            created_at: now,
+            expires_at: now + 3600,
+            used_at: None,
+            used_by: None,
+            revoked_at: None,
+        })
+        .await?;
+    Ok(token)
+}
+
+async fn round_row(state: &SharedState, version: u64) -> anyhow::Result<Option<RoundRow>> {
+    let Some(model) = state.store.get_model(version).await? else {
+        return Ok(None);
+    };
+    let Some(round) = state.store.get_round(model.round_id).await? else {
+        return Ok(None);
+    };
+    let participants = state.store.participants(round.id).await?;
+    let accepted = participants
+        .iter()
+        .filter(|p| p.verdict.as_deref() == Some("accepted"))
+        .count();
+    let rejections: Vec<String> = participants
+        .iter()
+        .filter(|p| p.verdict.as_deref() == Some("rejected"))
+        .filter_map(|p| p.reason.clone())
+        .collect();
+    let bytes_sent = participants
+        .iter()
+        .filter_map(|p| p.envelope.as_ref().map(|e| e.len() as u64))
+        .sum();
+    // Metrics are written right after the model; wait briefly for them.
+    let mut accuracy = model.accuracy;
+    let mut loss = model.loss;
+    for _ in 0..50 {
+        if accuracy.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(fresh) = state.store.get_model(version).await? {
+            accuracy = fresh.accuracy;
+            loss = fresh.loss;
+        }
+    }
+    Ok(Some(RoundRow {
+        round_id: round.id,
+        state: round.state.as_str().to_owned(),
+        selected: round.target_updates,
+        accepted,
+        rejected: rejections.len(),
+        rejections,
+        accuracy,
+        loss,
+        seconds: round
+            .closed_at
+            .unwrap_or(round.opened_at)
+            .saturating_sub(round.opened_at) as f64,
+        bytes_sent,
+    }))
+}
+
+/// The `qflare` executable and the arguments that make it the enclave.
+pub fn self_as_enclave() -> anyhow::Result<(PathBuf, Vec<String>)> {
+    let exe = std::env::current_exe()?;
+    let sibling = exe.with_file_name("qflare-enclave");
+    if sibling.exists() {
+        return Ok((sibling, Vec::new()));
+    }
+    Ok((exe, vec!["enclave".into()]))
+}
+
+/// Finds the MNIST directory: the flag, then `QFLARE_DATA_DIR`, `./data/mnist`, `./data`.
+pub fn find_data(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let source = qflare_ml::DataSource::from_env().with_explicit(flag.map(Path::to_path_buf));
+    let located = source.locate(qflare_ml::DatasetKind::Mnist)?;
+    Ok(located.dir)
+}
+
+/// Unix seconds now (for reports).
+pub fn now() -> u64 {
+    unix_now()
+}

@@ -1,0 +1,388 @@
+//! End-to-end federated training: the real server over real HTTPS, the real
+//! enclave process (`qflare enclave`, sandboxed and attested), and real
+//! devices training the MNIST 2NN on their own slices of MNIST.
+
+// A test fails loudly on any unexpected error; unwrap says so most plainly.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use qflare_cli::sim::{Attack, SimOptions, SimReport, Simulation, Split3};
+use qflare_enclave::AggregationConfig;
+use qflare_ml::Architecture;
+use qflare_protocol::federation::TrainingPlan;
+
+fn data_dir() -> Option<PathBuf> {
+    match std::env::var("QFLARE_DATA_DIR") {
+        Ok(dir) if PathBuf::from(&dir).exists() => Some(PathBuf::from(dir)),
+        _ if std::env::var("QFLARE_REQUIRE_DATA").is_ok_and(|v| v == "1") => {
+            panic!("QFLARE_REQUIRE_DATA=1 but QFLARE_DATA_DIR does not name the MNIST directory")
+        }
+        _ => None,
+    }
+}
+
+fn options(
+    data_dir: PathBuf,
+    state: &tempfile::TempDir,
+    devices: usize,
+    rounds: u64,
+) -> SimOptions {
+    SimOptions {
+        devices,
+        rounds,
+        clients_per_round: devices,
+        architecture: Architecture::Mnist2nn,
+        split: Split3::Iid,
+        examples_per_device: Some(500),
+        training: TrainingPlan {
+            learning_rate: 0.1,
+            batch_size: 10,
+            epochs: 1,
+        },
+        data_dir,
+        eval_examples: 10_000,
+        attack: None,
+        aggregation: AggregationConfig::default(),
+        enclave_program: PathBuf::from(env!("CARGO_BIN_EXE_qflare")),
+        enclave_args: vec!["enclave".into()],
+        state_dir: state.path().join("run"),
+        round_timeout_secs: 120,
+        compute_threads: 2,
+        seed: 7,
+    }
+}
+
+async fn simulate(options: SimOptions) -> SimReport {
+    let mut sim = Simulation::start(options).await.unwrap();
+    let report = sim.run(&[], |_| {}).await.unwrap();
+    sim.stop().await.unwrap();
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_federation_trains_the_2nn_over_real_https_with_the_enclave() {
+    let Some(data) = data_dir() else {
+        eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let report = simulate(options(data, &state, 4, 3)).await;
+    assert_eq!(report.rounds.len(), 3, "{report:?}");
+    for row in &report.rounds {
+        assert_eq!(row.state, "completed");
+        assert_eq!(row.accepted, 4, "{row:?}");
+        assert!(
+            row.bytes_sent > 4 * 199_210 * 4,
+            "sealed updates carry the whole delta"
+        );
+    }
+    let initial = report.initial_accuracy.unwrap();
+    let last = report.final_accuracy.unwrap();
+    assert!(
+        initial < 0.2,
+        "an untrained model is near chance: {initial}"
+    );
+    assert!(
+        last > 0.80,
+        "three rounds on 2,000 examples pass 80%: {last}"
+    );
+    assert!(report.device_seconds.cryptography() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_malicious_devices_of_ten_are_rejected_and_accuracy_holds() {
+    let Some(data) = data_dir() else {
+        eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
+        return;
+    };
+    // Compared near a plateau (3 rounds of 10,000 examples), not on the steep
+    // first rounds where run-to-run noise alone exceeds two points.
+    let plateau = |state: &tempfile::TempDir| {
+        let mut o = options(data.clone(), state, 10, 3);
+        o.examples_per_device = Some(1000);
+        o
+    };
+    let clean_state = tempfile::tempdir().unwrap();
+    let clean = simulate(plateau(&clean_state)).await;
+
+    for attack in [
+        Attack::SignFlip,
+        Attack::Scale(10.0),
+        Attack::GaussianNoise(0.1),
+    ] {
+        let state = tempfile::tempdir().unwrap();
+        let mut attacked = plateau(&state);
+        attacked.attack = Some((2, attack));
+        let report = simulate(attacked).await;
+        for row in &report.rounds {
+            assert_eq!(
+                row.rejected, 2,
+                "{attack}: both attackers rejected in round {}: {row:?}",
+                row.round_id
+            );
+            assert_eq!(
+                row.accepted, 8,
+                "{attack}: every honest device accepted: {row:?}"
+            );
+        }
+        let (clean_accuracy, attacked_accuracy) = (
+            clean.final_accuracy.unwrap(),
+            report.final_accuracy.unwrap(),
+        );
+        assert!(
+            (clean_accuracy - attacked_accuracy).abs() <= 0.02,
+            "{attack}: accuracy {attacked_accuracy} within 2 points of the clean {clean_accuracy}"
+        );
+    }
+}
+
+// ------------------------------------------------------------ refusals
+
+use qflare_edge::run::{verify_model_download, verify_round_report};
+use qflare_edge::{EdgeError, Identity, Session};
+use qflare_protocol::attestation::VerifiedEnclave;
+use qflare_protocol::envelope::{self, UpdateMetadata};
+use qflare_protocol::federation::{ModelQuery, RoundInfo, RoundQuery, SubmitReceipt};
+use qflare_protocol::tensor::TensorMap;
+use qflare_store::RoundState;
+
+async fn session(identity: &Identity) -> Session {
+    let transport = qflare_edge::transport_for(identity).unwrap();
+    qflare_edge::open_session(identity, &transport)
+        .await
+        .unwrap()
+}
+
+/// Asks for the round with a fresh nonce and verifies the enclave's report.
+async fn round(sim: &Simulation, session: &mut Session) -> (RoundInfo, VerifiedEnclave) {
+    let mut nonce = [0u8; 32];
+    rand::Rng::fill_bytes(&mut rand::rng(), &mut nonce);
+    let info: RoundInfo = session
+        .call(
+            "/v1/rounds/current",
+            &RoundQuery { nonce: Some(nonce) },
+            1 << 20,
+        )
+        .await
+        .unwrap();
+    let verified = verify_round_report(
+        info.report.as_ref().unwrap(),
+        &sim.device_policy().unwrap(),
+        &nonce,
+        qflare_cli::sim::now(),
+    )
+    .unwrap();
+    (info, verified)
+}
+
+/// Seals an all-zero update (valid in every respect but content) and submits it.
+async fn submit_zero(
+    identity: &Identity,
+    session: &mut Session,
+    enclave: &VerifiedEnclave,
+    round_id: u64,
+    model_version: u64,
+) -> Result<SubmitReceipt, EdgeError> {
+    let layout = qflare_ml::initial_model(Architecture::Mnist2nn, 0).unwrap();
+    let zero = layout
+        .with_flat(&vec![0.0; layout.num_parameters()])
+        .unwrap();
+    let sealed = envelope::seal(
+        &UpdateMetadata {
+            round_id,
+            device_id: identity.device_id,
+            model_version,
+            example_count: 10,
+        },
+        &zero.to_safetensors(),
+        &identity.keys.signing,
+        &enclave.kem_public_key,
+        &mut rand::rng(),
+    )
+    .unwrap();
+    session.call("/v1/updates", &sealed, 4096).await
+}
+
+async fn wait_for(
+    sim: &Simulation,
+    what: impl Fn(&qflare_server::federation::FederationStatus) -> bool,
+) {
+    let mut status = sim.status();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        status.wait_for(|s| what(s)),
+    )
+    .await
+    .expect("the federation reached the expected state in time")
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unselected_late_and_revoked_devices_cannot_submit() {
+    let Some(data) = data_dir() else {
+        eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let mut o = options(data, &state, 3, 5);
+    o.clients_per_round = 2;
+    o.round_timeout_secs = 3;
+    let sim = Simulation::start(o).await.unwrap();
+    let federation = sim.state.federation.clone().unwrap();
+    federation.start_training().await;
+    wait_for(&sim, |s| s.round_state == Some(RoundState::Open)).await;
+    let round_id = sim.status().borrow().round_id;
+    let participants = sim.state.store.participants(round_id).await.unwrap();
+    let ids: Vec<String> = (0..3)
+        .map(|i| sim.identity(i).unwrap().device_id.to_hex())
+        .collect();
+    let outsider = ids
+        .iter()
+        .position(|id| !participants.iter().any(|p| &p.device_id == id))
+        .unwrap();
+    let insiders: Vec<usize> = (0..3).filter(|i| *i != outsider).collect();
+
+    // Not selected: refused by the host, nothing stored.
+    let identity = sim.identity(outsider).unwrap();
+    let mut s = session(&identity).await;
+    let (info, enclave) = round(&sim, &mut s).await;
+    assert_eq!(
+        info.status,
+        qflare_protocol::federation::RoundStatus::NotSelected
+    );
+    let err = submit_zero(&identity, &mut s, &enclave, round_id, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("not_selected"), "{err}");
+
+    // Revoked mid-round: its open session dies and it cannot open another.
+    let revoked = sim.identity(insiders[0]).unwrap();
+    let mut revoked_session = session(&revoked).await;
+    let (_, enclave) = round(&sim, &mut revoked_session).await;
+    assert!(
+        sim.state
+            .store
+            .revoke_device(&revoked.device_id.to_hex(), sim.state.now_i64())
+            .await
+            .unwrap()
+    );
+    let err = submit_zero(&revoked, &mut revoked_session, &enclave, round_id, 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Some("authentication_failed" | "device_revoked")),
+        "{err}"
+    );
+    let transport = qflare_edge::transport_for(&revoked).unwrap();
+    let err = qflare_edge::open_session(&revoked, &transport)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("device_revoked"));
+
+    // Late: the last device waits out the deadline; the round fails (only
+    // one of two could submit) and its update is refused.
+    let late = sim.identity(insiders[1]).unwrap();
+    let mut late_session = session(&late).await;
+    let (_, enclave) = round(&sim, &mut late_session).await;
+    wait_for(&sim, |s| s.round_id > round_id).await;
+    let err = submit_zero(&late, &mut late_session, &enclave, round_id, 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Some("deadline_passed" | "round_closed")),
+        "{err}"
+    );
+    let round = sim.state.store.get_round(round_id).await.unwrap().unwrap();
+    assert_eq!(
+        round.state,
+        RoundState::Failed,
+        "the minimum was not met by the deadline"
+    );
+    let stored = sim.state.store.participants(round_id).await.unwrap();
+    assert!(
+        stored.iter().all(|p| p.envelope.is_none()),
+        "no refused update was stored"
+    );
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_side_bit_flip_in_the_global_model_is_refused_by_the_device() {
+    let Some(data) = data_dir() else {
+        eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let sim = Simulation::start(options(data, &state, 2, 1))
+        .await
+        .unwrap();
+    sim.state.federation.clone().unwrap().start_training().await;
+    wait_for(&sim, |s| s.round_state == Some(RoundState::Open)).await;
+    let identity = sim.identity(0).unwrap();
+    let mut s = session(&identity).await;
+    let (info, enclave) = round(&sim, &mut s).await;
+    let download = s
+        .call_raw(
+            "/v1/models/current",
+            serde_json::to_vec(&ModelQuery {}).unwrap(),
+            64 << 20,
+        )
+        .await
+        .unwrap();
+    let version = info.model_version.unwrap();
+
+    // As served, the model verifies against the attested enclave key.
+    let (certificate, model) =
+        verify_model_download(&download, &enclave, version, Architecture::Mnist2nn).unwrap();
+    assert_eq!(certificate.model_version, version);
+    assert_eq!(model.num_parameters(), 199_210);
+
+    // One flipped bit anywhere in the weights, as a compromised host would serve it.
+    for offset in [200usize, download.len() / 2, download.len() - 1] {
+        let mut tampered = download.clone();
+        tampered[offset] ^= 0x01;
+        let err = verify_model_download(&tampered, &enclave, version, Architecture::Mnist2nn)
+            .unwrap_err();
+        assert!(
+            matches!(err, EdgeError::ModelRefused(_)),
+            "offset {offset}: {err}"
+        );
+    }
+    let _: TensorMap = model;
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_server_resumes_at_the_right_round_with_the_right_model() {
+    let Some(data) = data_dir() else {
+        eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let mut sim = Simulation::start(options(data.clone(), &state, 3, 2))
+        .await
+        .unwrap();
+    sim.run(&[], |_| {}).await.unwrap();
+    let before = sim.state.store.get_model(2).await.unwrap().unwrap();
+    sim.kill().await;
+
+    // A new server process on the same state directory and database.
+    let mut sim = Simulation::start(options(data, &state, 3, 3))
+        .await
+        .unwrap();
+    let report = sim.run(&[], |_| {}).await.unwrap();
+    let rounds = sim.state.store.list_rounds(10).await.unwrap();
+    let newest = &rounds[0];
+    assert_eq!(newest.id, 3, "numbering continues");
+    assert_eq!(
+        newest.base_model_version, 2,
+        "from the model the killed server had made"
+    );
+    assert_eq!(newest.state, RoundState::Completed);
+    let resumed = sim.state.store.get_model(2).await.unwrap().unwrap();
+    assert_eq!(resumed.bytes, before.bytes, "model 2 is unchanged");
+    assert_eq!(report.rounds.len(), 1);
+    assert!(sim.state.store.get_model(3).await.unwrap().is_some());
+    sim.stop().await.unwrap();
+}
