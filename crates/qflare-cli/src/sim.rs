@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use qflare_edge::run::{DeviceConfig, Events, RoundTimings, RunSummary, TamperFn};
+use qflare_edge::run::{DeviceConfig, DeviceEvent, Events, RoundTimings, TamperFn};
 use qflare_edge::{EnrollOptions, Identity};
 use qflare_enclave::AggregationConfig;
 use qflare_ml::{Architecture, Dataset, Partition, Split};
@@ -74,7 +74,7 @@ impl std::fmt::Display for Attack {
 
 /// How the training data is split among devices.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Split3 {
+pub enum DataSplit {
     /// IID: shuffled, equal shares.
     Iid,
     /// The FedAvg paper's pathological non-IID: 2 label-sorted shards of 300 each.
@@ -95,7 +95,7 @@ pub struct SimOptions {
     /// The model.
     pub architecture: Architecture,
     /// The data split.
-    pub split: Split3,
+    pub split: DataSplit,
     /// Cap on each device's examples (after the split).
     pub examples_per_device: Option<usize>,
     /// Local training.
@@ -307,12 +307,12 @@ impl Simulation {
             tokio::task::spawn_blocking(move || Dataset::load(&dir, Split::Train)).await??
         };
         let scheme = match options.split {
-            Split3::Iid => Partition::Iid,
-            Split3::Shards => Partition::LabelShards {
+            DataSplit::Iid => Partition::Iid,
+            DataSplit::Shards => Partition::LabelShards {
                 shards_per_client: 2,
                 shard_size: 300,
             },
-            Split3::Dirichlet(alpha) => Partition::Dirichlet { alpha },
+            DataSplit::Dirichlet(alpha) => Partition::Dirichlet { alpha },
         };
         let parts = qflare_ml::partition(train.labels(), options.devices, &scheme, options.seed)?;
         let attackers = options.attack.map_or(0, |(n, _)| n);
@@ -386,12 +386,24 @@ impl Simulation {
     pub async fn run(
         &mut self,
         targets: &[f64],
+        on_round: impl FnMut(&RoundRow),
+    ) -> anyhow::Result<SimReport> {
+        self.run_until(targets, None, on_round).await
+    }
+
+    /// [`Simulation::run`], stopping early once a model reaches `stop_at`
+    /// test accuracy (the devices are then stopped).
+    pub async fn run_until(
+        &mut self,
+        targets: &[f64],
+        stop_at: Option<f64>,
         mut on_round: impl FnMut(&RoundRow),
     ) -> anyhow::Result<SimReport> {
         let federation = self.state.federation.clone().context("no federation")?;
         let policy = self.device_policy()?;
         let started = Instant::now();
         federation.start_training().await;
+        let phases = Arc::new(std::sync::Mutex::new(PhaseSeconds::default()));
         let mut tasks = Vec::new();
         for (index, (dir, data, tamper)) in self.devices.iter().enumerate() {
             let mut config = DeviceConfig::new(policy.clone(), data.clone());
@@ -402,8 +414,16 @@ impl Simulation {
             let mut identity = Identity::load(dir)?;
             // The server may have restarted on another port; the pins stay.
             identity.server_url = self.url.clone();
+            let sink = phases.clone();
+            let events = Events::from_fn(move |event| {
+                if let DeviceEvent::Submitted { timings, .. } = event
+                    && let Ok(mut total) = sink.lock()
+                {
+                    total.add(&timings);
+                }
+            });
             tasks.push(tokio::spawn(async move {
-                qflare_edge::run_device(&identity, config, Events::none()).await
+                qflare_edge::run_device(&identity, config, events).await
             }));
         }
         // A resumed federation reports only the rounds this run adds.
@@ -419,13 +439,22 @@ impl Simulation {
         loop {
             let status = self.status.borrow().clone();
             let version = status.model_version.unwrap_or(0);
+            let mut reached = false;
             while reported < version {
                 reported += 1;
                 if let Some(row) = round_row(&self.state, reported).await? {
                     on_round(&row);
+                    reached |= stop_at.is_some_and(|t| row.accuracy.is_some_and(|a| a >= t));
                     rows.push(row);
                 }
                 last_change = Instant::now();
+            }
+            if reached {
+                federation.pause().await;
+                for task in &tasks {
+                    task.abort();
+                }
+                break;
             }
             if status.finished {
                 break;
@@ -436,15 +465,16 @@ impl Simulation {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.status.changed()).await;
         }
         let wall_seconds = started.elapsed().as_secs_f64();
-        let mut device_seconds = PhaseSeconds::default();
         for task in tasks {
             match tokio::time::timeout(Duration::from_secs(60), task).await {
-                Ok(Ok(Ok(summary))) => add_summary(&mut device_seconds, &summary),
+                Ok(Ok(Ok(_))) => {}
                 Ok(Ok(Err(err))) => bail!("a device failed: {err}"),
+                Ok(Err(err)) if err.is_cancelled() => {}
                 Ok(Err(err)) => bail!("a device task failed: {err}"),
                 Err(_) => bail!("a device did not stop after training finished"),
             }
         }
+        let device_seconds = phases.lock().map(|p| p.clone()).unwrap_or_default();
         let history = self.state.store.model_history().await?;
         let initial_accuracy = history.first().and_then(|m| m.accuracy);
         let final_accuracy = history.last().and_then(|m| m.accuracy);
@@ -504,12 +534,6 @@ impl Simulation {
         }
         (&mut self.server).await??;
         Ok(())
-    }
-}
-
-fn add_summary(total: &mut PhaseSeconds, summary: &RunSummary) {
-    for round in &summary.rounds {
-        total.add(&round.timings);
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use qflare_cli::sim::{Attack, SimOptions, SimReport, Simulation, Split3};
+use qflare_cli::sim::{Attack, DataSplit, SimOptions, SimReport, Simulation};
 use qflare_enclave::AggregationConfig;
 use qflare_ml::Architecture;
 use qflare_protocol::federation::TrainingPlan;
@@ -33,7 +33,7 @@ fn options(
         rounds,
         clients_per_round: devices,
         architecture: Architecture::Mnist2nn,
-        split: Split3::Iid,
+        split: DataSplit::Iid,
         examples_per_device: Some(500),
         training: TrainingPlan {
             learning_rate: 0.1,
