@@ -8,9 +8,14 @@
 //! [`EnclaveClient::generation`] changes, which tells the round controller
 //! that envelopes sealed to the old keys cannot be opened and the round must
 //! be retried.
+//!
+//! Each exchange runs in its own task that holds the lock from writing the
+//! request to reading the answer, so a caller that gives up midway (an HTTP
+//! timeout, a client gone) cannot leave the stream one answer behind.
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -63,10 +68,7 @@ struct Running {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
-    report: AttestationReport,
-    verified: VerifiedEnclave,
-    hardening: Hardening,
-    generation: u64,
+    info: EnclaveInfo,
 }
 
 /// The current enclave, as the host knows it.
@@ -84,20 +86,29 @@ pub struct EnclaveInfo {
     pub pid: Option<u32>,
 }
 
-/// A supervised enclave process.
-pub struct EnclaveClient {
+/// Everything needed to start a process, shared with exchange tasks.
+#[derive(Debug)]
+struct Launcher {
     command: EnclaveCommand,
     policy: AttestationPolicy,
     timeout: Duration,
-    running: Mutex<Option<Running>>,
     generations: AtomicU64,
+}
+
+/// A supervised enclave process.
+pub struct EnclaveClient {
+    launcher: Arc<Launcher>,
+    running: Arc<Mutex<Option<Running>>>,
 }
 
 impl std::fmt::Debug for EnclaveClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EnclaveClient")
-            .field("command", &self.command)
-            .field("generation", &self.generations.load(Ordering::SeqCst))
+            .field("command", &self.launcher.command)
+            .field(
+                "generation",
+                &self.launcher.generations.load(Ordering::SeqCst),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -136,27 +147,22 @@ async fn read_frame(stdout: &mut BufReader<ChildStdout>) -> Result<Frame, Enclav
     Ok(Frame::decode_body(kind?, &body)?)
 }
 
-impl EnclaveClient {
-    /// Starts and attests the enclave. `timeout` bounds every request.
-    pub async fn start(
-        command: EnclaveCommand,
-        policy: AttestationPolicy,
-        timeout: Duration,
-    ) -> Result<Self, EnclaveError> {
-        let client = Self {
-            command,
-            policy,
-            timeout,
-            running: Mutex::new(None),
-            generations: AtomicU64::new(0),
-        };
-        {
-            let mut running = client.running.lock().await;
-            *running = Some(client.spawn().await?);
-        }
-        Ok(client)
+fn expect(frame: Frame, kind: Kind) -> Result<Frame, EnclaveError> {
+    if frame.kind == Kind::Error {
+        let meta: ErrorMeta = frame.meta()?;
+        return Err(EnclaveError::Refused {
+            code: meta.code,
+            message: meta.message,
+        });
     }
+    if frame.kind == kind {
+        Ok(frame)
+    } else {
+        Err(EnclaveError::Unexpected(frame.kind))
+    }
+}
 
+impl Launcher {
     async fn spawn(&self) -> Result<Running, EnclaveError> {
         let mut child = Command::new(&self.command.program)
             .args(&self.command.args)
@@ -172,7 +178,7 @@ impl EnclaveClient {
         let mut stdout = BufReader::with_capacity(1 << 20, stdout);
         let mut nonce = [0u8; 32];
         rand::Rng::fill_bytes(&mut rand::rng(), &mut nonce);
-        let exchange = async {
+        let attest = async {
             write_frame(
                 &mut stdin,
                 &Frame::new(Kind::Attest, &AttestRequest { nonce }, Vec::new()),
@@ -180,7 +186,7 @@ impl EnclaveClient {
             .await?;
             read_frame(&mut stdout).await
         };
-        let answer = tokio::time::timeout(self.timeout, exchange)
+        let answer = tokio::time::timeout(self.timeout, attest)
             .await
             .map_err(|_| EnclaveError::Died("no attestation report in time".into()))??;
         let answer: ReportAnswer = expect(answer, Kind::Report)?.meta()?;
@@ -194,33 +200,39 @@ impl EnclaveClient {
             hardening = ?answer.hardening,
             "enclave started and attested"
         );
-        Ok(Running {
-            child,
-            stdin,
-            stdout,
+        let info = EnclaveInfo {
             report: answer.report,
             verified,
             hardening: answer.hardening,
             generation,
+            pid: child.id(),
+        };
+        Ok(Running {
+            child,
+            stdin,
+            stdout,
+            info,
         })
     }
 
-    /// Sends one request and returns the answer. On a dead or silent process
-    /// the process is killed and [`EnclaveError::Died`] returned; the next
-    /// call starts and attests a new one.
-    pub async fn call(&self, frame: &Frame) -> Result<Frame, EnclaveError> {
-        let mut guard = self.running.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.spawn().await?);
+    /// One request and its answer on the locked process, restarting it first
+    /// if it is gone and killing it if the exchange fails.
+    async fn exchange(
+        &self,
+        slot: &mut Option<Running>,
+        frame: &Frame,
+    ) -> Result<Frame, EnclaveError> {
+        if slot.is_none() {
+            *slot = Some(self.spawn().await?);
         }
-        let Some(running) = guard.as_mut() else {
+        let Some(running) = slot.as_mut() else {
             return Err(EnclaveError::Died("no enclave".into()));
         };
-        let exchange = async {
+        let round_trip = async {
             write_frame(&mut running.stdin, frame).await?;
             read_frame(&mut running.stdout).await
         };
-        let outcome = match tokio::time::timeout(self.timeout, exchange).await {
+        let outcome = match tokio::time::timeout(self.timeout, round_trip).await {
             Ok(outcome) => outcome,
             Err(_) => Err(EnclaveError::Died(format!(
                 "no answer within {:?}",
@@ -237,10 +249,10 @@ impl EnclaveClient {
             }
             Ok(answer) => Ok(answer),
             Err(err) => {
-                if let Some(mut dead) = guard.take() {
+                if let Some(mut dead) = slot.take() {
                     let _ = dead.child.start_kill();
                     let status = dead.child.wait().await;
-                    tracing::error!(generation = dead.generation, ?status, %err, "enclave lost; restarting on next use");
+                    tracing::error!(generation = dead.info.generation, ?status, %err, "enclave lost; restarting on next use");
                 }
                 Err(match err {
                     EnclaveError::Died(reason) => EnclaveError::Died(reason),
@@ -248,6 +260,42 @@ impl EnclaveClient {
                 })
             }
         }
+    }
+}
+
+impl EnclaveClient {
+    /// Starts and attests the enclave. `timeout` bounds every request.
+    pub async fn start(
+        command: EnclaveCommand,
+        policy: AttestationPolicy,
+        timeout: Duration,
+    ) -> Result<Self, EnclaveError> {
+        let launcher = Arc::new(Launcher {
+            command,
+            policy,
+            timeout,
+            generations: AtomicU64::new(0),
+        });
+        let first = launcher.spawn().await?;
+        Ok(Self {
+            launcher,
+            running: Arc::new(Mutex::new(Some(first))),
+        })
+    }
+
+    /// Sends one request and returns the answer. On a dead or silent process
+    /// the process is killed and [`EnclaveError::Died`] returned; the next
+    /// call starts and attests a new one.
+    pub async fn call(&self, frame: &Frame) -> Result<Frame, EnclaveError> {
+        let launcher = Arc::clone(&self.launcher);
+        let running = Arc::clone(&self.running);
+        let frame = frame.clone();
+        tokio::spawn(async move {
+            let mut slot = running.lock_owned().await;
+            launcher.exchange(&mut slot, &frame).await
+        })
+        .await
+        .map_err(|e| EnclaveError::Died(format!("the exchange task failed: {e}")))?
     }
 
     /// Sends a request and checks the answer's kind.
@@ -257,37 +305,27 @@ impl EnclaveClient {
 
     /// Starts the enclave if it is not running (after a death) and returns its state.
     pub async fn ensure_running(&self) -> Result<EnclaveInfo, EnclaveError> {
-        let mut guard = self.running.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.spawn().await?);
+        let mut slot = self.running.lock().await;
+        if slot.is_none() {
+            *slot = Some(self.launcher.spawn().await?);
         }
-        let running = guard
-            .as_ref()
-            .ok_or_else(|| EnclaveError::Died("no enclave".into()))?;
-        Ok(EnclaveInfo {
-            report: running.report.clone(),
-            verified: running.verified.clone(),
-            hardening: running.hardening,
-            generation: running.generation,
-            pid: running.child.id(),
-        })
+        slot.as_ref()
+            .map(|running| running.info.clone())
+            .ok_or_else(|| EnclaveError::Died("no enclave".into()))
     }
 
     /// The current process's state, if one is running.
     pub async fn info(&self) -> Option<EnclaveInfo> {
-        let guard = self.running.lock().await;
-        guard.as_ref().map(|running| EnclaveInfo {
-            report: running.report.clone(),
-            verified: running.verified.clone(),
-            hardening: running.hardening,
-            generation: running.generation,
-            pid: running.child.id(),
-        })
+        self.running
+            .lock()
+            .await
+            .as_ref()
+            .map(|running| running.info.clone())
     }
 
     /// The generation of the latest process (0 before the first).
     pub fn generation(&self) -> u64 {
-        self.generations.load(Ordering::SeqCst)
+        self.launcher.generations.load(Ordering::SeqCst)
     }
 
     /// A fresh report for a verifier's own nonce (a device's, say).
@@ -313,20 +351,5 @@ impl EnclaveClient {
                 let _ = running.child.start_kill();
             }
         }
-    }
-}
-
-fn expect(frame: Frame, kind: Kind) -> Result<Frame, EnclaveError> {
-    if frame.kind == Kind::Error {
-        let meta: ErrorMeta = frame.meta()?;
-        return Err(EnclaveError::Refused {
-            code: meta.code,
-            message: meta.message,
-        });
-    }
-    if frame.kind == kind {
-        Ok(frame)
-    } else {
-        Err(EnclaveError::Unexpected(frame.kind))
     }
 }

@@ -55,26 +55,19 @@ pub struct InitModelRequest {
     pub seed: u64,
 }
 
-/// A previous enclave boot's verifying key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PreviousKey {
-    /// Its suite.
-    pub signature_suite: SignatureSuite,
-    /// The key.
-    #[serde(with = "b64")]
-    pub verifying_key: Vec<u8>,
-}
-
 /// `Certify`: blob 0 is the model. Asks a restarted enclave to endorse the
-/// current model, certified by its previous boot.
+/// current model, certified by a previous boot. The previous boot is named by
+/// its attestation report, which must carry this enclave's own measurement
+/// and mode; in a hardware mode its evidence roots that claim in the CPU. In
+/// software mode a host able to forge reports can forge this too (see
+/// docs/enclave.md); every endorsement is recorded in the audit ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertifyRequest {
     /// The previous boot's certificate of the model.
     pub certificate: ModelCertificate,
-    /// The previous boot's key, from its attestation report.
-    pub previous_key: PreviousKey,
+    /// The report of the boot that made that certificate.
+    pub previous_report: AttestationReport,
 }
 
 /// `Model`: blob 0 is the model when the request created one.

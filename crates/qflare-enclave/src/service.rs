@@ -13,6 +13,7 @@
 use std::collections::{HashMap, HashSet};
 
 use qflare_ml::{Architecture, Dataset};
+use qflare_protocol::attestation::{self, AttestationPolicy};
 use qflare_protocol::crypto::sha256;
 use qflare_protocol::envelope::UpdateEnvelope;
 use qflare_protocol::identity::DeviceId;
@@ -76,6 +77,19 @@ impl ServiceError {
         Frame::error(self.code(), &self.to_string())
     }
 }
+
+/// Refusals decided before the aggregator sees an update.
+pub const ENVELOPE_CODES: &[&str] = &[
+    "not_selected",
+    "malformed_envelope",
+    "device_mismatch",
+    "wrong_round",
+    "wrong_model_version",
+    "bad_signature",
+    "undecryptable",
+    "malformed_update",
+    "aggregator_error",
+];
 
 struct CertifiedModel {
     architecture: String,
@@ -219,11 +233,19 @@ impl<B: EnclaveBackend> EnclaveService<B> {
         request.expect_blobs(1)?;
         let meta: CertifyRequest = request.meta()?;
         let model_bytes = &request.blobs[0];
-        let previous = VerifyingKey::from_bytes(
-            meta.previous_key.signature_suite,
-            meta.previous_key.verifying_key,
+        // The previous boot must have run this very code in this very mode.
+        let own = AttestationPolicy {
+            allowed_measurements: vec![self.backend.measurement()],
+            allowed_modes: vec![self.backend.mode()],
+            max_age_secs: u64::MAX,
+        };
+        let previous = attestation::verify_report(
+            &meta.previous_report,
+            &own,
+            None,
+            meta.previous_report.issued_at,
         )?;
-        model::verify(&meta.certificate, model_bytes, &previous)?;
+        model::verify(&meta.certificate, model_bytes, &previous.verifying_key)?;
         let architecture: Architecture = meta.certificate.architecture.parse()?;
         let map = TensorMap::from_safetensors(model_bytes, limits::TENSORS)?;
         architecture.validate(&map)?;
@@ -344,10 +366,12 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             .round
             .as_mut()
             .ok_or(ServiceError::State("no round is open in the enclave"))?;
+        let first = !round.seen.contains(&meta.device_id);
         let verdict = Self::judge(&self.backend, round, meta.device_id, &request.blobs[0]);
-        if verdict.status == "rejected"
-            && verdict.code != "duplicate"
-            && !round.seen.contains(&meta.device_id)
+        // The aggregator keeps its own verdicts (including rejections on
+        // arrival) and hands them back at finalize; only refusals it never
+        // saw are kept here, once per device.
+        if first && verdict.status == "rejected" && ENVELOPE_CODES.contains(&verdict.code.as_str())
         {
             round.refused.push(verdict.clone());
         }
@@ -355,7 +379,8 @@ impl<B: EnclaveBackend> EnclaveService<B> {
         Ok(Frame::new(Kind::Verdict, &verdict, Vec::new()))
     }
 
-    /// Everything between the sealed bytes and the aggregator.
+    /// Everything between the sealed bytes and the aggregator (its refusals
+    /// use the codes in [`ENVELOPE_CODES`]).
     fn judge(
         backend: &B,
         round: &mut ActiveRound,

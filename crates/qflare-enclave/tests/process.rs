@@ -16,7 +16,7 @@ use qflare_enclave::frame::{ErrorMeta, Frame, FrameReader, Kind};
 use qflare_enclave::host::{EnclaveClient, EnclaveCommand, EnclaveError};
 use qflare_enclave::messages::{
     AttestRequest, BeginRoundRequest, CertifyRequest, InitModelRequest, LedgerVerdict, ModelAnswer,
-    OutcomeAnswer, PreviousKey, ProbeAnswer, ProbeRequest, RoundDevice, SubmitRequest,
+    OutcomeAnswer, ProbeAnswer, ProbeRequest, RoundDevice, SubmitRequest,
 };
 use qflare_protocol::attestation::{self, AttestationMode, AttestationPolicy};
 use qflare_protocol::envelope::{self, UpdateMetadata};
@@ -382,10 +382,7 @@ async fn killed_mid_round_restarted_and_the_retried_round_completes() {
                 Kind::Certify,
                 &CertifyRequest {
                     certificate: certificate.clone(),
-                    previous_key: PreviousKey {
-                        signature_suite: first.verified.verifying_key.suite(),
-                        verifying_key: first.verified.verifying_key.as_bytes().to_vec(),
-                    },
+                    previous_report: first.report.clone(),
                 },
                 vec![model_bytes.clone()],
             ),

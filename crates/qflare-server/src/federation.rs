@@ -34,16 +34,13 @@ use qflare_enclave::frame::{Frame, Kind};
 use qflare_enclave::host::{EnclaveClient, EnclaveCommand, EnclaveError, EnclaveInfo};
 use qflare_enclave::messages::{
     BeginRoundRequest, CertifyRequest, InitModelRequest, LedgerVerdict, ModelAnswer, OutcomeAnswer,
-    PreviousKey, RoundDevice, SubmitRequest,
+    RoundDevice, SubmitRequest,
 };
 use qflare_ml::{Architecture, Dataset, Split};
-use qflare_protocol::SignatureSuite;
 use qflare_protocol::attestation::{AttestationMode, AttestationPolicy, AttestationReport};
 use qflare_protocol::crypto::sha256;
 use qflare_protocol::identity::DeviceId;
 use qflare_protocol::model::ModelCertificate;
-use qflare_protocol::sig::VerifyingKey;
-use qflare_protocol::wire::b64;
 use qflare_store::{ModelRecord, RoundRecord, RoundState, VerdictRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -80,11 +77,8 @@ pub enum FederationError {
 pub struct StoredCertificate {
     /// The enclave's certificate.
     pub certificate: ModelCertificate,
-    /// The suite of the key that signed it.
-    pub signature_suite: SignatureSuite,
-    /// The key that signed it.
-    #[serde(with = "b64")]
-    pub verifying_key: Vec<u8>,
+    /// The attestation report of the enclave boot that signed it.
+    pub report: AttestationReport,
 }
 
 /// The current model as devices should download it: the bytes and a
@@ -117,6 +111,7 @@ struct Inner {
     model: Option<CurrentModel>,
     open: Option<OpenRound>,
     waiting_logged: bool,
+    audited_generation: u64,
 }
 
 /// A snapshot for watchers (tests, the web page, the demo).
@@ -144,6 +139,10 @@ pub struct Federation {
     status: watch::Sender<FederationStatus>,
     /// Nanoseconds spent waiting on the enclave for submissions and aggregation.
     enclave_nanos: std::sync::atomic::AtomicU64,
+    /// Held (shared) by each submission from storing its envelope to the
+    /// enclave's verdict, and (exclusive) while a round leaves `Open`: no
+    /// stored envelope can miss the enclave's round.
+    gate: tokio::sync::RwLock<()>,
 }
 
 impl std::fmt::Debug for Federation {
@@ -252,7 +251,13 @@ impl Federation {
             notify: Notify::new(),
             status,
             enclave_nanos: std::sync::atomic::AtomicU64::new(0),
+            gate: tokio::sync::RwLock::new(()),
         }))
+    }
+
+    /// Hold this from storing a submission until the enclave has judged it.
+    pub async fn submission_gate(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().await
     }
 
     /// Time spent in the enclave on submissions and aggregation so far.
@@ -352,6 +357,27 @@ impl Federation {
     /// One decision of the controller.
     pub async fn step(&self, state: &AppState) -> Result<(), FederationError> {
         let enclave = self.enclave.ensure_running().await?;
+        let new_generation = {
+            let mut inner = self.inner.lock().await;
+            let new = inner.audited_generation != enclave.generation;
+            inner.audited_generation = enclave.generation;
+            new
+        };
+        if new_generation {
+            state
+                .audit(
+                    AuditKind::EnclaveAttested,
+                    "server",
+                    &enclave.generation.to_string(),
+                    json!({
+                        "measurement": hex::encode(enclave.verified.measurement),
+                        "mode": enclave.verified.mode.as_str(),
+                        "enclave_key_sha256": hex::encode(sha256(enclave.verified.verifying_key.as_bytes())),
+                        "hardening": enclave.hardening,
+                    }),
+                )
+                .await;
+        }
         let latest = state.store.latest_round().await?;
         let now = state.now();
         match latest {
@@ -450,7 +476,7 @@ impl Federation {
                 let bytes = answer.blobs.into_iter().next().ok_or_else(|| {
                     FederationError::Inconsistent("the enclave sent no model".into())
                 })?;
-                self.store_model(state, 0, 0, &bytes, &certificate, &current_key)
+                self.store_model(state, 0, 0, &bytes, &certificate, &enclave.report)
                     .await?;
                 self.evaluate(state, 0, &bytes).await;
                 (0, bytes, certificate)
@@ -460,15 +486,25 @@ impl Federation {
                     .map_err(|e| {
                         FederationError::Inconsistent(format!("stored certificate: {e}"))
                     })?;
-                let certificate = if stored.verifying_key == current_key.as_bytes() {
+                let certificate = if stored.report.verifying_key == current_key.as_bytes() {
                     stored.certificate
                 } else {
+                    let previous_key = hex::encode(&sha256(&stored.report.verifying_key)[..8]);
+                    state
+                        .audit(
+                            AuditKind::ModelRecertified,
+                            "enclave",
+                            &record.version.to_string(),
+                            json!({
+                                "model_sha256": hex::encode(stored.certificate.model_sha256),
+                                "previous_enclave_key": previous_key,
+                                "generation": enclave.generation,
+                            }),
+                        )
+                        .await;
                     let request = CertifyRequest {
                         certificate: stored.certificate,
-                        previous_key: PreviousKey {
-                            signature_suite: stored.signature_suite,
-                            verifying_key: stored.verifying_key,
-                        },
+                        previous_report: stored.report,
                     };
                     let answer = self
                         .enclave
@@ -503,12 +539,11 @@ impl Federation {
         round_id: u64,
         bytes: &[u8],
         certificate: &ModelCertificate,
-        key: &VerifyingKey,
+        report: &AttestationReport,
     ) -> Result<(), FederationError> {
         let stored = StoredCertificate {
             certificate: certificate.clone(),
-            signature_suite: key.suite(),
-            verifying_key: key.as_bytes().to_vec(),
+            report: report.clone(),
         };
         state
             .store
@@ -732,17 +767,21 @@ impl Federation {
         if open.not_rejected < round.min_updates as usize && now < unix(round.deadline) {
             return Ok(());
         }
-        if !state
-            .store
-            .transition_round(
-                round.id,
-                RoundState::Open,
-                RoundState::Aggregating,
-                state.now_i64(),
-                None,
-            )
-            .await?
-        {
+        let moved = {
+            // Wait for submissions in flight to reach the enclave first.
+            let _exclusive = self.gate.write().await;
+            state
+                .store
+                .transition_round(
+                    round.id,
+                    RoundState::Open,
+                    RoundState::Aggregating,
+                    state.now_i64(),
+                    None,
+                )
+                .await?
+        };
+        if !moved {
             return Ok(());
         }
         let answer = match self
@@ -778,7 +817,7 @@ impl Federation {
                     round.id,
                     &bytes,
                     &certificate,
-                    &enclave.verified.verifying_key,
+                    &enclave.report,
                 )
                 .await?;
                 let accepted = outcome

@@ -58,6 +58,8 @@ pub enum AuditKind {
     RoundFailed,
     /// The enclave process was (re)started and attested.
     EnclaveAttested,
+    /// A restarted enclave endorsed a model a previous boot certified.
+    ModelRecertified,
 }
 
 impl AuditKind {
@@ -79,6 +81,7 @@ impl AuditKind {
             Self::RoundAggregated => "round_aggregated",
             Self::RoundFailed => "round_failed",
             Self::EnclaveAttested => "enclave_attested",
+            Self::ModelRecertified => "model_recertified",
         }
     }
 }

@@ -170,6 +170,7 @@ async fn submit(state: &SharedState, request: &SealedRequest) -> ApiResult<Submi
             .await;
         return Err(ApiError::authentication(err));
     }
+    let _gate = fed.submission_gate().await;
     let stored = state
         .store
         .record_submission(
@@ -221,16 +222,9 @@ async fn submit(state: &SharedState, request: &SealedRequest) -> ApiResult<Submi
         .submit(envelope.round_id, envelope.device_id, request.body.clone())
         .await?;
     Metrics::count(&state.metrics.updates, &verdict.code);
-    if verdict.status == "rejected" {
-        state
-            .audit(
-                AuditKind::UpdateRejected,
-                "enclave",
-                &request.device.id,
-                json!({ "round_id": envelope.round_id, "code": verdict.code }),
-            )
-            .await;
-    }
+    // The enclave's final verdicts (accepted or rejected, with reasons) are
+    // written to the ledger when the round closes; auditing them here too
+    // would record each one twice.
     Ok(SubmitReceipt {
         round_id: envelope.round_id,
         status: verdict.status,
