@@ -1158,11 +1158,17 @@ impl<L: Link> Runner<'_, L> {
             measurement: hex::encode(enclave.measurement),
         });
 
-        let reusable = self
-            .pending
-            .as_ref()
-            .is_some_and(|p| p.round_id == round_id && p.model_version == model_version);
+        // An update refused only because the enclave restarted is re-sealed,
+        // not retrained, also when the server retries under a new round id:
+        // it was trained from the same model version, and the inner
+        // signature binds the round it is sealed for.
+        let reusable = self.pending.as_ref().is_some_and(|p| {
+            p.model_version == model_version && (p.round_id == round_id || p.awaiting_reseal)
+        });
         if reusable {
+            if let Some(pending) = self.pending.as_mut() {
+                pending.round_id = round_id;
+            }
             self.summary.reseals += 1;
             self.events.emit(DeviceEvent::Resealing { round_id });
         } else {
