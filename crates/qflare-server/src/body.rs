@@ -26,6 +26,19 @@ async fn drain(mut stream: axum::body::BodyDataStream, mut seen: usize) {
     }
 }
 
+/// Reads and discards the body of a request refused before its body was
+/// read, when it declares a length within [`DRAIN_CAP`] (otherwise the
+/// connection is simply dropped after the answer).
+pub async fn discard(headers: &HeaderMap, body: Body) {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length <= DRAIN_CAP as u64) {
+        drain(body.into_data_stream(), 0).await;
+    }
+}
+
 /// Reads a whole body of at most `limit` bytes.
 pub async fn read_limited(
     headers: &HeaderMap,

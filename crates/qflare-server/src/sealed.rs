@@ -16,17 +16,17 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::FromRequest;
-use axum::http::{HeaderValue, Request, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use qflare_protocol::ProtocolError;
 use qflare_protocol::channel::{ServerChannel, SessionSecrets};
 use qflare_protocol::identity::{DeviceId, SessionId};
-use qflare_store::{DeviceRecord, SessionState};
+use qflare_store::{DeviceRecord, SessionRecord, SessionState};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::app::SharedState;
-use crate::body::read_limited;
+use crate::body::{discard, read_limited};
 use crate::error::ApiError;
 
 /// Header naming the session of a sealed request.
@@ -85,46 +85,20 @@ impl FromRequest<SharedState> for SealedRequest {
         let (parts, body) = request.into_parts();
         let method = parts.method.as_str().to_owned();
         let path = parts.uri.path().to_owned();
-        let session_id = parts
-            .headers
-            .get(SESSION_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| ApiError::authentication("missing session header"))
-            .and_then(|v| SessionId::parse(v).map_err(ApiError::authentication))?;
+        let now = state.now();
         // Everything that can be checked without the body is checked first,
         // so an unauthenticated client cannot make the server buffer a
-        // large body (up to the update limit) for nothing.
-        let now = state.now();
-        let session = state
-            .store
-            .get_session(&session_id.to_hex())
-            .await?
-            .ok_or_else(|| ApiError::authentication("unknown session"))?;
-        if session.state != SessionState::Established {
-            return Err(ApiError::authentication("session is not established"));
-        }
-        if u64::try_from(session.expires_at).unwrap_or(0) <= now {
-            return Err(
-                ApiError::new(StatusCode::UNAUTHORIZED, "expired", "expired")
-                    .detail("session expired"),
-            );
-        }
-        let device = state
-            .store
-            .get_device(&session.device_id)
-            .await?
-            .ok_or_else(|| ApiError::authentication("session of an unknown device"))?;
-        if device.revoked_at.is_some() {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "device_revoked",
-                "this device has been revoked",
-            ));
-        }
+        // large body (up to the update limit) for nothing. A refused body is
+        // still drained (up to a cap), or an HTTP/1.1 client still writing it
+        // would see a broken pipe instead of the answer.
+        let (session_id, session, device) = match admit(&parts.headers, state, now).await {
+            Ok(admitted) => admitted,
+            Err(err) => {
+                discard(&parts.headers, body).await;
+                return Err(err);
+            }
+        };
         let device_id = DeviceId::parse(&device.id).map_err(ApiError::internal)?;
-        state
-            .rate_limit("device", &device.id, &state.config.rate_limits.device)
-            .await?;
         let limit = if path == UPDATE_PATH {
             state.config.limits.update_bytes
         } else {
@@ -172,6 +146,50 @@ impl FromRequest<SharedState> for SealedRequest {
             channel: Arc::new(channel),
         })
     }
+}
+
+/// The checks that need no body: the session is known, established and
+/// unexpired, its device exists and is not revoked, and the device is within
+/// its rate limit.
+async fn admit(
+    headers: &HeaderMap,
+    state: &SharedState,
+    now: u64,
+) -> Result<(SessionId, SessionRecord, DeviceRecord), ApiError> {
+    let session_id = headers
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::authentication("missing session header"))
+        .and_then(|v| SessionId::parse(v).map_err(ApiError::authentication))?;
+    let session = state
+        .store
+        .get_session(&session_id.to_hex())
+        .await?
+        .ok_or_else(|| ApiError::authentication("unknown session"))?;
+    if session.state != SessionState::Established {
+        return Err(ApiError::authentication("session is not established"));
+    }
+    if u64::try_from(session.expires_at).unwrap_or(0) <= now {
+        return Err(
+            ApiError::new(StatusCode::UNAUTHORIZED, "expired", "expired").detail("session expired"),
+        );
+    }
+    let device = state
+        .store
+        .get_device(&session.device_id)
+        .await?
+        .ok_or_else(|| ApiError::authentication("session of an unknown device"))?;
+    if device.revoked_at.is_some() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "device_revoked",
+            "this device has been revoked",
+        ));
+    }
+    state
+        .rate_limit("device", &device.id, &state.config.rate_limits.device)
+        .await?;
+    Ok((session_id, session, device))
 }
 
 impl SealedRequest {

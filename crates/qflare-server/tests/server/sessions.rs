@@ -141,6 +141,25 @@ async fn unknown_and_revoked_devices_get_no_session() {
     let (status, _) =
         error_of(send_sealed(&server, &channel, "/v1/session/ping", record).await).await;
     assert!(status == 401 || status == 403, "{status}");
+    // A large upload refused before its body is read still gets the answer,
+    // not a connection reset halfway through writing it.
+    for _ in 0..5 {
+        let mut body = vec![0u8; 3 * 1024 * 1024];
+        let now = channel.expires_at() - 3600;
+        channel
+            .seal_request("POST", "/v1/updates", &mut body, now)
+            .unwrap();
+        let (status, error) =
+            error_of(send_sealed(&server, &channel, "/v1/updates", body).await).await;
+        assert!(
+            matches!(
+                (status, error.code.as_str()),
+                (401, "authentication_failed") | (403, "device_revoked")
+            ),
+            "{status} {}",
+            error.code
+        );
+    }
     // ...and it cannot open another.
     let transport = qflare_edge::transport_for(&identity).unwrap();
     let err = qflare_edge::open_session(&identity, &transport)
