@@ -1,6 +1,7 @@
 //! The device's identity file: who it is, which server it trusts, and its
-//! private keys. Written once at enrollment into a 0700 directory as a 0600
-//! file that is never overwritten; refused at load if others can read it.
+//! private keys. Written at enrollment into a 0700 directory as a 0600 file
+//! that enrollment never overwrites (key rotation replaces it atomically);
+//! refused at load if others can read it.
 
 use std::fs;
 use std::io::Write;

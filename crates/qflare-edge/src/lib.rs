@@ -6,7 +6,8 @@
 //!   and the server certificate pinned through the one fingerprint the
 //!   operator hands over (which also covers the server's ML-DSA key).
 //! * [`identity`]: the device's identity file — its id, the pinned server,
-//!   and its private KEM and signing keys — owner-only, never overwritten.
+//!   and its private KEM and signing keys — owner-only; enrollment never
+//!   overwrites it, key rotation replaces it atomically.
 //! * [`client`]: enrollment with proof of possession, the session handshake
 //!   (verifying the pinned server key), sealed calls, key rotation.
 //! * [`run`](mod@run): the federated-learning loop — poll the round, verify

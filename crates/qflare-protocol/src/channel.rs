@@ -5,7 +5,8 @@
 //! 1.3), and the associated data binds
 //!
 //! ```text
-//! session id ‖ direction ‖ seq ‖ HTTP method ‖ HTTP path
+//! "qflare v1 record" ‖ session id ‖ direction ‖ seq
+//!   ‖ len16(HTTP method) ‖ HTTP method ‖ len32(HTTP path) ‖ HTTP path
 //! ```
 //!
 //! so a record cannot be moved to another session, direction, position,

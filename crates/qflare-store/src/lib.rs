@@ -45,12 +45,12 @@ pub use records::{
 };
 pub use sqlite::SqliteStore;
 
-/// The hash of the (non-existent) entry before the first audit entry: 64 `'0'` characters, the
-/// width of a hex-encoded SHA-256 digest.
+/// The hash of the (non-existent) entry before the first audit entry: 64 `'0'` characters. The
+/// store treats hashes as opaque text; the server's entries hash to 96 hex characters (SHA-384).
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// The audit chain's link function: `link(seq, prev_hash, draft)` returns the hash of the entry at
-/// `seq`. The server supplies it (a SHA-256 over a canonical encoding), so the store needs no
+/// `seq`. The server supplies it (a SHA-384 transcript over the entry), so the store needs no
 /// cryptography.
 pub type AuditLink = dyn Fn(u64, &str, &AuditDraft) -> String + Send + Sync;
 

@@ -700,7 +700,8 @@ impl Store for PostgresStore {
         let round_id = db_int(round_id, "round id")?;
         // FOR SHARE conflicts with the row lock of `transition_round`'s UPDATE: a transition waits
         // for in-flight submissions to commit, and a submission that waited on a transition
-        // re-reads the round's new state. Either way the aggregator sees every `Stored` envelope.
+        // re-reads the round's new state. Either way no envelope is stored once the round has left
+        // `Open`; the server's submission gate makes every stored one reach the enclave first.
         let mut tx = self.write_tx().await?;
         let round = sqlx::query("SELECT state, deadline FROM rounds WHERE id = $1 FOR SHARE")
             .bind(round_id)
