@@ -41,7 +41,7 @@ use qflare_protocol::tensor::{Tensor, TensorMap};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{AggregationError, Result};
-use crate::kernels::{self, CHUNK, axpy, dist_sq, flush, from_key, to_key};
+use crate::kernels::{self, axpy, dist_sq, flush, from_key, to_key};
 use crate::validate::UpdateScan;
 use crate::verdict::VerdictReason;
 
@@ -238,49 +238,33 @@ impl RunningSum {
             dot_b: 0.0,
         };
         let mut folding = true;
-        let mut a_tensors = a.map(|m| m.iter());
-        let mut b_tensors = b.map(|m| m.iter());
-        let mut offset = 0;
-        for (_, tensor) in delta.iter() {
-            let ta = a_tensors
-                .as_mut()
-                .and_then(Iterator::next)
-                .map(|(_, t)| t.data());
-            let tb = b_tensors
-                .as_mut()
-                .and_then(Iterator::next)
-                .map(|(_, t)| t.data());
-            for (k, x) in tensor.data().chunks(CHUNK).enumerate() {
-                let range = k * CHUNK..k * CHUNK + x.len();
-                let ra = ta.map(|t| &t[range.clone()]);
-                let rb = tb.map(|t| &t[range.clone()]);
-                if folding {
-                    let start = offset + range.start;
-                    let seen = kernels::fold_chunk(
-                        &mut self.narrow[start..start + x.len()],
-                        x,
-                        coefficient,
-                        value_bound,
-                    );
-                    let da = ra.map_or(0.0, |r| kernels::dot_f32(x, r));
-                    let db = rb.map_or(0.0, |r| kernels::dot_f32(x, r));
-                    let fast = [seen.sumsq, da, db];
-                    if fast.iter().all(|v| v.is_finite())
-                        && seen.max_abs <= value_bound
-                        && scan.norm_sq + f64::from(seen.sumsq) <= limit_sq
-                    {
-                        scan.add(fast.map(f64::from));
-                        continue;
-                    }
-                    // Non-finite, too large, or past the bound: undo, and
-                    // scan the rest (this chunk included) without folding.
-                    self.unfold_prefix(delta, coefficient, value_bound, start + x.len());
-                    folding = false;
+        for chunk in kernels::chunks_beside(delta, a, b) {
+            let x = chunk.values;
+            if folding {
+                let start = chunk.offset;
+                let seen = kernels::fold_chunk(
+                    &mut self.narrow[start..start + x.len()],
+                    x,
+                    coefficient,
+                    value_bound,
+                );
+                let da = chunk.a.map_or(0.0, |r| kernels::dot_f32(x, r));
+                let db = chunk.b.map_or(0.0, |r| kernels::dot_f32(x, r));
+                let fast = [seen.sumsq, da, db];
+                if fast.iter().all(|v| v.is_finite())
+                    && seen.max_abs <= value_bound
+                    && scan.norm_sq + f64::from(seen.sumsq) <= limit_sq
+                {
+                    scan.add(fast.map(f64::from));
+                    continue;
                 }
-                let chunk = kernels::scan_chunk(x, ra, rb).ok_or(VerdictReason::NonFinite)?;
-                scan.add(chunk);
+                // Non-finite, too large, or past the bound: undo, and
+                // scan the rest (this chunk included) without folding.
+                self.unfold_prefix(delta, coefficient, value_bound, start + x.len());
+                folding = false;
             }
-            offset += tensor.data().len();
+            let sums = kernels::scan_chunk(x, chunk.a, chunk.b).ok_or(VerdictReason::NonFinite)?;
+            scan.add(sums);
         }
         Ok(Tentative {
             sum: self,

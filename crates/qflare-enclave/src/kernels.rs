@@ -5,11 +5,60 @@
 //! combination order, so a result depends only on its inputs: the streaming
 //! and the buffered FedAvg paths produce the same bits.
 
+use qflare_protocol::tensor::TensorMap;
+
 /// Elements per chunk in the fused scan-and-fold loop: 4 KiB of `f32`, so a
 /// chunk read by the scan is still in L1 when the fold reads it again.
 pub(crate) const CHUNK: usize = 1024;
 
 const LANES: usize = 16;
+
+/// One [`CHUNK`] of an update, beside the same elements of up to two
+/// reference maps of the same layout.
+pub(crate) struct ChunkView<'a> {
+    /// Position of the chunk's first element in the flattened update.
+    pub offset: usize,
+    pub values: &'a [f32],
+    pub a: Option<&'a [f32]>,
+    pub b: Option<&'a [f32]>,
+}
+
+/// Walks `delta` in chunks, in tensor-name order, with the matching pieces
+/// of `a` and `b` (the caller has checked that the layouts agree).
+pub(crate) fn chunks_beside<'a>(
+    delta: &'a TensorMap,
+    a: Option<&'a TensorMap>,
+    b: Option<&'a TensorMap>,
+) -> impl Iterator<Item = ChunkView<'a>> + 'a {
+    let mut a_tensors = a.map(TensorMap::iter);
+    let mut b_tensors = b.map(TensorMap::iter);
+    let mut next_offset = 0;
+    delta.iter().flat_map(move |(_, tensor)| {
+        let ta = a_tensors
+            .as_mut()
+            .and_then(Iterator::next)
+            .map(|(_, t)| t.data());
+        let tb = b_tensors
+            .as_mut()
+            .and_then(Iterator::next)
+            .map(|(_, t)| t.data());
+        let base = next_offset;
+        next_offset += tensor.data().len();
+        tensor
+            .data()
+            .chunks(CHUNK)
+            .enumerate()
+            .map(move |(k, values)| {
+                let range = k * CHUNK..k * CHUNK + values.len();
+                ChunkView {
+                    offset: base + range.start,
+                    values,
+                    a: ta.map(|t| &t[range.clone()]),
+                    b: tb.map(|t| &t[range]),
+                }
+            })
+    })
+}
 
 /// Sum of squares with `f32` lanes. Overflows to infinity for values above
 /// about 1.8e19; callers fall back to [`sumsq_f64`] when the result is not

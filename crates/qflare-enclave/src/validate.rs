@@ -11,7 +11,7 @@ use qflare_protocol::identity::DeviceId;
 use qflare_protocol::tensor::TensorMap;
 use zeroize::Zeroize;
 
-use crate::kernels::{CHUNK, scan_chunk};
+use crate::kernels::{chunks_beside, scan_chunk};
 use crate::verdict::VerdictReason;
 
 /// An update opened from its envelope, with the metadata the device signed.
@@ -160,27 +160,9 @@ pub fn scan_update(
         dot_a: 0.0,
         dot_b: 0.0,
     };
-    let mut a_tensors = a.map(|m| m.iter());
-    let mut b_tensors = b.map(|m| m.iter());
-    for (_, tensor) in delta.iter() {
-        let ta = a_tensors
-            .as_mut()
-            .and_then(Iterator::next)
-            .map(|(_, t)| t.data());
-        let tb = b_tensors
-            .as_mut()
-            .and_then(Iterator::next)
-            .map(|(_, t)| t.data());
-        for (k, x) in tensor.data().chunks(CHUNK).enumerate() {
-            let range = k * CHUNK..k * CHUNK + x.len();
-            let chunk = scan_chunk(
-                x,
-                ta.map(|t| &t[range.clone()]),
-                tb.map(|t| &t[range.clone()]),
-            )
-            .ok_or(VerdictReason::NonFinite)?;
-            scan.add(chunk);
-        }
+    for chunk in chunks_beside(delta, a, b) {
+        let sums = scan_chunk(chunk.values, chunk.a, chunk.b).ok_or(VerdictReason::NonFinite)?;
+        scan.add(sums);
     }
     Ok(scan)
 }
