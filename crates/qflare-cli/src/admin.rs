@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use qflare_edge::transport::Transport;
+use qflare_protocol::api::ErrorBody;
 use qflare_protocol::crypto::sha256;
 use qflare_protocol::identity::ServerFingerprint;
-use qflare_protocol::wire::ErrorBody;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde::Serialize;

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use qflare_edge::transport::Transport;
 use qflare_edge::{EnrollOptions, Identity};
+use qflare_protocol::api::routes;
 use qflare_protocol::crypto::sha256;
 use qflare_protocol::identity::{EnrollmentToken, ServerFingerprint};
 use qflare_protocol::{KemSuite, SignatureSuite};
@@ -513,7 +514,7 @@ async fn create_tokens(admin: &Arc<AdminClient>, n: usize) -> anyhow::Result<Vec
             for _ in 0..share {
                 let created: CreatedToken = admin
                     .post(
-                        "/v1/admin/tokens",
+                        routes::ADMIN_TOKENS,
                         &CreateTokenRequest {
                             label: "bench".into(),
                             ttl_secs: None,

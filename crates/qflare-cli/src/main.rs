@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use qflare_protocol::KemSuite;
+use qflare_protocol::api::routes;
 use qflare_server::api::{CreateTokenRequest, CreatedToken, DeviceView, Revoked, TokenView};
 use qflare_server::identity::PublicKeyFile;
 use qflare_server::{Config, ServerOptions};
@@ -391,7 +392,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 TokenCommand::Create { label, ttl } => {
                     let created: CreatedToken = client
                         .post(
-                            "/v1/admin/tokens",
+                            routes::ADMIN_TOKENS,
                             &CreateTokenRequest {
                                 label,
                                 ttl_secs: ttl.map(|d| d.as_secs().max(1)),
@@ -407,7 +408,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("{}", created.token);
                 }
                 TokenCommand::List => {
-                    let tokens: Vec<TokenView> = client.get("/v1/admin/tokens").await?;
+                    let tokens: Vec<TokenView> = client.get(routes::ADMIN_TOKENS).await?;
                     println!(
                         "{:<17} {:<8} {:<21} {:<33} label",
                         "id", "status", "expires", "used by"
@@ -424,9 +425,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 TokenCommand::Revoke { id } => {
-                    let result: Revoked = client
-                        .post(&format!("/v1/admin/tokens/{id}/revoke"), &())
-                        .await?;
+                    let result: Revoked =
+                        client.post(&routes::admin_token_revoke(&id), &()).await?;
                     println!(
                         "{}",
                         if result.revoked {
@@ -442,7 +442,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = admin(&config, &remote).await?;
             match command {
                 DeviceCommand::List => {
-                    let devices: Vec<DeviceView> = client.get("/v1/admin/devices").await?;
+                    let devices: Vec<DeviceView> = client.get(routes::ADMIN_DEVICES).await?;
                     println!(
                         "{:<33} {:<8} {:<18} {:<10} {:<21} name",
                         "id", "status", "kem", "signature", "last seen"
@@ -460,9 +460,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 DeviceCommand::Revoke { id } => {
-                    let result: Revoked = client
-                        .post(&format!("/v1/admin/devices/{id}/revoke"), &())
-                        .await?;
+                    let result: Revoked =
+                        client.post(&routes::admin_device_revoke(&id), &()).await?;
                     println!(
                         "{}",
                         if result.revoked {
@@ -498,9 +497,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Round { command, remote } => {
             let client = admin(&config, &remote).await?;
             let view: qflare_server::api::federation::FederationView = match command {
-                RoundCommand::Start => client.post("/v1/admin/rounds/start", &()).await?,
-                RoundCommand::Pause => client.post("/v1/admin/rounds/pause", &()).await?,
-                RoundCommand::Status => client.get("/v1/admin/rounds").await?,
+                RoundCommand::Start => client.post(routes::ADMIN_ROUNDS_START, &()).await?,
+                RoundCommand::Pause => client.post(routes::ADMIN_ROUNDS_PAUSE, &()).await?,
+                RoundCommand::Status => client.get(routes::ADMIN_ROUNDS).await?,
             };
             print_federation(&view);
         }

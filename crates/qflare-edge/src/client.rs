@@ -1,27 +1,26 @@
 //! Talking to the server: enrollment, the session handshake, and sealed
-//! calls inside a session.
+//! calls inside a session. Sits above [`crate::transport`] (pinned HTTPS)
+//! and [`crate::response`] (reading answers).
 
 use std::path::Path;
 use std::time::Duration;
 
+use qflare_protocol::api::{SEALED_CONTENT_TYPE, SESSION_HEADER, routes};
 use qflare_protocol::channel::ClientChannel;
 use qflare_protocol::enrollment::{self, EnrollResponse};
 use qflare_protocol::handshake::{ClientHello, ClientIdentity, ClientStart, ServerHello};
 use qflare_protocol::identity::{DeviceKeys, EnrollmentToken, ServerFingerprint};
 use qflare_protocol::rotation;
-use qflare_protocol::wire::{self, ErrorBody, limits};
+use qflare_protocol::wire::{self, limits};
 use qflare_protocol::{KemSuite, SignatureSuite};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::EdgeError;
 use crate::identity::Identity;
+use crate::response::{decode_plain, read_body, server_error};
 use crate::transport::Transport;
 
-/// Header naming the session of a sealed request.
-pub const SESSION_HEADER: &str = "x-qflare-session";
-/// Content type of sealed bodies.
-pub const SEALED_CONTENT_TYPE: &str = "application/vnd.qflare.sealed";
 /// Default timeout of one HTTP exchange (model downloads and uploads included).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -31,65 +30,6 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// Reads a response body, refusing more than `limit` bytes.
-pub(crate) async fn read_body(
-    mut response: reqwest::Response,
-    limit: usize,
-) -> Result<Vec<u8>, EdgeError> {
-    if response.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(EdgeError::Protocol(
-            qflare_protocol::ProtocolError::TooLarge {
-                what: "response",
-                limit,
-                actual: usize::try_from(response.content_length().unwrap_or(u64::MAX))
-                    .unwrap_or(usize::MAX),
-            },
-        ));
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(EdgeError::network)? {
-        if body.len() + chunk.len() > limit {
-            return Err(EdgeError::Protocol(
-                qflare_protocol::ProtocolError::TooLarge {
-                    what: "response",
-                    limit,
-                    actual: body.len() + chunk.len(),
-                },
-            ));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-fn server_error(status: u16, body: &[u8]) -> EdgeError {
-    match wire::decode::<ErrorBody>("error", body, 16 * 1024) {
-        Ok(err) => EdgeError::Server {
-            status,
-            code: err.code,
-            message: err.message,
-        },
-        Err(_) => EdgeError::Server {
-            status,
-            code: "unknown".into(),
-            message: format!("HTTP {status} without a QFLARE error body"),
-        },
-    }
-}
-
-/// Decodes a plain (unsealed) JSON answer or the server's error.
-pub(crate) async fn decode_plain<T: DeserializeOwned>(
-    response: reqwest::Response,
-    limit: usize,
-) -> Result<T, EdgeError> {
-    let status = response.status();
-    let body = read_body(response, limit).await?;
-    if !status.is_success() {
-        return Err(server_error(status.as_u16(), &body));
-    }
-    Ok(wire::decode("response", &body, limit)?)
 }
 
 async fn post_json<Req: Serialize, Resp: DeserializeOwned>(
@@ -160,8 +100,13 @@ pub async fn enroll(options: EnrollOptions, dir: &Path) -> Result<Identity, Edge
         server.certificate_sha256,
         DEFAULT_TIMEOUT,
     )?;
-    let response: EnrollResponse =
-        post_json(&transport, "/v1/enroll", &request, limits::ENROLL_RESPONSE).await?;
+    let response: EnrollResponse = post_json(
+        &transport,
+        routes::ENROLL,
+        &request,
+        limits::ENROLL_RESPONSE,
+    )
+    .await?;
     let device_id = enrollment::verify_response(
         &response,
         &request,
@@ -222,9 +167,9 @@ pub async fn open_session(
     let (await_hello, hello): (_, ClientHello) =
         ClientStart::new(client, &identity.server_key).hello(&mut rand::rng())?;
     let server_hello: ServerHello =
-        post_json(transport, "/v1/sessions", &hello, limits::SERVER_HELLO).await?;
+        post_json(transport, routes::SESSIONS, &hello, limits::SERVER_HELLO).await?;
     let (established, confirm) = await_hello.finish(&server_hello, unix_now())?;
-    let path = format!("/v1/sessions/{}/confirm", established.session_id);
+    let path = routes::session_confirm(&established.session_id.to_string());
     let _: serde_json::Value = post_json(transport, &path, &confirm, 4096).await?;
     Ok(Session {
         transport: transport.clone(),
@@ -311,7 +256,7 @@ impl Session {
 
     /// A round trip through the channel.
     pub async fn ping(&mut self) -> Result<serde_json::Value, EdgeError> {
-        self.call("/v1/session/ping", &serde_json::json!({}), 4096)
+        self.call(routes::SESSION_PING, &serde_json::json!({}), 4096)
             .await
     }
 }
@@ -334,9 +279,7 @@ pub async fn rotate_keys(
         &new_keys,
         unix_now(),
     )?;
-    let answer: serde_json::Value = session
-        .call("/v1/devices/self/rotate-keys", &request, 4096)
-        .await?;
+    let answer: serde_json::Value = session.call(routes::ROTATE_KEYS, &request, 4096).await?;
     let key_version = answer
         .get("key_version")
         .and_then(serde_json::Value::as_u64)

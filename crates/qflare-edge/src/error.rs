@@ -2,6 +2,7 @@
 
 use qflare_ml::MlError;
 use qflare_protocol::ProtocolError;
+use qflare_protocol::api::ErrorCode;
 
 /// Everything that can go wrong on the device side.
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +19,7 @@ pub enum EdgeError {
         /// HTTP status.
         status: u16,
         /// The stable error code.
-        code: String,
+        code: ErrorCode,
         /// The server's message.
         message: String,
     },
@@ -106,10 +107,15 @@ impl EdgeError {
     }
 
     /// The server's error code, if the server refused.
-    pub fn code(&self) -> Option<&str> {
+    pub fn error_code(&self) -> Option<ErrorCode> {
         match self {
-            Self::Server { code, .. } => Some(code),
+            Self::Server { code, .. } => Some(*code),
             _ => None,
         }
+    }
+
+    /// The server's error code as it travelled, if the server refused.
+    pub fn code(&self) -> Option<&'static str> {
+        self.error_code().map(ErrorCode::as_str)
     }
 }

@@ -24,6 +24,7 @@
 pub mod client;
 pub mod error;
 pub mod identity;
+mod response;
 pub mod run;
 pub mod shard;
 pub mod transport;

@@ -16,17 +16,20 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use qflare_protocol::api::routes;
 use qflare_protocol::crypto::sha256;
 use qflare_protocol::enrollment::ServerInfo;
 use qflare_protocol::identity::ServerFingerprint;
 use qflare_protocol::secret::ct_eq;
 use qflare_protocol::sig::VerifyingKey;
+use qflare_protocol::wire::limits;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::error::EdgeError;
+use crate::response::decode_plain;
 
 /// Which certificates a connection accepts.
 #[derive(Debug)]
@@ -160,13 +163,11 @@ impl Transport {
         });
         let http = client(verifier.clone(), provider, Duration::from_secs(30))?;
         let response = http
-            .get(format!("{base_url}/v1/server-info"))
+            .get(format!("{base_url}{}", routes::SERVER_INFO))
             .send()
             .await
             .map_err(EdgeError::network)?;
-        let info: ServerInfo =
-            crate::client::decode_plain(response, qflare_protocol::wire::limits::ENROLL_RESPONSE)
-                .await?;
+        let info: ServerInfo = decode_plain(response, limits::ENROLL_RESPONSE).await?;
         let certificate = match &verifier.pin {
             Pin::Capture(slot) => slot.lock().ok().and_then(|mut s| s.take()),
             Pin::Sha256(_) => None,

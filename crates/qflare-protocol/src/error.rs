@@ -7,6 +7,8 @@
 
 use thiserror::Error;
 
+use crate::api::ErrorCode;
+
 /// Everything that can go wrong in the protocol core.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
@@ -124,26 +126,26 @@ impl ProtocolError {
     ///
     /// Distinguishing, say, a bad signature from a bad AEAD tag would help an
     /// attacker probe; peers learn only which family of check failed.
-    pub fn public_code(&self) -> &'static str {
+    pub fn public_code(&self) -> ErrorCode {
         match self {
-            Self::UnknownSuite { .. } | Self::SuiteMismatch { .. } => "unsupported_suite",
-            Self::TooLarge { .. } => "payload_too_large",
+            Self::UnknownSuite { .. } | Self::SuiteMismatch { .. } => ErrorCode::UnsupportedSuite,
+            Self::TooLarge { .. } => ErrorCode::PayloadTooLarge,
             Self::Malformed { .. } | Self::InvalidLength { .. } | Self::InvalidKey(_) => {
-                "malformed_request"
+                ErrorCode::MalformedRequest
             }
-            Self::UnsupportedVersion(_) => "unsupported_version",
-            Self::Expired { .. } => "expired",
-            Self::Replay { .. } | Self::UnexpectedSequence { .. } => "replayed",
-            Self::SequenceExhausted => "session_exhausted",
-            Self::AttestationRefused(_) => "attestation_refused",
-            Self::Backend(_) => "internal_error",
+            Self::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            Self::Expired { .. } => ErrorCode::Expired,
+            Self::Replay { .. } | Self::UnexpectedSequence { .. } => ErrorCode::Replayed,
+            Self::SequenceExhausted => ErrorCode::SessionExhausted,
+            Self::AttestationRefused(_) => ErrorCode::AttestationRefused,
+            Self::Backend(_) => ErrorCode::InternalError,
             Self::BadSignature(_)
             | Self::Decapsulation
             | Self::Encapsulation
             | Self::Aead(_)
             | Self::PinMismatch
             | Self::KeyConfirmation
-            | Self::Mismatch(_) => "authentication_failed",
+            | Self::Mismatch(_) => ErrorCode::AuthenticationFailed,
         }
     }
 

@@ -42,7 +42,7 @@ pub fn sealed_record(data: &[u8]) {
         ServerChannel::from_secrets(SessionId::from_bytes([1; 16]), u64::MAX, &secrets)
     {
         let mut record = data.to_vec();
-        let _ = channel.open_request("POST", "/v1/updates", &mut record, 0, 0);
+        let _ = channel.open_request("POST", crate::api::routes::UPDATES, &mut record, 0, 0);
     }
 }
 

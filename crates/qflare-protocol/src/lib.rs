@@ -22,6 +22,8 @@
 //!   [`suite`] is data, not a code path.
 //! * [`transcript`]: domain-separated, length-prefixed SHA-384 transcripts —
 //!   the only thing ever signed, MACed or fed to HKDF.
+//! * [`api`]: every route path and error code, shared by server and device
+//!   (a path is bound into each sealed record, so both must spell it alike).
 //! * [`enrollment`] (step 1), [`handshake`] and [`channel`] (step 2),
 //!   [`model`] (step 3), [`envelope`] (step 4), [`attestation`] (step 5).
 //!
@@ -64,6 +66,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod at_rest;
 pub mod attestation;
 pub mod channel;

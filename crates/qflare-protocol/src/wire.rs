@@ -33,16 +33,6 @@ pub mod limits {
     pub const TENSORS: usize = 64 * 1024 * 1024;
 }
 
-/// The JSON body of every HTTP error QFLARE answers with.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ErrorBody {
-    /// Stable, machine-readable code (`invalid_token`, `rate_limited`, ...).
-    pub code: String,
-    /// A fixed human-readable sentence; never echoes the request.
-    pub message: String,
-}
-
 /// Decodes a JSON message, refusing anything over `limit` bytes before parsing.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8], limit: usize) -> Result<T> {
     if bytes.len() > limit {

@@ -3,60 +3,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use qflare_protocol::crypto::sha256;
 use qflare_protocol::secret::ct_eq;
 use qflare_store::Store;
 use serde_json::Value;
 
+use crate::clock::{Clock, store_time};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::identity::ServerIdentity;
-use crate::ledger::{AuditKind, Ledger};
+use crate::ledger::{AuditKind, Auditor};
 use crate::metrics::Metrics;
 use crate::ratelimit::{Decision, RateLimit, RateLimiter};
-
-/// Wall-clock time in Unix seconds, injectable so tests can expire things without sleeping.
-pub trait Clock: Send + Sync + std::fmt::Debug {
-    /// Unix seconds now.
-    fn now(&self) -> u64;
-}
-
-/// The system clock.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    }
-}
-
-/// A clock that moves only when told to (tests).
-#[derive(Debug)]
-pub struct ManualClock(AtomicU64);
-
-impl ManualClock {
-    /// Starts at `now`.
-    pub fn new(now: u64) -> Self {
-        Self(AtomicU64::new(now))
-    }
-
-    /// Moves forward by `secs`.
-    pub fn advance(&self, secs: u64) {
-        self.0.fetch_add(secs, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
 
 /// The client's address, attached to every request by the connection loop.
 #[derive(Debug, Clone, Copy)]
@@ -73,8 +32,8 @@ pub struct AppState {
     pub identity: Arc<ServerIdentity>,
     /// Request-rate limits.
     pub limiter: Arc<dyn RateLimiter>,
-    /// The audit ledger.
-    pub ledger: Ledger,
+    /// The audit ledger, as handlers append to it.
+    pub auditor: Auditor,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// Wall-clock time.
@@ -92,7 +51,7 @@ impl AppState {
         store: Arc<dyn Store>,
         identity: Arc<ServerIdentity>,
         limiter: Arc<dyn RateLimiter>,
-        ledger: Ledger,
+        auditor: Auditor,
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
         federation: Option<Arc<crate::federation::Federation>>,
@@ -103,7 +62,7 @@ impl AppState {
             store,
             identity,
             limiter,
-            ledger,
+            auditor,
             metrics,
             clock,
             federation,
@@ -118,7 +77,7 @@ impl AppState {
 
     /// Unix seconds now, as the store counts them.
     pub fn now_i64(&self) -> i64 {
-        i64::try_from(self.now()).unwrap_or(i64::MAX)
+        store_time(self.now())
     }
 
     /// Constant-time check of a presented admin token (hashes first, so the
@@ -147,17 +106,9 @@ impl AppState {
         }
     }
 
-    /// Appends to the audit ledger; a failure is logged (by the ledger) and
-    /// does not undo the action being audited.
+    /// Appends to the audit ledger; see [`Auditor`].
     pub async fn audit(&self, kind: AuditKind, actor: &str, subject: &str, detail: Value) {
-        if self
-            .ledger
-            .record(kind, actor, subject, detail, self.now())
-            .await
-            .is_ok()
-        {
-            self.metrics.audit_entries.inc();
-        }
+        self.auditor.audit(kind, actor, subject, detail).await;
     }
 }
 

@@ -1,6 +1,8 @@
 //! The one error shape every route answers with: `{"code": ..., "message": ...}`.
 //!
 //! `code` is stable and machine-readable; `message` is a fixed, safe sentence.
+//! Both, and the HTTP status, come from the one table in
+//! `qflare_protocol::api::ErrorCode` that the device side reads too.
 //! The detail (which check failed, the backend's error) goes to the log with
 //! the code, never to the client, so errors do not become an oracle.
 
@@ -9,17 +11,13 @@ use axum::response::{IntoResponse, Response};
 use qflare_protocol::ProtocolError;
 use qflare_store::StoreError;
 
-pub use qflare_protocol::wire::ErrorBody;
+pub use qflare_protocol::api::{ErrorBody, ErrorCode};
 
 /// An error on its way to the client.
 #[derive(Debug)]
 pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Stable code.
-    pub code: &'static str,
-    /// Safe message.
-    pub message: &'static str,
+    /// Stable code; it fixes the HTTP status and the message.
+    pub code: ErrorCode,
     /// For the log only.
     pub detail: Option<String>,
     /// Seconds to wait, for 429 and 503.
@@ -28,14 +26,17 @@ pub struct ApiError {
 
 impl ApiError {
     /// A new error without detail.
-    pub const fn new(status: StatusCode, code: &'static str, message: &'static str) -> Self {
+    pub const fn new(code: ErrorCode) -> Self {
         Self {
-            status,
             code,
-            message,
             detail: None,
             retry_after: None,
         }
+    }
+
+    /// The HTTP status of the code.
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     /// Attaches detail for the log.
@@ -44,105 +45,77 @@ impl ApiError {
         self
     }
 
+    /// Asks the client to wait `secs` before retrying.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+
     /// 400: the request body could not be decoded.
     pub fn malformed(detail: impl std::fmt::Display) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_request",
-            "the request could not be decoded",
-        )
-        .detail(detail)
+        Self::new(ErrorCode::MalformedRequest).detail(detail)
     }
 
     /// 401: authentication failed.
     pub fn authentication(detail: impl std::fmt::Display) -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            "authentication_failed",
-            "authentication failed",
-        )
-        .detail(detail)
+        Self::new(ErrorCode::AuthenticationFailed).detail(detail)
     }
 
     /// 404: no such route or resource.
     pub fn not_found(what: &'static str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", "not found").detail(what)
+        Self::new(ErrorCode::NotFound).detail(what)
     }
 
     /// 413: the body is over the route's limit.
     pub fn too_large(detail: impl std::fmt::Display) -> Self {
-        Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "the request body is too large",
-        )
-        .detail(detail)
+        Self::new(ErrorCode::PayloadTooLarge).detail(detail)
     }
 
     /// 429 with `Retry-After`.
     pub fn rate_limited(retry_after_secs: u64) -> Self {
-        let mut err = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many requests; retry later",
-        );
-        err.retry_after = Some(retry_after_secs.max(1));
-        err
+        Self::new(ErrorCode::RateLimited).retry_after(retry_after_secs)
     }
 
     /// 500 with the cause logged.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "internal error",
-        )
-        .detail(detail)
+        Self::new(ErrorCode::InternalError).detail(detail)
     }
 
     /// 503: a backing service is unavailable.
     pub fn unavailable(detail: impl std::fmt::Display) -> Self {
-        let mut err = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "a backing service is unavailable; retry later",
-        )
-        .detail(detail);
-        err.retry_after = Some(5);
-        err
+        Self::new(ErrorCode::Unavailable)
+            .detail(detail)
+            .retry_after(5)
     }
 
     /// The JSON body.
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
-            code: self.code.to_owned(),
-            message: self.message.to_owned(),
+            code: self.code,
+            message: self.code.message().to_owned(),
         }
     }
 
     fn log(&self) {
         let detail = self.detail.as_deref().unwrap_or("");
-        if self.status.is_server_error() {
-            tracing::error!(
-                code = self.code,
-                status = self.status.as_u16(),
-                detail,
-                "request failed"
-            );
+        let status = self.code.status();
+        if self.status().is_server_error() {
+            tracing::error!(code = %self.code, status, detail, "request failed");
         } else {
-            tracing::info!(
-                code = self.code,
-                status = self.status.as_u16(),
-                detail,
-                "request refused"
-            );
+            tracing::info!(code = %self.code, status, detail, "request refused");
         }
+    }
+}
+
+impl From<ErrorCode> for ApiError {
+    fn from(code: ErrorCode) -> Self {
+        Self::new(code)
     }
 }
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.code, self.status)
+        write!(f, "{} ({})", self.code, self.code.status())
     }
 }
 
@@ -150,7 +123,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.log();
         let retry_after = self.retry_after;
-        let mut response = (self.status, axum::Json(self.body())).into_response();
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
         if let Some(secs) = retry_after
             && let Ok(value) = HeaderValue::from_str(&secs.to_string())
         {
@@ -162,40 +135,14 @@ impl IntoResponse for ApiError {
 
 impl From<ProtocolError> for ApiError {
     fn from(err: ProtocolError) -> Self {
-        let (status, message) = match err.public_code() {
-            "payload_too_large" => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "the request body is too large",
-            ),
-            "malformed_request" => (StatusCode::BAD_REQUEST, "the request could not be decoded"),
-            "unsupported_suite" => (
-                StatusCode::BAD_REQUEST,
-                "the requested suite is not offered",
-            ),
-            "unsupported_version" => (StatusCode::BAD_REQUEST, "unsupported protocol version"),
-            "expired" => (StatusCode::UNAUTHORIZED, "expired"),
-            "replayed" => (StatusCode::CONFLICT, "replayed or out-of-order message"),
-            "session_exhausted" => (
-                StatusCode::UNAUTHORIZED,
-                "session exhausted; open a new one",
-            ),
-            "attestation_refused" => (StatusCode::FORBIDDEN, "attestation refused"),
-            "internal_error" => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
-            _ => (StatusCode::UNAUTHORIZED, "authentication failed"),
-        };
-        Self::new(status, err.public_code(), message).detail(err)
+        Self::new(err.public_code()).detail(err)
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match &err {
-            StoreError::Conflict(_) => Self::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                "conflicts with existing state",
-            )
-            .detail(err),
+            StoreError::Conflict(_) => Self::new(ErrorCode::Conflict).detail(err),
             StoreError::NotFound(what) => Self::not_found(what),
             StoreError::Backend(_) => Self::unavailable(err),
             _ => Self::internal(err),

@@ -17,10 +17,13 @@
 
 use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
 use qflare_protocol::sig::{SigningKey, VerifyingKey};
 use qflare_protocol::transcript::{Domain, Transcript};
 use qflare_store::{AuditDraft, AuditEntry, CheckpointRecord, Store, StoreError};
 use serde_json::Value;
+
+use crate::clock::Clock;
 
 /// The hash a chain starts from.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -169,6 +172,40 @@ impl Ledger {
                 created_at: head.at,
             })
             .await
+    }
+}
+
+/// The ledger as handlers and the round controller use it: each entry
+/// stamped with the server's clock and counted in the metrics; a failed
+/// append is logged (by [`Ledger::record`]) and does not undo the action
+/// being audited, which has already happened.
+#[derive(Debug, Clone)]
+pub struct Auditor {
+    ledger: Ledger,
+    clock: Arc<dyn Clock>,
+    appended: Counter,
+}
+
+impl Auditor {
+    /// Audits into `ledger` at `clock`'s time, counting appends in `appended`.
+    pub fn new(ledger: Ledger, clock: Arc<dyn Clock>, appended: Counter) -> Self {
+        Self {
+            ledger,
+            clock,
+            appended,
+        }
+    }
+
+    /// Appends an entry; see the type's description for failures.
+    pub async fn audit(&self, kind: AuditKind, actor: &str, subject: &str, detail: Value) {
+        if self
+            .ledger
+            .record(kind, actor, subject, detail, self.clock.now())
+            .await
+            .is_ok()
+        {
+            self.appended.inc();
+        }
     }
 }
 

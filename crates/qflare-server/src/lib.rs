@@ -25,7 +25,9 @@
 pub mod api;
 pub mod app;
 pub mod body;
+pub mod clock;
 pub mod config;
+pub mod devices;
 pub mod error;
 pub mod federation;
 pub mod identity;
@@ -49,12 +51,13 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-pub use app::{AppState, Clock, ManualClock, SharedState, SystemClock};
+pub use app::{AppState, SharedState};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Config;
 
 use crate::app::ClientAddr;
 use crate::identity::ServerIdentity;
-use crate::ledger::Ledger;
+use crate::ledger::{Auditor, Ledger};
 use crate::metrics::{Metrics, TlsLabels};
 
 /// Why the server could not start or stopped with an error.
@@ -130,9 +133,17 @@ impl Server {
         let ledger = Ledger::new(store.clone(), signing_key, config.audit.checkpoint_every);
         let tls = tls_config(&identity)?;
         let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        let auditor = Auditor::new(ledger, clock.clone(), metrics.audit_entries.clone());
         let federation = if config.federation.enabled {
+            let context = federation::ControllerContext {
+                config: config.clone(),
+                store: store.clone(),
+                auditor: auditor.clone(),
+                metrics: metrics.clone(),
+                clock: clock.clone(),
+            };
             Some(
-                federation::Federation::start(&config)
+                federation::Federation::start(context)
                     .await
                     .map_err(|e| ServerError::Federation(e.to_string()))?,
             )
@@ -144,7 +155,7 @@ impl Server {
             store,
             identity,
             limiter,
-            ledger,
+            auditor,
             metrics,
             clock,
             federation,
@@ -187,10 +198,11 @@ impl Server {
             ));
         }
         tokio::spawn(sweep_sessions(self.state.clone(), stop_rx.clone()));
-        let controller =
-            self.state.federation.clone().map(|federation| {
-                tokio::spawn(federation.run(self.state.clone(), stop_rx.clone()))
-            });
+        let controller = self
+            .state
+            .federation
+            .clone()
+            .map(|federation| tokio::spawn(federation.run(stop_rx.clone())));
         tracing::info!(
             addr = %listener.local_addr()?,
             fingerprint = %self.fingerprint(),

@@ -1,4 +1,5 @@
-//! Every route of the server, in one place.
+//! Every route of the server, in one place. The paths themselves are
+//! `qflare_protocol::api::routes`, shared with the device and the CLI.
 //!
 //! | method | path | auth | handler |
 //! |---|---|---|---|
@@ -31,61 +32,62 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::StatusCode;
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
+use qflare_protocol::api::routes;
+
 use crate::api::{admin, device, federation, public};
 use crate::app::{ClientAddr, SharedState};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::metrics::RequestLabels;
 use crate::ratelimit::RateLimit;
 
 /// Builds the HTTPS router.
 pub fn router(state: SharedState) -> Router {
     let open = Router::new()
-        .route("/healthz", get(public::healthz))
-        .route("/v1/server-info", get(public::server_info))
+        .route(routes::HEALTHZ, get(public::healthz))
+        .route(routes::SERVER_INFO, get(public::server_info))
         .route_layer(from_fn_with_state(state.clone(), limit_public));
     let enroll = Router::new()
-        .route("/v1/enroll", post(public::enroll))
+        .route(routes::ENROLL, post(public::enroll))
         .route_layer(from_fn_with_state(state.clone(), limit_enroll));
     let sessions = Router::new()
-        .route("/v1/sessions", post(public::open_session))
-        .route("/v1/sessions/{id}/confirm", post(public::confirm_session))
+        .route(routes::SESSIONS, post(public::open_session))
+        .route(routes::SESSION_CONFIRM, post(public::confirm_session))
         .route_layer(from_fn_with_state(state.clone(), limit_sessions));
     let sealed = Router::new()
-        .route("/v1/session/ping", post(device::ping))
-        .route("/v1/devices/self/rotate-keys", post(device::rotate_keys))
-        .route("/v1/rounds/current", post(federation::current_round))
-        .route("/v1/models/current", post(federation::current_model))
-        .route("/v1/updates", post(federation::submit_update))
+        .route(routes::SESSION_PING, post(device::ping))
+        .route(routes::ROTATE_KEYS, post(device::rotate_keys))
+        .route(routes::CURRENT_ROUND, post(federation::current_round))
+        .route(routes::CURRENT_MODEL, post(federation::current_model))
+        .route(routes::UPDATES, post(federation::submit_update))
         .route_layer(from_fn_with_state(state.clone(), limit_public));
     let admin = Router::new()
         .route(
-            "/v1/admin/tokens",
+            routes::ADMIN_TOKENS,
             post(admin::create_token).get(admin::list_tokens),
         )
-        .route("/v1/admin/tokens/{id}/revoke", post(admin::revoke_token))
-        .route("/v1/admin/devices", get(admin::list_devices))
-        .route("/v1/admin/devices/{id}/revoke", post(admin::revoke_device))
-        .route("/v1/admin/audit", get(admin::list_audit))
-        .route("/v1/admin/rounds", get(federation::list_rounds))
-        .route("/v1/admin/rounds/start", post(federation::start_rounds))
-        .route("/v1/admin/rounds/pause", post(federation::pause_rounds))
+        .route(routes::ADMIN_TOKEN_REVOKE, post(admin::revoke_token))
+        .route(routes::ADMIN_DEVICES, get(admin::list_devices))
+        .route(routes::ADMIN_DEVICE_REVOKE, post(admin::revoke_device))
+        .route(routes::ADMIN_AUDIT, get(admin::list_audit))
+        .route(routes::ADMIN_ROUNDS, get(federation::list_rounds))
+        .route(routes::ADMIN_ROUNDS_START, post(federation::start_rounds))
+        .route(routes::ADMIN_ROUNDS_PAUSE, post(federation::pause_rounds))
         .route_layer(from_fn_with_state(state.clone(), admin::require_admin))
         .route_layer(from_fn_with_state(state.clone(), limit_admin));
     let pages = Router::new()
-        .route("/", get(crate::web::dashboard))
-        .route("/devices", get(crate::web::devices))
-        .route("/audit", get(crate::web::audit))
+        .route(routes::PAGE_DASHBOARD, get(crate::web::dashboard))
+        .route(routes::PAGE_DEVICES, get(crate::web::devices))
+        .route(routes::PAGE_AUDIT, get(crate::web::audit))
         .route_layer(from_fn_with_state(
             state.clone(),
             crate::web::require_admin_page,
         ))
         .route_layer(from_fn_with_state(state.clone(), limit_admin))
-        .route("/static/qflare.css", get(crate::web::stylesheet));
+        .route(routes::STYLESHEET, get(crate::web::stylesheet));
     Router::new()
         .merge(pages)
         .merge(open)
@@ -104,11 +106,7 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "method not allowed",
-    )
+    ApiError::new(ErrorCode::MethodNotAllowed)
 }
 
 /// Metrics and the request timeout, around everything.
@@ -120,13 +118,9 @@ async fn observe(State(state): State<SharedState>, request: Request, next: Next)
     let timeout = Duration::from_secs(state.config.server.request_timeout_secs.max(1));
     let response = match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
-            "the request took too long",
-        )
-        .detail(format!("{route} exceeded {timeout:?}"))
-        .into_response(),
+        Err(_) => ApiError::new(ErrorCode::Timeout)
+            .detail(format!("{route} exceeded {timeout:?}"))
+            .into_response(),
     };
     state
         .metrics

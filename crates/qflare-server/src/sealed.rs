@@ -19,6 +19,8 @@ use axum::extract::FromRequest;
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use qflare_protocol::ProtocolError;
+use qflare_protocol::api::routes;
+pub use qflare_protocol::api::{SEALED_CONTENT_TYPE, SESSION_HEADER};
 use qflare_protocol::channel::{ServerChannel, SessionSecrets};
 use qflare_protocol::identity::{DeviceId, SessionId};
 use qflare_store::{DeviceRecord, SessionRecord, SessionState};
@@ -27,14 +29,7 @@ use serde::de::DeserializeOwned;
 
 use crate::app::SharedState;
 use crate::body::{discard, read_limited};
-use crate::error::ApiError;
-
-/// Header naming the session of a sealed request.
-pub const SESSION_HEADER: &str = "x-qflare-session";
-/// Content type of sealed bodies.
-pub const SEALED_CONTENT_TYPE: &str = "application/vnd.qflare.sealed";
-/// The one route whose body may be as large as an update envelope.
-pub const UPDATE_PATH: &str = "/v1/updates";
+use crate::error::{ApiError, ErrorCode};
 
 /// Context under which stored session secrets are wrapped.
 pub fn established_context(session: &SessionId) -> Vec<u8> {
@@ -99,7 +94,8 @@ impl FromRequest<SharedState> for SealedRequest {
             }
         };
         let device_id = DeviceId::parse(&device.id).map_err(ApiError::internal)?;
-        let limit = if path == UPDATE_PATH {
+        // The one route whose body may be as large as an update envelope.
+        let limit = if path == routes::UPDATES {
             state.config.limits.update_bytes
         } else {
             state.config.limits.sealed_bytes
@@ -125,12 +121,9 @@ impl FromRequest<SharedState> for SealedRequest {
             .advance_session_sequence(&session_id.to_hex(), seq, state.now_i64())
             .await?
         {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "replayed",
-                "replayed or out-of-order message",
-            )
-            .detail("sequence number already claimed"));
+            return Err(
+                ApiError::new(ErrorCode::Replayed).detail("sequence number already claimed")
+            );
         }
         if let Err(err) = state.store.touch_device(&device.id, state.now_i64()).await {
             tracing::warn!(%err, "could not record device activity");
@@ -170,9 +163,7 @@ async fn admit(
         return Err(ApiError::authentication("session is not established"));
     }
     if u64::try_from(session.expires_at).unwrap_or(0) <= now {
-        return Err(
-            ApiError::new(StatusCode::UNAUTHORIZED, "expired", "expired").detail("session expired"),
-        );
+        return Err(ApiError::new(ErrorCode::Expired).detail("session expired"));
     }
     let device = state
         .store
@@ -180,11 +171,7 @@ async fn admit(
         .await?
         .ok_or_else(|| ApiError::authentication("session of an unknown device"))?;
     if device.revoked_at.is_some() {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "device_revoked",
-            "this device has been revoked",
-        ));
+        return Err(ApiError::new(ErrorCode::DeviceRevoked));
     }
     state
         .rate_limit("device", &device.id, &state.config.rate_limits.device)
@@ -220,7 +207,7 @@ impl SealedRequest {
 
     /// Seals an error answer (status kept, body sealed).
     pub fn respond_error(&self, err: ApiError) -> Response {
-        let status = err.status;
+        let status = err.status();
         let body = serde_json::to_vec(&err.body()).unwrap_or_default();
         // Log through the usual path, then send the sealed body instead.
         drop(err.into_response());

@@ -15,7 +15,7 @@ use serde_json::json;
 use super::{AuditView, CreateTokenRequest, CreatedToken, DeviceView, Revoked, TokenView};
 use crate::app::SharedState;
 use crate::body::read_json;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::ledger::AuditKind;
 
 /// Middleware: only requests carrying the admin token pass.
@@ -32,20 +32,12 @@ pub async fn require_admin(
         .map(str::trim);
     match presented {
         Some(token) if state.admin_token_matches(token.as_bytes()) => next.run(request).await,
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "admin authentication failed",
-        )
-        .detail("wrong admin token")
-        .into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "admin authentication failed",
-        )
-        .detail("no bearer token")
-        .into_response(),
+        Some(_) => ApiError::new(ErrorCode::Unauthorized)
+            .detail("wrong admin token")
+            .into_response(),
+        None => ApiError::new(ErrorCode::Unauthorized)
+            .detail("no bearer token")
+            .into_response(),
     }
 }
 
@@ -55,11 +47,7 @@ fn validate_label(label: &str) -> ApiResult<()> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_label",
-            "labels are 1 to 64 printable characters",
-        ))
+        Err(ApiError::new(ErrorCode::InvalidLabel))
     }
 }
 
@@ -93,11 +81,7 @@ pub async fn create_token(
         .ttl_secs
         .unwrap_or(state.config.tokens.default_ttl_secs);
     if ttl == 0 || ttl > state.config.tokens.max_ttl_secs {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_ttl",
-            "the token lifetime is zero or longer than the configured maximum",
-        ));
+        return Err(ApiError::new(ErrorCode::InvalidTtl));
     }
     // ThreadRng is not Send: keep it out of the await points below.
     let (token, id_bytes) = {

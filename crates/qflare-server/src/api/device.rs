@@ -2,7 +2,6 @@
 //! body it reads has already been authenticated and claimed exactly once.
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::Response;
 use qflare_protocol::rotation::{self, KeyRotationRequest};
 use qflare_store::DeviceKeys as StoredKeys;
@@ -10,7 +9,8 @@ use serde_json::json;
 
 use super::{KeysRotated, Pong};
 use crate::app::SharedState;
-use crate::error::{ApiError, ApiResult};
+use crate::devices::registered_keys;
+use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::ledger::AuditKind;
 use crate::sealed::SealedRequest;
 
@@ -41,7 +41,7 @@ pub async fn rotate_keys(State(state): State<SharedState>, request: SealedReques
 async fn rotate(state: &SharedState, request: &SealedRequest) -> ApiResult<KeysRotated> {
     let body: KeyRotationRequest =
         request.json("key rotation", state.config.limits.sealed_bytes)?;
-    let (_, old_key) = super::public::device_keys(&request.device)?;
+    let (_, old_key) = registered_keys(&request.device).map_err(ApiError::internal)?;
     let verified = rotation::verify_request(&body, &request.device_id, &old_key, state.now())?;
     if !state
         .config
@@ -54,11 +54,7 @@ async fn rotate(state: &SharedState, request: &SealedRequest) -> ApiResult<KeysR
             .signature_suites
             .contains(&verified.verifying_key.suite())
     {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "unsupported_suite",
-            "the requested suite is not offered",
-        ));
+        return Err(ApiError::new(ErrorCode::UnsupportedSuite));
     }
     let keys = StoredKeys {
         kem_suite: verified.kem_public_key.suite().as_str().to_owned(),
@@ -71,11 +67,7 @@ async fn rotate(state: &SharedState, request: &SealedRequest) -> ApiResult<KeysR
         .rotate_device_keys(&request.device.id, &keys, state.now_i64())
         .await?
     {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "device_revoked",
-            "this device has been revoked",
-        ));
+        return Err(ApiError::new(ErrorCode::DeviceRevoked));
     }
     let key_version = request.device.key_version + 1;
     state

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::Response;
 use qflare_protocol::envelope::{self, UpdateEnvelope};
 use qflare_protocol::federation::{
@@ -18,34 +17,27 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::app::SharedState;
-use crate::error::{ApiError, ApiResult};
+use crate::devices::registered_keys;
+use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::federation::{Federation, FederationError};
 use crate::ledger::AuditKind;
 use crate::metrics::Metrics;
 use crate::sealed::SealedRequest;
 
 fn federation(state: &SharedState) -> ApiResult<Arc<Federation>> {
-    state.federation.clone().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "federation_disabled",
-            "this server does not coordinate federated training",
-        )
-    })
+    state
+        .federation
+        .clone()
+        .ok_or_else(|| ApiError::new(ErrorCode::FederationDisabled))
 }
 
 impl From<FederationError> for ApiError {
     fn from(err: FederationError) -> Self {
         match err {
             FederationError::Enclave(qflare_enclave::host::EnclaveError::Died(_)) => {
-                let mut api = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "enclave_restarting",
-                    "the enclave restarted; fetch a fresh attestation and retry",
-                )
-                .detail(err);
-                api.retry_after = Some(2);
-                api
+                ApiError::new(ErrorCode::EnclaveRestarting)
+                    .detail(err)
+                    .retry_after(2)
             }
             FederationError::Store(store) => store.into(),
             other => ApiError::internal(other),
@@ -126,7 +118,7 @@ async fn model_download(state: &SharedState, request: &SealedRequest) -> ApiResu
         .ensure_running()
         .await
         .map_err(FederationError::from)?;
-    let model = fed.current_model(state, &enclave).await?;
+    let model = fed.current_model(&enclave).await?;
     Ok(encode_model_download(
         &ModelDownload {
             certificate: model.certificate.clone(),
@@ -140,7 +132,7 @@ async fn model_download(state: &SharedState, request: &SealedRequest) -> ApiResu
 pub async fn submit_update(State(state): State<SharedState>, request: SealedRequest) -> Response {
     let result = submit(&state, &request).await;
     if let Err(err) = &result {
-        Metrics::count(&state.metrics.updates, err.code);
+        Metrics::count(&state.metrics.updates, err.code.as_str());
     }
     request.respond(result)
 }
@@ -148,17 +140,10 @@ pub async fn submit_update(State(state): State<SharedState>, request: SealedRequ
 async fn submit(state: &SharedState, request: &SealedRequest) -> ApiResult<SubmitReceipt> {
     let fed = federation(state)?;
     let envelope: UpdateEnvelope = request.json("update envelope", limits::UPDATE_ENVELOPE)?;
-    let refuse = |status: StatusCode, code: &'static str, message: &'static str| {
-        ApiError::new(status, code, message)
-    };
     if envelope.device_id != request.device_id {
-        return Err(refuse(
-            StatusCode::FORBIDDEN,
-            "device_mismatch",
-            "an envelope may only be sent by its own device",
-        ));
+        return Err(ApiError::new(ErrorCode::DeviceMismatch));
     }
-    let (_, key) = super::public::device_keys(&request.device)?;
+    let (_, key) = registered_keys(&request.device).map_err(ApiError::internal)?;
     if let Err(err) = envelope::verify_outer(&envelope, &key) {
         state
             .audit(
@@ -183,39 +168,19 @@ async fn submit(state: &SharedState, request: &SealedRequest) -> ApiResult<Submi
     match stored {
         SubmissionOutcome::Stored => {}
         SubmissionOutcome::NotSelected => {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "not_selected",
-                "this device is not selected for the round",
-            ));
+            return Err(ApiError::new(ErrorCode::NotSelected));
         }
         SubmissionOutcome::AlreadySubmitted => {
-            return Err(refuse(
-                StatusCode::CONFLICT,
-                "duplicate",
-                "this device has already submitted to the round",
-            ));
+            return Err(ApiError::new(ErrorCode::Duplicate));
         }
         SubmissionOutcome::DeadlinePassed => {
-            return Err(refuse(
-                StatusCode::CONFLICT,
-                "deadline_passed",
-                "the round's deadline has passed",
-            ));
+            return Err(ApiError::new(ErrorCode::DeadlinePassed));
         }
         SubmissionOutcome::RoundNotOpen => {
-            return Err(refuse(
-                StatusCode::CONFLICT,
-                "round_closed",
-                "the round is no longer open",
-            ));
+            return Err(ApiError::new(ErrorCode::RoundClosed));
         }
         SubmissionOutcome::UnknownRound => {
-            return Err(refuse(
-                StatusCode::NOT_FOUND,
-                "unknown_round",
-                "no such round",
-            ));
+            return Err(ApiError::new(ErrorCode::UnknownRound));
         }
     }
     let verdict = fed

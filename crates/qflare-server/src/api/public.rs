@@ -5,13 +5,11 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
+use qflare_protocol::PROTOCOL_VERSION;
 use qflare_protocol::enrollment::{self, EnrollRequest, ServerInfo};
 use qflare_protocol::handshake::{AwaitClientConfirm, ClientConfirm, ClientHello, ServerStart};
 use qflare_protocol::identity::{DeviceId, SessionId};
-use qflare_protocol::kem::KemPublicKey;
-use qflare_protocol::sig::VerifyingKey;
 use qflare_protocol::wire::limits;
-use qflare_protocol::{KemSuite, PROTOCOL_VERSION, SignatureSuite};
 use qflare_store::{
     DeviceKeys as StoredKeys, DeviceRecord, NewDevice, SessionRecord, SessionState, StoreError,
 };
@@ -20,7 +18,8 @@ use serde_json::json;
 use super::SessionEstablished;
 use crate::app::SharedState;
 use crate::body::read_json;
-use crate::error::{ApiError, ApiResult};
+use crate::devices::registered_keys;
+use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::ledger::AuditKind;
 use crate::metrics::Metrics;
 use crate::sealed::{established_context, pending_context};
@@ -62,7 +61,7 @@ pub async fn enroll(
         &state.config.crypto.kem_suites,
         &state.config.crypto.signature_suites,
     )
-    .inspect_err(|err| Metrics::count(&state.metrics.enrollments, err.public_code()))?;
+    .inspect_err(|err| Metrics::count(&state.metrics.enrollments, err.public_code().as_str()))?;
 
     let device_id = DeviceId::random(&mut rand::rng());
     let new_device = NewDevice {
@@ -93,12 +92,7 @@ pub async fn enroll(
                 .await;
             // One answer for unknown, used, expired and revoked tokens: the
             // difference would help someone guessing tokens.
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_token",
-                "the enrollment token is invalid, expired, revoked or already used",
-            )
-            .detail(reason));
+            return Err(ApiError::new(ErrorCode::InvalidToken).detail(reason));
         }
         Err(err) => return Err(err.into()),
     };
@@ -134,29 +128,13 @@ pub async fn enroll(
     Ok((StatusCode::CREATED, Json(response)))
 }
 
-/// The registered public keys of a stored device.
-pub fn device_keys(device: &DeviceRecord) -> ApiResult<(KemPublicKey, VerifyingKey)> {
-    let kem_suite: KemSuite = device.keys.kem_suite.parse().map_err(ApiError::internal)?;
-    let sig_suite: SignatureSuite = device
-        .keys
-        .signature_suite
-        .parse()
-        .map_err(ApiError::internal)?;
-    Ok((
-        KemPublicKey::from_bytes(kem_suite, device.keys.kem_public_key.clone())
-            .map_err(ApiError::internal)?,
-        VerifyingKey::from_bytes(sig_suite, device.keys.verifying_key.clone())
-            .map_err(ApiError::internal)?,
-    ))
-}
-
 async fn refuse_session(
     state: &SharedState,
     device: &str,
     reason: &str,
     err: ApiError,
 ) -> ApiError {
-    Metrics::count(&state.metrics.sessions, err.code);
+    Metrics::count(&state.metrics.sessions, err.code.as_str());
     state
         .audit(
             AuditKind::SessionRefused,
@@ -181,11 +159,7 @@ async fn active_device(state: &SharedState, id: &DeviceId) -> ApiResult<DeviceRe
             state,
             &hex,
             "device revoked",
-            ApiError::new(
-                StatusCode::FORBIDDEN,
-                "device_revoked",
-                "this device has been revoked",
-            ),
+            ApiError::new(ErrorCode::DeviceRevoked),
         )
         .await),
         Some(device) => Ok(device),
@@ -206,7 +180,7 @@ pub async fn open_session(
     state
         .rate_limit("device", &device.id, &state.config.rate_limits.device)
         .await?;
-    let (kem_key, _) = device_keys(&device)?;
+    let (kem_key, _) = registered_keys(&device).map_err(ApiError::internal)?;
     let now = state.now();
     let (pending, server_hello) = ServerStart::new(&state.identity.signing_key)
         .respond(
@@ -240,11 +214,7 @@ pub async fn open_session(
                 &state,
                 &device.id,
                 "replayed client hello",
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    "replayed",
-                    "replayed or out-of-order message",
-                ),
+                ApiError::new(ErrorCode::Replayed),
             )
             .await);
         }
@@ -284,11 +254,7 @@ pub async fn confirm_session(
             &state,
             &record.device_id,
             "replayed confirmation",
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "replayed",
-                "replayed or out-of-order message",
-            ),
+            ApiError::new(ErrorCode::Replayed),
         )
         .await);
     }
@@ -300,7 +266,7 @@ pub async fn confirm_session(
         )
         .await?;
     let device = active_device(&state, &device_id).await?;
-    let (_, verifying_key) = device_keys(&device)?;
+    let (_, verifying_key) = registered_keys(&device).map_err(ApiError::internal)?;
     let pending = state
         .identity
         .storage_key
@@ -328,11 +294,7 @@ pub async fn confirm_session(
             &state,
             &device.id,
             "confirmation raced or arrived late",
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "replayed",
-                "replayed or out-of-order message",
-            ),
+            ApiError::new(ErrorCode::Replayed),
         )
         .await);
     }

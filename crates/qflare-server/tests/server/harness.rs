@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use qflare_edge::transport::Transport;
 use qflare_edge::{EdgeError, EnrollOptions, Identity};
+use qflare_protocol::api::ErrorBody;
 use qflare_protocol::crypto::sha256;
 use qflare_protocol::identity::{EnrollmentToken, ServerFingerprint};
-use qflare_protocol::wire::ErrorBody;
 use qflare_protocol::{KemSuite, SignatureSuite};
 use qflare_server::api::CreatedToken;
 use qflare_server::ratelimit::{

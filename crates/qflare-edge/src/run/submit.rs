@@ -1,0 +1,136 @@
+//! Submission: seal the pending update to the attested enclave, send it, and
+//! record the receipt (or, when the receipt was lost, the server's word that
+//! the update arrived).
+
+use std::time::Instant;
+
+use qflare_protocol::ProtocolError;
+use qflare_protocol::attestation::VerifiedEnclave;
+use qflare_protocol::envelope::{self, UpdateMetadata};
+use qflare_protocol::federation::SubmitReceipt;
+
+use super::events::{DeviceEvent, RoundRecord, RoundTimings, StopReason};
+use super::link::Link;
+use super::runner::{Next, PendingUpdate, Runner};
+use crate::error::EdgeError;
+
+/// The receipt status recorded when the server lists this device as having
+/// submitted to a round whose receipt never arrived (the connection broke
+/// after the server took the update).
+pub const STATUS_SUBMITTED: &str = "submitted";
+/// The code recorded with [`STATUS_SUBMITTED`].
+pub const CODE_RECEIPT_LOST: &str = "receipt_lost";
+
+impl<L: Link> Runner<'_, L> {
+    /// Seals the pending update to the attested enclave and submits it.
+    pub(super) async fn submit(
+        &mut self,
+        round_id: u64,
+        enclave: &VerifiedEnclave,
+    ) -> Result<Next, EdgeError> {
+        let pending = self
+            .pending
+            .as_ref()
+            .ok_or_else(|| EdgeError::Config("internal: submit without a trained update".into()))?;
+        let metadata = UpdateMetadata {
+            round_id,
+            device_id: self.identity.device_id,
+            model_version: pending.model_version,
+            example_count: pending.examples,
+        };
+        let started = Instant::now();
+        let sealed = envelope::seal(
+            &metadata,
+            &pending.bytes,
+            &self.identity.keys.signing,
+            &enclave.kem_public_key,
+            &mut rand::rng(),
+        )?;
+        self.timings(round_id).sealing += started.elapsed();
+
+        let started = Instant::now();
+        self.ensure_session().await?;
+        let receipt = self.link.submit(&sealed).await?;
+        self.timings(round_id).submission += started.elapsed();
+        if receipt.round_id != round_id {
+            return Err(EdgeError::Protocol(ProtocolError::Mismatch(
+                "the receipt's round",
+            )));
+        }
+        if let Some(pending) = self.pending.take() {
+            self.record(&pending, receipt);
+        }
+        let submitted = self.summary.rounds.len() as u64;
+        if self.config.max_rounds.is_some_and(|max| submitted >= max) {
+            return Ok(Next::Stop(StopReason::MaxRounds));
+        }
+        Ok(Next::Now)
+    }
+
+    pub(super) fn record(&mut self, pending: &PendingUpdate, receipt: SubmitReceipt) {
+        let round_id = pending.round_id;
+        let mut timings = self
+            .clock
+            .take()
+            .filter(|c| c.round_id == round_id)
+            .map(|c| RoundTimings {
+                wall: c.started.elapsed(),
+                ..c.timings
+            })
+            .unwrap_or_default();
+        timings.session += std::mem::take(&mut self.handshakes);
+        self.done_rounds.insert(round_id);
+        self.working_round = None;
+        tracing::info!(
+            round_id,
+            status = %receipt.status,
+            code = %receipt.code,
+            examples = pending.examples,
+            total_ms = timings.total().as_millis() as u64,
+            crypto_share = timings.cryptography_share(),
+            "update submitted"
+        );
+        self.events.emit(DeviceEvent::Submitted {
+            round_id,
+            status: receipt.status.clone(),
+            code: receipt.code.clone(),
+            timings,
+        });
+        self.summary.rounds.push(RoundRecord {
+            round_id,
+            model_version: pending.model_version,
+            examples: pending.examples,
+            mean_loss: pending.mean_loss,
+            status: receipt.status,
+            code: receipt.code,
+            timings,
+        });
+    }
+
+    /// The server lists us as submitted to a round whose receipt we never
+    /// got (the connection broke after it took the update): record it.
+    /// Not after `enclave_restarting`, though: then what the server stored
+    /// was sealed to the dead enclave's key, so the update is kept until the
+    /// server asks for it again (or the round moves on).
+    pub(super) fn receipt_lost(&mut self, round_id: Option<u64>) {
+        let Some(pending) = self
+            .pending
+            .take_if(|p| Some(p.round_id) == round_id && !p.awaiting_reseal)
+        else {
+            if self.pending.is_some() {
+                tracing::warn!(
+                    ?round_id,
+                    "the server lists this device as submitted, but the enclave restarted before \
+                     taking the update; keeping it to re-seal when the server asks again"
+                );
+            }
+            return;
+        };
+        let receipt = SubmitReceipt {
+            round_id: pending.round_id,
+            status: STATUS_SUBMITTED.to_owned(),
+            code: CODE_RECEIPT_LOST.to_owned(),
+        };
+        self.record(&pending, receipt);
+    }
+}

@@ -1,0 +1,237 @@
+//! A `train` answer's work: verify the enclave's report for our nonce, fetch
+//! (or reuse) the verified global model, train on a blocking thread and
+//! encode the delta that becomes the update, or keep an update already
+//! trained when only the enclave restarted; then hand it to [`super::submit`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use qflare_ml::{Architecture, MlError, TrainConfig};
+use qflare_protocol::attestation::VerifiedEnclave;
+use qflare_protocol::crypto::sha256;
+use qflare_protocol::tensor::TensorMap;
+use zeroize::Zeroizing;
+
+use super::events::DeviceEvent;
+use super::link::Link;
+use super::runner::Next;
+use super::runner::{CachedModel, PendingUpdate, Runner};
+use super::verify::{decode_model, verify_model_certificate, verify_round_report};
+use crate::client::unix_now;
+use crate::error::EdgeError;
+use crate::identity::Identity;
+use qflare_protocol::attestation::ATTESTATION_NONCE_LEN;
+use qflare_protocol::federation::RoundInfo;
+use std::time::Duration;
+
+/// The shuffle seed of one round: a function of the device, the round and
+/// the configured seed, so devices differ and reruns repeat.
+pub(super) fn round_seed(identity: &Identity, round_id: u64, seed: u64) -> u64 {
+    let mut input = Vec::with_capacity(64);
+    input.extend_from_slice(b"qflare edge shuffle");
+    input.extend_from_slice(identity.device_id.as_bytes());
+    input.extend_from_slice(&round_id.to_be_bytes());
+    input.extend_from_slice(&seed.to_be_bytes());
+    let digest = sha256(&input);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+impl<L: Link> Runner<'_, L> {
+    pub(super) async fn train_round(
+        &mut self,
+        info: RoundInfo,
+        nonce: &[u8; ATTESTATION_NONCE_LEN],
+        query_time: Duration,
+    ) -> Result<Next, EdgeError> {
+        let poll = info
+            .poll_after_secs
+            .clamp(1, self.config.max_poll_secs.max(1));
+        self.working_round = info.round_id;
+        let round_id = info
+            .round_id
+            .ok_or_else(|| EdgeError::RoundRefused("a train answer without a round id".into()))?;
+        if self.done_rounds.contains(&round_id) {
+            // Submitted or skipped already; the server has not caught up.
+            return Ok(Next::Poll(poll));
+        }
+        let missing =
+            |field: &str| EdgeError::RoundRefused(format!("a train answer without {field}"));
+        let model_version = info
+            .model_version
+            .ok_or_else(|| missing("a model version"))?;
+        let architecture: Architecture = info
+            .architecture
+            .as_deref()
+            .ok_or_else(|| missing("an architecture"))?
+            .parse()
+            .map_err(|e: MlError| EdgeError::RoundRefused(e.to_string()))?;
+        let plan = info.training.ok_or_else(|| missing("a training plan"))?;
+        let report = info
+            .report
+            .ok_or_else(|| missing("an attestation report"))?;
+        self.timings(round_id).round_query += query_time;
+
+        let started = Instant::now();
+        let enclave = verify_round_report(&report, &self.config.policy, nonce, unix_now())?;
+        self.timings(round_id).attestation += started.elapsed();
+        self.events.emit(DeviceEvent::EnclaveAttested {
+            round_id,
+            measurement: hex::encode(enclave.measurement),
+        });
+
+        // An update refused only because the enclave restarted is re-sealed,
+        // not retrained, also when the server retries under a new round id:
+        // it was trained from the same model version, and the inner
+        // signature binds the round it is sealed for.
+        let reusable = self.pending.as_ref().is_some_and(|p| {
+            p.model_version == model_version && (p.round_id == round_id || p.awaiting_reseal)
+        });
+        if reusable {
+            if let Some(pending) = self.pending.as_mut() {
+                pending.round_id = round_id;
+            }
+            self.summary.reseals += 1;
+            self.events.emit(DeviceEvent::Resealing { round_id });
+        } else {
+            self.pending = None;
+            if plan.epochs > self.config.max_local_epochs {
+                return Err(EdgeError::RoundRefused(format!(
+                    "the round asks for {} local epochs, this device allows at most {}",
+                    plan.epochs, self.config.max_local_epochs
+                )));
+            }
+            let global = self
+                .global_model(round_id, model_version, architecture, &enclave)
+                .await?;
+            let train_config = TrainConfig {
+                learning_rate: plan.learning_rate,
+                batch_size: plan.batch_size,
+                epochs: plan.epochs,
+                seed: round_seed(self.identity, round_id, self.config.train_seed),
+            };
+            // A plan TrainConfig cannot train with is the server's fault, not ours.
+            train_config
+                .validate()
+                .map_err(|e| EdgeError::RoundRefused(e.to_string()))?;
+            self.pending = Some(
+                self.train(round_id, model_version, architecture, global, train_config)
+                    .await?,
+            );
+        }
+        self.submit(round_id, &enclave).await
+    }
+
+    /// The verified model of `version`, from the cache or downloaded.
+    pub(super) async fn global_model(
+        &mut self,
+        round_id: u64,
+        version: u64,
+        architecture: Architecture,
+        enclave: &VerifiedEnclave,
+    ) -> Result<Arc<TensorMap>, EdgeError> {
+        if let Some(cached) = &self.model
+            && cached.version == version
+            && cached.architecture == architecture
+        {
+            let weights = cached.weights.clone();
+            self.events.emit(DeviceEvent::ModelVerified {
+                version,
+                architecture,
+                bytes: cached.bytes,
+                cached: true,
+            });
+            return Ok(weights);
+        }
+        let started = Instant::now();
+        self.ensure_session().await?;
+        let download = self.link.model().await?;
+        self.timings(round_id).download += started.elapsed();
+
+        let started = Instant::now();
+        let (_, model) = verify_model_certificate(&download, enclave, version, architecture)?;
+        self.timings(round_id).model_verify += started.elapsed();
+        let started = Instant::now();
+        let weights = Arc::new(decode_model(model, architecture)?);
+        self.timings(round_id).model_decode += started.elapsed();
+
+        self.summary.models_downloaded += 1;
+        tracing::info!(version, %architecture, bytes = model.len(), "global model verified");
+        self.events.emit(DeviceEvent::ModelVerified {
+            version,
+            architecture,
+            bytes: model.len(),
+            cached: false,
+        });
+        self.model = Some(CachedModel {
+            version,
+            architecture,
+            bytes: model.len(),
+            weights: weights.clone(),
+        });
+        Ok(weights)
+    }
+
+    /// Trains on a blocking thread (burn's kernels run on the process-wide
+    /// compute pool) and encodes the delta.
+    pub(super) async fn train(
+        &mut self,
+        round_id: u64,
+        model_version: u64,
+        architecture: Architecture,
+        global: Arc<TensorMap>,
+        config: TrainConfig,
+    ) -> Result<PendingUpdate, EdgeError> {
+        let data = self.data.clone();
+        let events = self.events.clone();
+        let tamper = self.config.tamper.clone();
+        let job = move || -> Result<_, MlError> {
+            let last_percent = std::cell::Cell::new(usize::MAX);
+            let progress = |done: usize, total: usize| {
+                let percent = done * 100 / total.max(1);
+                if percent != last_percent.get() {
+                    last_percent.set(percent);
+                    events.emit(DeviceEvent::Training {
+                        round_id,
+                        done,
+                        total,
+                    });
+                }
+            };
+            let started = Instant::now();
+            let outcome = qflare_ml::train(architecture, &global, &data, &config, Some(&progress))?;
+            let training = started.elapsed();
+            let started = Instant::now();
+            let mut update = qflare_ml::delta(&outcome.weights, &global)?;
+            if let Some(tamper) = tamper {
+                update = tamper(update);
+            }
+            let bytes = Zeroizing::new(update.to_safetensors());
+            Ok((
+                outcome.examples,
+                outcome.mean_loss,
+                bytes,
+                training,
+                started.elapsed(),
+            ))
+        };
+        let (examples, mean_loss, bytes, training, encode) =
+            match tokio::task::spawn_blocking(job).await {
+                Ok(result) => result?,
+                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                Err(err) => return Err(EdgeError::Ml(MlError::Backend(err.to_string()))),
+            };
+        let timings = self.timings(round_id);
+        timings.training += training;
+        timings.update_encode += encode;
+        Ok(PendingUpdate {
+            round_id,
+            model_version,
+            examples: u64::try_from(examples).unwrap_or(u64::MAX),
+            mean_loss,
+            bytes,
+            awaiting_reseal: false,
+        })
+    }
+}

@@ -1,0 +1,422 @@
+//! The round controller (the original design's `fl_controller` and
+//! `client_manager`): it owns the enclave process and the life cycle of
+//! every round, and persists each step so a restarted server resumes.
+//!
+//! ```text
+//!            ┌──────────── enough active devices, not paused, rounds left ───┐
+//!            ▼                                                               │
+//!  (none / Completed / Failed) ──open──▶ Open ──target reached or deadline──▶ Aggregating
+//!                                         │  ▲                                 │
+//!     enclave restarted, server restarted │  │ submissions (POST /v1/updates)  ├─ model ──▶ Completed
+//!     or minimum missed at the deadline ──┴──┼──────────────▶ Failed ◀─────────┴─ no model
+//! ```
+//!
+//! * Opening: the enclave certifies the starting model (it creates version 0
+//!   itself; after an enclave restart it re-certifies the stored model with
+//!   the previous boot's key), devices are selected at random among the
+//!   active ones, the enclave begins the round with their registered keys.
+//! * Submissions are stored (sealed) and forwarded; the enclave answers each
+//!   with a provisional verdict.
+//! * Closing: the enclave aggregates and signs the new model; every verdict
+//!   goes to the ledger; the model is stored and evaluated on the held-out set.
+//! * A round whose enclave died, or that was open when the server stopped,
+//!   cannot be finished (its envelopes were sealed to keys that no longer
+//!   exist): it is marked failed and a new round starts from the same model.
+//!
+//! Only this server runs a controller; it is the deployment's coordinator.
+//!
+//! The controller sees only what it needs ([`ControllerContext`]: the
+//! configuration, the store, the audit ledger, metrics and the clock), never
+//! the HTTP layer; handlers reach it through `AppState::federation`.
+//! `launch` starts and pins the enclave, `model` keeps the certified current
+//! model, `round` opens, closes and fails rounds.
+
+mod launch;
+mod model;
+mod round;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use qflare_enclave::host::{EnclaveClient, EnclaveError};
+use qflare_ml::{Architecture, Dataset, Split};
+use qflare_protocol::attestation::AttestationReport;
+use qflare_protocol::crypto::sha256;
+use qflare_protocol::model::ModelCertificate;
+use qflare_store::{RoundState, Store};
+use serde_json::json;
+use tokio::sync::{Mutex, Notify, watch};
+
+use crate::clock::{Clock, store_time};
+use crate::config::Config;
+use crate::ledger::{AuditKind, Auditor};
+use crate::metrics::Metrics;
+
+pub use launch::enclave_command;
+pub use model::StoredCertificate;
+
+/// Why the federation could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum FederationError {
+    /// The enclave failed or refused.
+    #[error(transparent)]
+    Enclave(#[from] EnclaveError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] qflare_store::StoreError),
+    /// Something stored is not what it should be.
+    #[error("{0}")]
+    Inconsistent(String),
+    /// The ML crate failed.
+    #[error(transparent)]
+    Ml(#[from] qflare_ml::MlError),
+    /// A protocol operation failed.
+    #[error(transparent)]
+    Protocol(#[from] qflare_protocol::ProtocolError),
+}
+
+/// Everything the controller works with, and nothing of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct ControllerContext {
+    /// The configuration the server started with.
+    pub config: Config,
+    /// Persistent state.
+    pub store: Arc<dyn Store>,
+    /// The audit ledger.
+    pub auditor: Auditor,
+    /// Prometheus metrics (the round and model gauges).
+    pub metrics: Arc<Metrics>,
+    /// Wall-clock time.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// The current model as devices should download it: the bytes and a
+/// certificate from the *running* enclave.
+#[derive(Debug, Clone)]
+pub struct CurrentModel {
+    /// The version.
+    pub version: u64,
+    /// The safetensors bytes.
+    pub bytes: Arc<Vec<u8>>,
+    /// The running enclave's certificate of them.
+    pub certificate: ModelCertificate,
+    /// SHA-256 of the certifying key.
+    pub enclave_key_sha256: [u8; 32],
+    generation: u64,
+}
+
+#[derive(Debug, Clone)]
+struct OpenRound {
+    round_id: u64,
+    generation: u64,
+    submitted: HashSet<String>,
+    not_rejected: usize,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    started: bool,
+    paused: bool,
+    model: Option<CurrentModel>,
+    open: Option<OpenRound>,
+    waiting_logged: bool,
+    audited_generation: u64,
+}
+
+/// A snapshot for watchers (tests, the web page, the demo).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FederationStatus {
+    /// The latest round id.
+    pub round_id: u64,
+    /// Its state.
+    pub round_state: Option<RoundState>,
+    /// The latest model version.
+    pub model_version: Option<u64>,
+    /// The enclave's generation.
+    pub enclave_generation: u64,
+    /// True once `max_rounds` models have been aggregated.
+    pub finished: bool,
+}
+
+/// The round controller.
+pub struct Federation {
+    ctx: ControllerContext,
+    enclave: EnclaveClient,
+    architecture: Architecture,
+    eval: Option<Dataset>,
+    inner: Mutex<Inner>,
+    notify: Notify,
+    status: watch::Sender<FederationStatus>,
+    /// Nanoseconds spent waiting on the enclave for submissions and aggregation.
+    enclave_nanos: std::sync::atomic::AtomicU64,
+    /// Held (shared) by each submission from storing its envelope to the
+    /// enclave's verdict, and (exclusive) while a round leaves `Open`: no
+    /// stored envelope can miss the enclave's round.
+    gate: tokio::sync::RwLock<()>,
+}
+
+impl std::fmt::Debug for Federation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Federation")
+            .field("enclave", &self.enclave)
+            .field("architecture", &self.architecture)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Federation {
+    /// Starts and attests the enclave, loads the evaluation set.
+    pub async fn start(ctx: ControllerContext) -> Result<Arc<Self>, FederationError> {
+        let config = &ctx.config;
+        let command = enclave_command(config)?;
+        let policy = launch::policy(config, &command)?;
+        let enclave = EnclaveClient::start(
+            command,
+            policy,
+            Duration::from_secs(config.enclave.request_timeout_secs.max(5)),
+        )
+        .await?;
+        let architecture: Architecture = config
+            .federation
+            .architecture
+            .parse()
+            .map_err(|e: qflare_ml::MlError| FederationError::Inconsistent(e.to_string()))?;
+        let eval = match &config.federation.eval_data {
+            Some(dir) => Some(load_eval(dir.clone(), config.federation.eval_examples).await?),
+            None => None,
+        };
+        let (status, _) = watch::channel(FederationStatus::default());
+        let auto_start = config.federation.auto_start;
+        Ok(Arc::new(Self {
+            ctx,
+            enclave,
+            architecture,
+            eval,
+            inner: Mutex::new(Inner {
+                started: auto_start,
+                ..Inner::default()
+            }),
+            notify: Notify::new(),
+            status,
+            enclave_nanos: std::sync::atomic::AtomicU64::new(0),
+            gate: tokio::sync::RwLock::new(()),
+        }))
+    }
+
+    fn now(&self) -> u64 {
+        self.ctx.clock.now()
+    }
+
+    fn now_i64(&self) -> i64 {
+        store_time(self.now())
+    }
+
+    /// Hold this from storing a submission until the enclave has judged it.
+    pub async fn submission_gate(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().await
+    }
+
+    /// Time spent in the enclave on submissions and aggregation so far.
+    pub fn enclave_time(&self) -> Duration {
+        Duration::from_nanos(
+            self.enclave_nanos
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    async fn timed<T>(&self, work: impl Future<Output = T>) -> T {
+        let start = std::time::Instant::now();
+        let out = work.await;
+        let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.enclave_nanos
+            .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+        out
+    }
+
+    /// The enclave handle.
+    pub fn enclave(&self) -> &EnclaveClient {
+        &self.enclave
+    }
+
+    /// Watches round and model progress.
+    pub fn subscribe(&self) -> watch::Receiver<FederationStatus> {
+        self.status.subscribe()
+    }
+
+    /// Wakes the controller (after a submission or an admin action).
+    pub fn poke(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Starts (or resumes) training; `max_rounds` replaces the configured limit when given.
+    pub async fn start_training(&self) {
+        let mut inner = self.inner.lock().await;
+        inner.started = true;
+        inner.paused = false;
+        drop(inner);
+        self.poke();
+    }
+
+    /// Stops opening new rounds (an open round still finishes).
+    pub async fn pause(&self) {
+        self.inner.lock().await.paused = true;
+    }
+
+    /// True when rounds are being started.
+    pub async fn running(&self) -> bool {
+        let inner = self.inner.lock().await;
+        inner.started && !inner.paused
+    }
+
+    /// The controller loop; returns when `shutdown` fires.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if let Err(err) = self.step().await {
+                tracing::warn!(%err, "round controller step failed; retrying");
+            }
+            tokio::select! {
+                () = self.notify.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.changed() => {
+                    self.enclave.shutdown().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn publish(&self) {
+        let round = self.ctx.store.latest_round().await.ok().flatten();
+        let model = self.ctx.store.latest_model().await.ok().flatten();
+        let finished = is_finished(&self.ctx.config, model.as_ref().map(|m| m.version));
+        if let Some(round) = &round {
+            self.ctx.metrics.current_round.set(store_time(round.id));
+        }
+        if let Some(model) = &model {
+            self.ctx
+                .metrics
+                .model_version
+                .set(store_time(model.version));
+        }
+        self.status.send_replace(FederationStatus {
+            round_id: round.as_ref().map_or(0, |r| r.id),
+            round_state: round.map(|r| r.state),
+            model_version: model.map(|m| m.version),
+            enclave_generation: self.enclave.generation(),
+            finished,
+        });
+    }
+
+    /// One decision of the controller.
+    pub async fn step(&self) -> Result<(), FederationError> {
+        let enclave = self.enclave.ensure_running().await?;
+        let new_generation = {
+            let mut inner = self.inner.lock().await;
+            let new = inner.audited_generation != enclave.generation;
+            inner.audited_generation = enclave.generation;
+            new
+        };
+        if new_generation {
+            self.ctx
+                .auditor
+                .audit(
+                    AuditKind::EnclaveAttested,
+                    "server",
+                    &enclave.generation.to_string(),
+                    json!({
+                        "measurement": hex::encode(enclave.verified.measurement),
+                        "mode": enclave.verified.mode.as_str(),
+                        "enclave_key_sha256": hex::encode(sha256(enclave.verified.verifying_key.as_bytes())),
+                        "hardening": enclave.hardening,
+                    }),
+                )
+                .await;
+        }
+        let latest = self.ctx.store.latest_round().await?;
+        let now = self.now();
+        match latest {
+            Some(round) if round.state == RoundState::Open => {
+                let known = self.inner.lock().await.open.clone();
+                match known {
+                    Some(open)
+                        if open.round_id == round.id && open.generation == enclave.generation =>
+                    {
+                        let all_in = open.submitted.len() >= round.target_updates as usize;
+                        if all_in || now >= unix(round.deadline) {
+                            self.close_round(&round, &open, now).await?;
+                        }
+                    }
+                    Some(open) if open.round_id == round.id => {
+                        self.fail_round(
+                            &round,
+                            RoundState::Open,
+                            "the enclave restarted; its keys are gone",
+                        )
+                        .await?;
+                    }
+                    _ => {
+                        self.fail_round(
+                            &round,
+                            RoundState::Open,
+                            "the server restarted during the round",
+                        )
+                        .await?;
+                    }
+                }
+            }
+            Some(round) if round.state == RoundState::Aggregating => {
+                self.fail_round(
+                    &round,
+                    RoundState::Aggregating,
+                    "interrupted during aggregation",
+                )
+                .await?;
+            }
+            latest => {
+                let (started, paused) = {
+                    let inner = self.inner.lock().await;
+                    (inner.started, inner.paused)
+                };
+                let model = self.current_model(&enclave).await?;
+                if started && !paused && !is_finished(&self.ctx.config, Some(model.version)) {
+                    let next_id = latest.map_or(1, |r| r.id + 1);
+                    self.open_round(next_id, &model, &enclave, now).await?;
+                }
+            }
+        }
+        self.publish().await;
+        Ok(())
+    }
+
+    /// A fresh report for a device's nonce.
+    pub async fn attest(&self, nonce: [u8; 32]) -> Result<AttestationReport, FederationError> {
+        Ok(self.enclave.attest(nonce).await?)
+    }
+
+    /// The evaluation set, if configured.
+    pub fn has_evaluation(&self) -> bool {
+        self.eval.is_some()
+    }
+}
+
+fn unix(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn is_finished(config: &Config, model_version: Option<u64>) -> bool {
+    let max = config.federation.max_rounds;
+    max > 0 && model_version.is_some_and(|v| v >= max)
+}
+
+async fn load_eval(dir: PathBuf, examples: usize) -> Result<Dataset, FederationError> {
+    let data = tokio::task::spawn_blocking(move || Dataset::load(&dir, Split::Test))
+        .await
+        .map_err(|e| FederationError::Inconsistent(format!("loading the test set: {e}")))??;
+    Ok(if examples > 0 && examples < data.len() {
+        data.head(examples)
+    } else {
+        data
+    })
+}
