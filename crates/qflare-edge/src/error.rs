@@ -24,7 +24,7 @@ pub enum EdgeError {
         message: String,
     },
     /// A protocol check failed (bad signature, pin mismatch, replay...).
-    #[error("protocol: {0}")]
+    #[error(transparent)]
     Protocol(#[from] ProtocolError),
     /// The identity directory or file is unusable.
     #[error("identity: {0}")]
@@ -42,7 +42,7 @@ pub enum EdgeError {
     #[error("round refused: {0}")]
     RoundRefused(String),
     /// Loading data or local training failed.
-    #[error("machine learning: {0}")]
+    #[error(transparent)]
     Ml(#[from] MlError),
     /// The device's run configuration cannot work.
     #[error("configuration: {0}")]

@@ -97,7 +97,7 @@ pub enum FrameError {
     #[error("end of stream")]
     Closed,
     /// Reading or writing failed.
-    #[error("i/o: {0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// The header does not start with `QFLE`.
     #[error("bad magic")]

@@ -47,7 +47,7 @@ pub enum EnclaveError {
     Died(String),
     /// The enclave's report did not satisfy the policy.
     #[error("attestation failed: {0}")]
-    Attestation(#[from] qflare_protocol::ProtocolError),
+    Attestation(qflare_protocol::ProtocolError),
     /// The enclave refused the request.
     #[error("the enclave refused: {code}: {message}")]
     Refused {
@@ -191,7 +191,8 @@ impl Launcher {
             .map_err(|_| EnclaveError::Died("no attestation report in time".into()))??;
         let answer: ReportAnswer = expect(answer, Kind::Report)?.meta()?;
         let verified =
-            attestation::verify_report(&answer.report, &self.policy, Some(&nonce), unix_now())?;
+            attestation::verify_report(&answer.report, &self.policy, Some(&nonce), unix_now())
+                .map_err(EnclaveError::Attestation)?;
         let generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
         tracing::info!(
             generation,

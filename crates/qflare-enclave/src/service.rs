@@ -46,16 +46,16 @@ pub enum ServiceError {
     #[error("{0}")]
     Refused(String),
     /// The ML backend failed.
-    #[error("ml: {0}")]
+    #[error(transparent)]
     Ml(#[from] qflare_ml::MlError),
     /// A protocol operation failed.
-    #[error("protocol: {0}")]
+    #[error(transparent)]
     Protocol(#[from] qflare_protocol::ProtocolError),
     /// The aggregation settings are invalid.
-    #[error("config: {0}")]
+    #[error(transparent)]
     Config(#[from] crate::error::ConfigError),
     /// The aggregator refused to start.
-    #[error("aggregation: {0}")]
+    #[error(transparent)]
     Aggregation(#[from] crate::error::AggregationError),
 }
 

@@ -83,7 +83,7 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8], path: &Path) -> Result<usiz
             // The file opened, so a read error here is the gzip stream's.
             Err(e) => {
                 return Err(MlError::Gzip {
-                    source: e,
+                    error: e,
                     path: path.to_path_buf(),
                 });
             }
@@ -146,7 +146,7 @@ fn parse_idx(mut reader: impl Read, path: &Path, rank: usize) -> Result<IdxArray
         .take(count as u64)
         .read_to_end(&mut data)
         .map_err(|e| MlError::Gzip {
-            source: e,
+            error: e,
             path: path.to_path_buf(),
         })?;
     if got < count {

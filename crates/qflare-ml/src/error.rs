@@ -23,23 +23,24 @@ pub enum MlError {
     },
 
     /// Reading or writing a file failed.
-    #[error("{}: {source}", path.display())]
+    ///
+    /// The inner error is part of the message, not a `source()`, so a chain
+    /// printed with `{:#}` says it once.
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file involved.
         path: PathBuf,
         /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     /// A `.gz` file is not valid gzip, or its stream is corrupt.
-    #[error("{} is not a valid gzip file: {source}", path.display())]
+    #[error("{} is not a valid gzip file: {error}", path.display())]
     Gzip {
         /// The file involved.
         path: PathBuf,
-        /// The decompressor's error.
-        #[source]
-        source: std::io::Error,
+        /// The decompressor's error (in the message, not a `source()`).
+        error: std::io::Error,
     },
 
     /// An IDX file decompressed but its contents are not what was expected.
@@ -146,7 +147,10 @@ impl MlError {
         if source.kind() == std::io::ErrorKind::NotFound {
             Self::MissingFile { path }
         } else {
-            Self::Io { path, source }
+            Self::Io {
+                path,
+                error: source,
+            }
         }
     }
 

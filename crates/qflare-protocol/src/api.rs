@@ -67,6 +67,8 @@ pub mod routes {
     pub const PAGE_AUDIT: &str = "/audit";
     /// `GET`: the pages' stylesheet.
     pub const STYLESHEET: &str = "/static/qflare.css";
+    /// `GET`: this API's OpenAPI 3.1 document (plain).
+    pub const OPENAPI: &str = "/openapi.json";
 
     /// [`SESSION_CONFIRM`] for session `id` (hex).
     pub fn session_confirm(id: &str) -> String {
@@ -86,6 +88,7 @@ pub mod routes {
 
 /// The JSON body of every HTTP error QFLARE answers with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ErrorBody {
     /// Stable, machine-readable code.

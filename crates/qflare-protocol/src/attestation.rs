@@ -27,6 +27,7 @@ pub const ATTESTATION_NONCE_LEN: usize = 32;
 
 /// How the enclave is isolated, and so what its report can prove.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum AttestationMode {
@@ -55,6 +56,7 @@ impl std::str::FromStr for AttestationMode {
 
 /// A signed attestation report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AttestationReport {
     /// Protocol version.
@@ -63,27 +65,33 @@ pub struct AttestationReport {
     pub mode: AttestationMode,
     /// SHA-384 of the enclave executable.
     #[serde(with = "hex_array")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[0-9a-f]+$"))]
     pub measurement: [u8; MEASUREMENT_LEN],
     /// Suite of the enclave's KEM key.
     pub kem_suite: KemSuite,
     /// The key devices seal their updates to.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub kem_public_key: Vec<u8>,
     /// Suite of the enclave's signing key.
     pub signature_suite: SignatureSuite,
     /// The key that signs reports and global models.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub verifying_key: Vec<u8>,
     /// The verifier's nonce, echoed.
     #[serde(with = "b64_array")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub nonce: [u8; ATTESTATION_NONCE_LEN],
     /// Unix seconds when the report was made.
     pub issued_at: u64,
     /// Hardware evidence (a quote); empty in software mode.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub evidence: Vec<u8>,
     /// The enclave's signature over the report transcript.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub signature: Vec<u8>,
 }
 

@@ -30,6 +30,7 @@ use crate::wire::b64;
 
 /// `POST /v1/enroll` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
     /// Protocol version.
@@ -42,21 +43,25 @@ pub struct EnrollRequest {
     pub kem_suite: KemSuite,
     /// The device's KEM public key.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub kem_public_key: Vec<u8>,
     /// The signature suite of `verifying_key`.
     pub signature_suite: SignatureSuite,
     /// The device's verifying key.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub verifying_key: Vec<u8>,
     /// The fingerprint the device pinned for this server (hex).
     pub server_fingerprint: String,
     /// Proof of possession: the device's signature over the request transcript.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub proof: Vec<u8>,
 }
 
 /// `POST /v1/enroll` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EnrollResponse {
     /// Protocol version.
@@ -67,6 +72,7 @@ pub struct EnrollResponse {
     pub enrolled_at: u64,
     /// The server's signature over the response transcript.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub signature: Vec<u8>,
 }
 
@@ -74,6 +80,7 @@ pub struct EnrollResponse {
 /// a TLS connection whose certificate the device then checks, together with
 /// `verifying_key`, against the fingerprint it was given out of band.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ServerInfo {
     /// Protocol version.
@@ -84,6 +91,7 @@ pub struct ServerInfo {
     pub signature_suite: SignatureSuite,
     /// The server's ML-DSA verifying key.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub verifying_key: Vec<u8>,
     /// KEM suites devices may enroll with.
     pub kem_suites: Vec<KemSuite>,

@@ -21,6 +21,7 @@ use crate::wire::b64_array;
 
 /// Local training settings a round asks devices to use.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TrainingPlan {
     /// SGD learning rate.
@@ -33,11 +34,13 @@ pub struct TrainingPlan {
 
 /// `POST /v1/rounds/current` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RoundQuery {
     /// A fresh nonce for the enclave's attestation report, when the device
     /// wants one (it should before sealing an update).
     #[serde(default, with = "option_nonce")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = Byte))]
     pub nonce: Option<[u8; 32]>,
 }
 
@@ -64,6 +67,7 @@ mod option_nonce {
 
 /// Where the federation stands, from one device's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RoundStatus {
     /// No round is open; poll again later.
@@ -80,6 +84,7 @@ pub enum RoundStatus {
 
 /// `POST /v1/rounds/current` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RoundInfo {
     /// What the device should do.
@@ -107,12 +112,14 @@ pub struct ModelQuery {}
 
 /// The header of a model download.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ModelDownload {
     /// The enclave's certificate of the bytes that follow.
     pub certificate: ModelCertificate,
     /// The enclave key that signed it (must match the attested report's).
     #[serde(with = "b64_array")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub enclave_key_sha256: [u8; 32],
 }
 
@@ -150,6 +157,7 @@ pub fn decode_model_download(bytes: &[u8]) -> Result<(ModelDownload, &[u8])> {
 
 /// `POST /v1/updates` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SubmitReceipt {
     /// The round.

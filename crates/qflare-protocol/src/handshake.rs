@@ -54,6 +54,7 @@ pub const HANDSHAKE_TIMEOUT_SECS: u64 = 60;
 
 /// `POST /v1/sessions` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ClientHello {
     /// Protocol version.
@@ -64,14 +65,17 @@ pub struct ClientHello {
     pub kem_suite: KemSuite,
     /// The ephemeral KEM public key.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub ephemeral_public_key: Vec<u8>,
     /// The client's fresh nonce.
     #[serde(with = "b64_array")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub client_nonce: [u8; NONCE_LEN],
 }
 
 /// `POST /v1/sessions` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ServerHello {
     /// Protocol version.
@@ -80,22 +84,27 @@ pub struct ServerHello {
     pub session_id: SessionId,
     /// The server's fresh nonce.
     #[serde(with = "b64_array")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub server_nonce: [u8; NONCE_LEN],
     /// Encapsulation to the device's registered KEM key.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub static_ciphertext: Vec<u8>,
     /// Encapsulation to the ephemeral key.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub ephemeral_ciphertext: Vec<u8>,
     /// Unix seconds after which the session is dead.
     pub expires_at: u64,
     /// The server's signature over the hello transcript.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub signature: Vec<u8>,
 }
 
 /// `POST /v1/sessions/{id}/confirm` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfirm {
     /// Protocol version.
@@ -104,9 +113,11 @@ pub struct ClientConfirm {
     pub session_id: SessionId,
     /// The device's signature over the confirm transcript.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub signature: Vec<u8>,
     /// HMAC proving both sides derived the same keys.
     #[serde(with = "b64_array")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub key_confirmation: [u8; 32],
 }
 

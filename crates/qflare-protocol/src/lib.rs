@@ -79,6 +79,8 @@ pub mod handshake;
 pub mod identity;
 pub mod kem;
 pub mod model;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 pub mod rotation;
 pub mod secret;
 pub mod sig;

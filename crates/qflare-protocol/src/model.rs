@@ -15,6 +15,7 @@ use crate::wire::{b64, hex_array};
 
 /// The enclave's signed statement about one global model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ModelCertificate {
     /// Protocol version.
@@ -27,9 +28,11 @@ pub struct ModelCertificate {
     pub round_id: u64,
     /// SHA-256 of the model's safetensors bytes.
     #[serde(with = "hex_array")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[0-9a-f]+$"))]
     pub model_sha256: [u8; 32],
     /// The enclave's signature.
     #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
     pub signature: Vec<u8>,
 }
 

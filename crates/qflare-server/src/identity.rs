@@ -39,12 +39,14 @@ use crate::config::Config;
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    /// The inner error is part of the message, not a `source()`, so a chain
+    /// printed with `{:#}` says it once.
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A secret file is readable by group or others.
     #[error("{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}")]
@@ -65,9 +67,9 @@ pub enum IdentityError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
-    move |source| IdentityError::Io {
+    move |error| IdentityError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 

@@ -33,6 +33,7 @@ pub mod federation;
 pub mod identity;
 pub mod ledger;
 pub mod metrics;
+pub mod openapi;
 pub mod ratelimit;
 pub mod routes;
 pub mod sealed;
@@ -70,16 +71,16 @@ pub enum ServerError {
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
     /// The database could not be opened.
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] qflare_store::StoreError),
     /// Redis could not be reached.
-    #[error("rate limiter: {0}")]
+    #[error(transparent)]
     RateLimit(#[from] ratelimit::RateLimitError),
     /// TLS could not be configured.
     #[error("tls: {0}")]
     Tls(String),
     /// A listener failed.
-    #[error("io: {0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// The enclave or the round controller could not start.
     #[error("federation: {0}")]

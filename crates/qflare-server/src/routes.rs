@@ -5,6 +5,7 @@
 //! |---|---|---|---|
 //! | GET | `/`, `/devices`, `/audit` | admin token (HTTP Basic password) | [`crate::web`] |
 //! | GET | `/static/qflare.css` | — | [`crate::web::stylesheet`] |
+//! | GET | `/openapi.json` | — | this API's OpenAPI document ([`crate::openapi`]) |
 //! | GET | `/healthz` | — | [`public::healthz`] |
 //! | GET | `/v1/server-info` | — | [`public::server_info`] |
 //! | POST | `/v1/enroll` | enrollment token | [`public::enroll`] |
@@ -32,9 +33,12 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
 
 use qflare_protocol::api::routes;
 
@@ -42,42 +46,63 @@ use crate::api::{admin, device, federation, public};
 use crate::app::{ClientAddr, SharedState};
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::RequestLabels;
+use crate::openapi::ApiDoc;
 use crate::ratelimit::RateLimit;
 
-/// Builds the HTTPS router.
+/// Builds the HTTPS router, and from the same registrations the OpenAPI
+/// document it serves at [`routes::OPENAPI`].
 pub fn router(state: SharedState) -> Router {
-    let open = Router::new()
-        .route(routes::HEALTHZ, get(public::healthz))
-        .route(routes::SERVER_INFO, get(public::server_info))
+    let open = OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(public::healthz))
+        .routes(utoipa_axum::routes!(public::server_info))
         .route_layer(from_fn_with_state(state.clone(), limit_public));
-    let enroll = Router::new()
-        .route(routes::ENROLL, post(public::enroll))
+    let enroll = OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(public::enroll))
         .route_layer(from_fn_with_state(state.clone(), limit_enroll));
-    let sessions = Router::new()
-        .route(routes::SESSIONS, post(public::open_session))
-        .route(routes::SESSION_CONFIRM, post(public::confirm_session))
+    let sessions = OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(public::open_session))
+        .routes(utoipa_axum::routes!(public::confirm_session))
         .route_layer(from_fn_with_state(state.clone(), limit_sessions));
-    let sealed = Router::new()
-        .route(routes::SESSION_PING, post(device::ping))
-        .route(routes::ROTATE_KEYS, post(device::rotate_keys))
-        .route(routes::CURRENT_ROUND, post(federation::current_round))
-        .route(routes::CURRENT_MODEL, post(federation::current_model))
-        .route(routes::UPDATES, post(federation::submit_update))
+    let sealed = OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(device::ping))
+        .routes(utoipa_axum::routes!(device::rotate_keys))
+        .routes(utoipa_axum::routes!(federation::current_round))
+        .routes(utoipa_axum::routes!(federation::current_model))
+        .routes(utoipa_axum::routes!(federation::submit_update))
         .route_layer(from_fn_with_state(state.clone(), limit_public));
-    let admin = Router::new()
-        .route(
-            routes::ADMIN_TOKENS,
-            post(admin::create_token).get(admin::list_tokens),
-        )
-        .route(routes::ADMIN_TOKEN_REVOKE, post(admin::revoke_token))
-        .route(routes::ADMIN_DEVICES, get(admin::list_devices))
-        .route(routes::ADMIN_DEVICE_REVOKE, post(admin::revoke_device))
-        .route(routes::ADMIN_AUDIT, get(admin::list_audit))
-        .route(routes::ADMIN_ROUNDS, get(federation::list_rounds))
-        .route(routes::ADMIN_ROUNDS_START, post(federation::start_rounds))
-        .route(routes::ADMIN_ROUNDS_PAUSE, post(federation::pause_rounds))
+    let admin = OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(
+            admin::create_token,
+            admin::list_tokens
+        ))
+        .routes(utoipa_axum::routes!(admin::revoke_token))
+        .routes(utoipa_axum::routes!(admin::list_devices))
+        .routes(utoipa_axum::routes!(admin::revoke_device))
+        .routes(utoipa_axum::routes!(admin::list_audit))
+        .routes(utoipa_axum::routes!(federation::list_rounds))
+        .routes(utoipa_axum::routes!(federation::start_rounds))
+        .routes(utoipa_axum::routes!(federation::pause_rounds))
         .route_layer(from_fn_with_state(state.clone(), admin::require_admin))
         .route_layer(from_fn_with_state(state.clone(), limit_admin));
+    let (api, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(open)
+        .merge(enroll)
+        .merge(sessions)
+        .merge(sealed)
+        .merge(admin)
+        .split_for_parts();
+    crate::openapi::complete(&mut document);
+    // Rendered once: the document is fixed for the life of the process.
+    let document = bytes::Bytes::from(crate::openapi::render(&document));
+    let spec = Router::new()
+        .route(
+            routes::OPENAPI,
+            get(move || {
+                let document = document.clone();
+                async move { ([(header::CONTENT_TYPE, "application/json")], document) }
+            }),
+        )
+        .route_layer(from_fn_with_state(state.clone(), limit_public));
     let pages = Router::new()
         .route(routes::PAGE_DASHBOARD, get(crate::web::dashboard))
         .route(routes::PAGE_DEVICES, get(crate::web::devices))
@@ -90,11 +115,8 @@ pub fn router(state: SharedState) -> Router {
         .route(routes::STYLESHEET, get(crate::web::stylesheet));
     Router::new()
         .merge(pages)
-        .merge(open)
-        .merge(enroll)
-        .merge(sessions)
-        .merge(sealed)
-        .merge(admin)
+        .merge(spec)
+        .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), observe))

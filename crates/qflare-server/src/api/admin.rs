@@ -7,7 +7,8 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use qflare_protocol::identity::EnrollmentToken;
+use qflare_protocol::api::routes;
+use qflare_protocol::identity::{DeviceId, EnrollmentToken};
 use qflare_store::{DeviceRecord, TokenRecord};
 use serde::Deserialize;
 use serde_json::json;
@@ -64,6 +65,11 @@ fn token_status(token: &TokenRecord, now: i64) -> &'static str {
 }
 
 /// `POST /v1/admin/tokens`.
+#[utoipa::path(
+    post, path = routes::ADMIN_TOKENS, tag = "admin", security(("admin_token" = [])),
+    request_body = CreateTokenRequest,
+    responses((status = 201, description = "The token, shown once.", body = CreatedToken)),
+)]
 pub async fn create_token(
     State(state): State<SharedState>,
     headers: HeaderMap,
@@ -122,6 +128,10 @@ pub async fn create_token(
 }
 
 /// `GET /v1/admin/tokens`.
+#[utoipa::path(
+    get, path = routes::ADMIN_TOKENS, tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "Every enrollment token (never the token itself).", body = Vec<TokenView>)),
+)]
 pub async fn list_tokens(State(state): State<SharedState>) -> ApiResult<Json<Vec<TokenView>>> {
     let now = state.now_i64();
     let tokens = state.store.list_tokens().await?;
@@ -143,6 +153,11 @@ pub async fn list_tokens(State(state): State<SharedState>) -> ApiResult<Json<Vec
 }
 
 /// `POST /v1/admin/tokens/{id}/revoke`.
+#[utoipa::path(
+    post, path = routes::ADMIN_TOKEN_REVOKE, tag = "admin", security(("admin_token" = [])),
+    params(("id" = String, Path, description = "The token's id.")),
+    responses((status = 200, description = "Whether an unused token was revoked.", body = Revoked)),
+)]
 pub async fn revoke_token(
     State(state): State<SharedState>,
     Path(id): Path<String>,
@@ -177,6 +192,10 @@ pub fn device_view(d: &DeviceRecord) -> DeviceView {
 }
 
 /// `GET /v1/admin/devices`.
+#[utoipa::path(
+    get, path = routes::ADMIN_DEVICES, tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "Enrolled devices.", body = Vec<DeviceView>)),
+)]
 pub async fn list_devices(State(state): State<SharedState>) -> ApiResult<Json<Vec<DeviceView>>> {
     Ok(Json(
         state
@@ -190,6 +209,11 @@ pub async fn list_devices(State(state): State<SharedState>) -> ApiResult<Json<Ve
 }
 
 /// `POST /v1/admin/devices/{id}/revoke`: ends its sessions and refuses it from now on.
+#[utoipa::path(
+    post, path = routes::ADMIN_DEVICE_REVOKE, tag = "admin", security(("admin_token" = [])),
+    params(("id" = DeviceId, Path, description = "The device's id.")),
+    responses((status = 200, description = "Whether an active device was revoked.", body = Revoked)),
+)]
 pub async fn revoke_device(
     State(state): State<SharedState>,
     Path(id): Path<String>,
@@ -220,6 +244,14 @@ fn default_audit_limit() -> u32 {
 }
 
 /// `GET /v1/admin/audit?after=N&limit=M`.
+#[utoipa::path(
+    get, path = routes::ADMIN_AUDIT, tag = "admin", security(("admin_token" = [])),
+    params(
+        ("after" = Option<u64>, Query, description = "Entries after this sequence number (default 0)."),
+        ("limit" = Option<u32>, Query, description = "At most this many, 1 to 1000 (default 100)."),
+    ),
+    responses((status = 200, description = "Audit ledger entries in chain order.", body = Vec<AuditView>)),
+)]
 pub async fn list_audit(
     State(state): State<SharedState>,
     query: Result<Query<AuditQuery>, QueryRejection>,

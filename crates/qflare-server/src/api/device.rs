@@ -3,6 +3,7 @@
 
 use axum::extract::State;
 use axum::response::Response;
+use qflare_protocol::api::routes;
 use qflare_protocol::rotation::{self, KeyRotationRequest};
 use qflare_store::DeviceKeys as StoredKeys;
 use serde_json::json;
@@ -12,9 +13,15 @@ use crate::app::SharedState;
 use crate::devices::registered_keys;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::ledger::AuditKind;
+use crate::openapi::SealedRecord;
 use crate::sealed::SealedRequest;
 
 /// `POST /v1/session/ping`: proves the channel works both ways.
+#[utoipa::path(
+    post, path = routes::SESSION_PING, tag = "device",
+    request_body(content = SealedRecord, content_type = "application/vnd.qflare.sealed", description = "A sealed empty JSON object."),
+    responses((status = 200, description = "A sealed `Pong`.", content_type = "application/vnd.qflare.sealed", body = SealedRecord)),
+)]
 pub async fn ping(State(state): State<SharedState>, request: SealedRequest) -> Response {
     request.respond(Ok(Pong {
         device_id: request.device_id.to_hex(),
@@ -27,6 +34,11 @@ pub async fn ping(State(state): State<SharedState>, request: SealedRequest) -> R
 /// `POST /v1/devices/self/rotate-keys`: replace the device's keys. Signed by
 /// the old key and the new one; ends every session of the device afterwards,
 /// so the next one is established with the new keys.
+#[utoipa::path(
+    post, path = routes::ROTATE_KEYS, tag = "device",
+    request_body(content = SealedRecord, content_type = "application/vnd.qflare.sealed", description = "A sealed `RotationRequest`: the new public keys, signed by old and new keys."),
+    responses((status = 200, description = "A sealed `KeysRotated`.", content_type = "application/vnd.qflare.sealed", body = SealedRecord)),
+)]
 pub async fn rotate_keys(State(state): State<SharedState>, request: SealedRequest) -> Response {
     let result = rotate(&state, &request).await;
     let response = request.respond(result);

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
+use qflare_protocol::api::routes;
 use qflare_protocol::envelope::{self, UpdateEnvelope};
 use qflare_protocol::federation::{
     ModelDownload, ModelQuery, RoundInfo, RoundQuery, RoundStatus, SubmitReceipt,
@@ -22,6 +23,7 @@ use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::federation::{Federation, FederationError};
 use crate::ledger::AuditKind;
 use crate::metrics::Metrics;
+use crate::openapi::SealedRecord;
 use crate::sealed::SealedRequest;
 
 fn federation(state: &SharedState) -> ApiResult<Arc<Federation>> {
@@ -46,6 +48,11 @@ impl From<FederationError> for ApiError {
 }
 
 /// `POST /v1/rounds/current`.
+#[utoipa::path(
+    post, path = routes::CURRENT_ROUND, tag = "device",
+    request_body(content = SealedRecord, content_type = "application/vnd.qflare.sealed", description = "A sealed `RoundQuery`."),
+    responses((status = 200, description = "A sealed `RoundInfo`.", content_type = "application/vnd.qflare.sealed", body = SealedRecord)),
+)]
 pub async fn current_round(State(state): State<SharedState>, request: SealedRequest) -> Response {
     let result = round_info(&state, &request).await;
     request.respond(result)
@@ -102,6 +109,11 @@ async fn round_info(state: &SharedState, request: &SealedRequest) -> ApiResult<R
 
 /// `POST /v1/models/current`: the model devices train from, with the running
 /// enclave's certificate, as `header length | header | safetensors`.
+#[utoipa::path(
+    post, path = routes::CURRENT_MODEL, tag = "device",
+    request_body(content = SealedRecord, content_type = "application/vnd.qflare.sealed", description = "A sealed `ModelQuery`."),
+    responses((status = 200, description = "A sealed model download: a `ModelDownload` header, then the safetensors bytes.", content_type = "application/vnd.qflare.sealed", body = SealedRecord)),
+)]
 pub async fn current_model(State(state): State<SharedState>, request: SealedRequest) -> Response {
     let result = model_download(&state, &request).await;
     match result {
@@ -129,6 +141,11 @@ async fn model_download(state: &SharedState, request: &SealedRequest) -> ApiResu
 }
 
 /// `POST /v1/updates`: check who sent it, store it sealed, forward it.
+#[utoipa::path(
+    post, path = routes::UPDATES, tag = "device",
+    request_body(content = SealedRecord, content_type = "application/vnd.qflare.sealed", description = "A sealed update envelope: signed by the device, sealed to the enclave."),
+    responses((status = 200, description = "A sealed `SubmitReceipt`.", content_type = "application/vnd.qflare.sealed", body = SealedRecord)),
+)]
 pub async fn submit_update(State(state): State<SharedState>, request: SealedRequest) -> Response {
     let result = submit(&state, &request).await;
     if let Err(err) = &result {
@@ -198,7 +215,7 @@ async fn submit(state: &SharedState, request: &SealedRequest) -> ApiResult<Submi
 }
 
 /// `POST /v1/admin/rounds/start` and `/pause` answer, and `GET /v1/admin/rounds`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FederationView {
     /// Whether new rounds are being opened.
@@ -214,7 +231,7 @@ pub struct FederationView {
 }
 
 /// A round in the admin view.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RoundView {
     /// Id.
@@ -238,7 +255,7 @@ pub struct RoundView {
 }
 
 /// A model in the admin view.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelView {
     /// Version.
@@ -304,17 +321,29 @@ pub async fn view(state: &SharedState, limit: u32) -> ApiResult<FederationView> 
 }
 
 /// `GET /v1/admin/rounds`.
+#[utoipa::path(
+    get, path = routes::ADMIN_ROUNDS, tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "Recent rounds, every model and the enclave.", body = FederationView)),
+)]
 pub async fn list_rounds(State(state): State<SharedState>) -> ApiResult<Json<FederationView>> {
     Ok(Json(view(&state, 50).await?))
 }
 
 /// `POST /v1/admin/rounds/start`.
+#[utoipa::path(
+    post, path = routes::ADMIN_ROUNDS_START, tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "Training started or resumed.", body = FederationView)),
+)]
 pub async fn start_rounds(State(state): State<SharedState>) -> ApiResult<Json<FederationView>> {
     federation(&state)?.start_training().await;
     Ok(Json(view(&state, 10).await?))
 }
 
 /// `POST /v1/admin/rounds/pause`.
+#[utoipa::path(
+    post, path = routes::ADMIN_ROUNDS_PAUSE, tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "No new rounds open; the open one finishes.", body = FederationView)),
+)]
 pub async fn pause_rounds(State(state): State<SharedState>) -> ApiResult<Json<FederationView>> {
     federation(&state)?.pause().await;
     Ok(Json(view(&state, 10).await?))

@@ -12,8 +12,20 @@ pub mod public;
 
 use serde::{Deserialize, Serialize};
 
+/// `GET /healthz` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// Always `ok`: an unhealthy server answers with an error instead.
+    pub status: String,
+    /// The store backend (`sqlite` or `postgres`).
+    pub store: String,
+    /// The rate-limit backend (`memory` or `redis`).
+    pub rate_limits: String,
+}
+
 /// `POST /v1/admin/tokens` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTokenRequest {
     /// Who or what the token is for (1 to 64 printable characters).
@@ -24,7 +36,7 @@ pub struct CreateTokenRequest {
 }
 
 /// `POST /v1/admin/tokens` answer. The token is shown once and never stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatedToken {
     /// The token's id (for listing and revoking).
@@ -38,7 +50,7 @@ pub struct CreatedToken {
 }
 
 /// A token as the admin API lists it (never the token or its hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenView {
     /// Id.
@@ -60,7 +72,7 @@ pub struct TokenView {
 }
 
 /// A device as the admin API lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceView {
     /// Id.
@@ -84,7 +96,7 @@ pub struct DeviceView {
 }
 
 /// The answer to a revocation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Revoked {
     /// False when it was unknown or already revoked (or, for tokens, used).
@@ -92,7 +104,7 @@ pub struct Revoked {
 }
 
 /// An audit entry as the admin API lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuditView {
     /// Position in the chain.
@@ -112,7 +124,7 @@ pub struct AuditView {
 }
 
 /// `POST /v1/sessions/{id}/confirm` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionEstablished {
     /// The session.
@@ -122,7 +134,7 @@ pub struct SessionEstablished {
 }
 
 /// `POST /v1/session/ping` answer (sealed).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Pong {
     /// The authenticated device.
@@ -136,7 +148,7 @@ pub struct Pong {
 }
 
 /// `POST /v1/devices/self/rotate-keys` answer (sealed).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeysRotated {
     /// The device's new key version.

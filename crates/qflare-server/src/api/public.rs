@@ -6,8 +6,11 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use qflare_protocol::PROTOCOL_VERSION;
-use qflare_protocol::enrollment::{self, EnrollRequest, ServerInfo};
-use qflare_protocol::handshake::{AwaitClientConfirm, ClientConfirm, ClientHello, ServerStart};
+use qflare_protocol::api::routes;
+use qflare_protocol::enrollment::{self, EnrollRequest, EnrollResponse, ServerInfo};
+use qflare_protocol::handshake::{
+    AwaitClientConfirm, ClientConfirm, ClientHello, ServerHello, ServerStart,
+};
 use qflare_protocol::identity::{DeviceId, SessionId};
 use qflare_protocol::wire::limits;
 use qflare_store::{
@@ -15,7 +18,7 @@ use qflare_store::{
 };
 use serde_json::json;
 
-use super::SessionEstablished;
+use super::{Health, SessionEstablished};
 use crate::app::SharedState;
 use crate::body::read_json;
 use crate::devices::registered_keys;
@@ -25,14 +28,24 @@ use crate::metrics::Metrics;
 use crate::sealed::{established_context, pending_context};
 
 /// `GET /healthz`: the process is up and its store answers.
+#[utoipa::path(
+    get, path = routes::HEALTHZ, tag = "public",
+    responses((status = 200, description = "The process is up and its store answers.", body = Health)),
+)]
 pub async fn healthz(State(state): State<SharedState>) -> ApiResult<impl IntoResponse> {
     state.store.latest_round().await?;
-    Ok(Json(
-        json!({ "status": "ok", "store": state.store.backend(), "rate_limits": state.limiter.backend() }),
-    ))
+    Ok(Json(Health {
+        status: "ok".to_owned(),
+        store: state.store.backend().to_owned(),
+        rate_limits: state.limiter.backend().to_owned(),
+    }))
 }
 
 /// `GET /v1/server-info`.
+#[utoipa::path(
+    get, path = routes::SERVER_INFO, tag = "public",
+    responses((status = 200, description = "Suites and the server's ML-DSA key; a device pins its fingerprint.", body = ServerInfo)),
+)]
 pub async fn server_info(State(state): State<SharedState>) -> Json<ServerInfo> {
     let key = state.identity.signing_key.verifying_key();
     Json(ServerInfo {
@@ -48,6 +61,11 @@ pub async fn server_info(State(state): State<SharedState>) -> Json<ServerInfo> {
 
 /// `POST /v1/enroll`: verify the proof of possession, consume the token
 /// atomically, store the public keys, answer signed.
+#[utoipa::path(
+    post, path = routes::ENROLL, tag = "public",
+    request_body = EnrollRequest,
+    responses((status = 201, description = "Enrolled; the answer is signed by the server.", body = EnrollResponse)),
+)]
 pub async fn enroll(
     State(state): State<SharedState>,
     headers: HeaderMap,
@@ -167,6 +185,11 @@ async fn active_device(state: &SharedState, id: &DeviceId) -> ApiResult<DeviceRe
 }
 
 /// `POST /v1/sessions`: answer a client hello.
+#[utoipa::path(
+    post, path = routes::SESSIONS, tag = "public",
+    request_body = ClientHello,
+    responses((status = 201, description = "The server's half of the handshake, signed.", body = ServerHello)),
+)]
 pub async fn open_session(
     State(state): State<SharedState>,
     headers: HeaderMap,
@@ -225,6 +248,12 @@ pub async fn open_session(
 }
 
 /// `POST /v1/sessions/{id}/confirm`: verify the device's confirmation.
+#[utoipa::path(
+    post, path = routes::SESSION_CONFIRM, tag = "public",
+    params(("id" = SessionId, Path, description = "The session from the server hello.")),
+    request_body = ClientConfirm,
+    responses((status = 200, description = "The session is established.", body = SessionEstablished)),
+)]
 pub async fn confirm_session(
     State(state): State<SharedState>,
     Path(id): Path<String>,

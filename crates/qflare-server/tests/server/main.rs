@@ -9,5 +9,6 @@ mod harness;
 mod admin;
 mod enrollment;
 mod limits;
+mod openapi;
 mod sessions;
 mod transport;
