@@ -1,11 +1,14 @@
 //! Local training throughput on real MNIST: the 2NN and the CNN at batch
 //! size 10 (FedAvg's B), one epoch over a small slice per iteration.
 //!
-//! Needs the data (`QFLARE_DATA_DIR=/path/to/mnist`); without it the
-//! benchmark prints a skip line and measures nothing. Run with
+//! Needs the data (`QFLARE_DATA_DIR=/path/to/mnist`, else `./data/`, which
+//! for a bench is `crates/qflare-ml/data/`: cargo runs benches in the
+//! package directory); it never downloads, and without the data the benchmark
+//! prints a skip line and measures nothing. From the repository root, after
+//! `qflare demo` has downloaded MNIST into `./data/mnist`:
 //!
 //! ```text
-//! QFLARE_DATA_DIR=/work/shared/data/mnist cargo bench -p qflare-ml --bench training
+//! QFLARE_DATA_DIR=$PWD/data/mnist cargo bench -p qflare-ml --bench training
 //! ```
 //!
 //! Criterion reports time per iteration and, through `Throughput::Elements`,

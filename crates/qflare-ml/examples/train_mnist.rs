@@ -1,7 +1,7 @@
 //! Trains one model on a slice of real MNIST and reports speed and accuracy.
 //!
 //! ```text
-//! QFLARE_DATA_DIR=/work/shared/data/mnist cargo run --release -p qflare-ml --example train_mnist -- \
+//! cargo run --release -p qflare-ml --example train_mnist -- \
 //!     --arch mnist-2nn --examples 60000 --test-examples 10000 --epochs 1 --batch 10 --lr 0.05 --threads 2
 //! ```
 //!
@@ -11,7 +11,8 @@
 //! weights. The data are
 //! found as the library finds them (flag `--data-dir`, `QFLARE_DATA_DIR`,
 //! `./data/`, `/usr/share/datasets/`), without downloading unless
-//! `--download` is given.
+//! `--download` is given (into `./data/mnist`, where `qflare demo` also
+//! downloads it).
 
 use std::path::PathBuf;
 use std::time::Instant;
