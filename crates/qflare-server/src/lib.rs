@@ -7,7 +7,7 @@
 //! ```text
 //!  TcpListener ─▶ TLS 1.3 (rustls, aws-lc-rs) ─▶ hyper ─▶ axum router (routes.rs)
 //!                                                          │
-//!      public: health, server-info, enroll, handshake ─────┤  rate limits (ratelimit.rs)
+//!      public: health, server-info, enroll, handshake ─────┤  rate limits (ratelimit/)
 //!      sealed: SealedRequest extractor (sealed.rs) ────────┤  audit ledger (ledger.rs)
 //!      admin:  bearer token (api/admin.rs) ────────────────┘  metrics (metrics.rs)
 //!                              │
