@@ -14,11 +14,27 @@
 //!                       Store (qflare-store: SQLite or PostgreSQL)
 //! ```
 //!
-//! * [`config`]: layered configuration; [`identity`]: keys, certificate and
-//!   fingerprint in the state directory.
+//! Arrows between modules run one way, top to bottom:
+//!
+//! 1. [`routes`]: the router, its rate-limit and admin layers, and the
+//!    [`openapi`] document collected from the handlers it registers.
+//! 2. Handlers: [`api`] (JSON and sealed routes) and [`web`] (the pages),
+//!    with the extractors they use: [`sealed`] (opens a sealed request
+//!    against its session) and [`body`] (bounded JSON bodies).
+//! 3. Services the handlers share: [`federation`] (the round controller, which
+//!    gets only a `ControllerContext`: config, store, auditor, metrics, clock,
+//!    never the HTTP state), [`devices`], [`ledger`] (the audit chain),
+//!    [`ratelimit`].
+//! 4. Below them: `qflare-store`, `qflare-protocol`, the enclave host, and
+//!    [`config`], [`identity`], [`clock`], [`metrics`], [`error`].
+//!
+//! [`app::AppState`] is what handlers see; it holds the services, and no
+//! service holds it.
+//!
 //! * [`Server::serve`] takes a bound listener and a shutdown future, which
 //!   is how tests run the real server on `127.0.0.1:0`.
-//! * Errors answer with one JSON shape ([`error`]); details go to the log.
+//! * Errors answer with one JSON shape ([`error`], codes from
+//!   `qflare_protocol::api::ErrorCode`); details go to the log.
 
 #![forbid(unsafe_code)]
 
