@@ -26,109 +26,6 @@ use crate::{
     SessionRecord, Store, StoreError, SubmissionOutcome, TokenRecord, VerdictRecord,
 };
 
-/// Schema migrations, applied in order; migration `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
-CREATE TABLE tokens (
-    id          TEXT PRIMARY KEY,
-    hash        TEXT NOT NULL UNIQUE,
-    label       TEXT NOT NULL,
-    created_at  INTEGER NOT NULL,
-    expires_at  INTEGER NOT NULL,
-    used_at     INTEGER,
-    used_by     TEXT,
-    revoked_at  INTEGER
-);
-
-CREATE TABLE devices (
-    id              TEXT PRIMARY KEY,
-    name            TEXT NOT NULL,
-    kem_suite       TEXT NOT NULL,
-    kem_public_key  BLOB NOT NULL,
-    signature_suite TEXT NOT NULL,
-    verifying_key   BLOB NOT NULL,
-    enrolled_at     INTEGER NOT NULL,
-    revoked_at      INTEGER,
-    last_seen_at    INTEGER,
-    key_version     INTEGER NOT NULL,
-    token_id        TEXT REFERENCES tokens (id)
-);
-CREATE INDEX devices_by_enrolled_at ON devices (enrolled_at, id);
-
-CREATE TABLE sessions (
-    id               TEXT PRIMARY KEY,
-    device_id        TEXT NOT NULL REFERENCES devices (id),
-    state            TEXT NOT NULL,
-    client_nonce     BLOB NOT NULL,
-    sealed_state     BLOB NOT NULL,
-    created_at       INTEGER NOT NULL,
-    confirm_deadline INTEGER NOT NULL,
-    expires_at       INTEGER NOT NULL,
-    last_seq         INTEGER NOT NULL,
-    UNIQUE (device_id, client_nonce)
-);
-CREATE INDEX sessions_by_expiry ON sessions (expires_at);
-
-CREATE TABLE rounds (
-    id                 INTEGER PRIMARY KEY,
-    state              TEXT NOT NULL,
-    base_model_version INTEGER NOT NULL,
-    config_json        TEXT NOT NULL,
-    min_updates        INTEGER NOT NULL,
-    target_updates     INTEGER NOT NULL,
-    opened_at          INTEGER NOT NULL,
-    deadline           INTEGER NOT NULL,
-    closed_at          INTEGER,
-    attempt            INTEGER NOT NULL,
-    outcome_json       TEXT
-);
-
-CREATE TABLE participants (
-    round_id     INTEGER NOT NULL REFERENCES rounds (id),
-    device_id    TEXT NOT NULL REFERENCES devices (id),
-    submitted_at INTEGER,
-    envelope     BLOB,
-    verdict      TEXT,
-    reason       TEXT,
-    PRIMARY KEY (round_id, device_id)
-);
-
-CREATE TABLE models (
-    version          INTEGER PRIMARY KEY,
-    round_id         INTEGER NOT NULL,
-    architecture     TEXT NOT NULL,
-    bytes            BLOB NOT NULL,
-    certificate_json TEXT NOT NULL,
-    created_at       INTEGER NOT NULL,
-    accuracy         REAL,
-    loss             REAL
-);
-
-CREATE TABLE audit_log (
-    seq         INTEGER PRIMARY KEY,
-    at          INTEGER NOT NULL,
-    kind        TEXT NOT NULL,
-    actor       TEXT NOT NULL,
-    subject     TEXT NOT NULL,
-    detail_json TEXT NOT NULL,
-    prev_hash   TEXT NOT NULL,
-    hash        TEXT NOT NULL
-);
-
-CREATE TABLE audit_head (
-    id   INTEGER PRIMARY KEY CHECK (id = 1),
-    seq  INTEGER NOT NULL,
-    hash TEXT NOT NULL
-);
-
-CREATE TABLE checkpoints (
-    seq        INTEGER PRIMARY KEY REFERENCES audit_log (seq),
-    head_hash  TEXT NOT NULL,
-    signature  BLOB NOT NULL,
-    signer_key BLOB NOT NULL,
-    created_at INTEGER NOT NULL
-);
-"#];
-
 /// How long a statement waits for another connection's (or process's) write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -195,37 +92,12 @@ impl SqliteStore {
             .map_err(backend)
     }
 
+    /// Applies the embedded migrations (adopting a database from before them, see
+    /// [`crate::migrate`]) and seeds the audit chain's genesis head, in one immediate transaction
+    /// so that processes opening the same file at once migrate one after the other.
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS qflare_schema_version (
-                 version    INTEGER PRIMARY KEY,
-                 applied_at INTEGER NOT NULL
-             )",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
-        let current =
-            sqlx::query("SELECT COALESCE(MAX(version), 0) AS version FROM qflare_schema_version")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(backend)?
-                .i64("version")?;
-        for (version, sql) in crate::migrations_to_apply(current, MIGRATIONS)? {
-            sqlx::raw_sql(sql)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-            sqlx::query(
-                "INSERT INTO qflare_schema_version (version, applied_at) VALUES ($1, unixepoch())",
-            )
-            .bind(version)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-            tracing::info!(backend = "sqlite", version, "applied schema migration");
-        }
+        crate::migrate::sqlite(&mut tx).await?;
         // The chain's genesis head, seeded here rather than in the SQL so the constant has one home.
         sqlx::query(
             "INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, $1) ON CONFLICT (id) DO NOTHING",
