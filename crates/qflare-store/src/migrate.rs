@@ -19,6 +19,9 @@
 //! The caller runs all of this inside one write transaction that also serializes concurrent
 //! openers (SQLite's `BEGIN IMMEDIATE`, a PostgreSQL advisory lock), so the check, the baseline
 //! and the migrations commit together or not at all; sqlx runs each migration in a savepoint of it.
+//! The migrator is driven through `Migrator::run_direct` (what `Migrator::run` calls) on that
+//! transaction's connection: `run`'s `Acquire` bound on a borrowed connection makes the future
+//! non-`Send`, and the stores are opened from spawned tasks.
 
 use sqlx::migrate::{Migrate, MigrateError, Migrator};
 use sqlx::{PgConnection, SqliteConnection};
