@@ -19,13 +19,16 @@
 //! - `records` defines the plain data types crossing the trait, `error` the one error enum
 //!   ([`StoreError`]) into which every backend failure is mapped, so no `sqlx` type leaks out.
 //! - `sqlite` ([`SqliteStore`]) and `postgres` ([`PostgresStore`]) implement the trait, each with its
-//!   own migrations and SQL; `row` holds the column decoding and integer-range checks they share.
+//!   own SQL; `row` holds the column decoding and integer-range checks they share.
+//! - `migrate` runs the sqlx migrations embedded from `migrations/sqlite` and `migrations/postgres`,
+//!   and adopts a database created before them (schema version 1 in `qflare_schema_version`).
 //! - [`conformance`] is one behavioural test suite, written against the trait, that
 //!   `tests/conformance.rs` runs against both backends and that other crates may reuse.
 
 #![forbid(unsafe_code)]
 
 mod error;
+mod migrate;
 mod postgres;
 mod records;
 mod row;
@@ -265,29 +268,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn insert_checkpoint(&self, checkpoint: &CheckpointRecord) -> Result<(), StoreError>;
     /// Every checkpoint, ascending by seq.
     async fn checkpoints(&self) -> Result<Vec<CheckpointRecord>, StoreError>;
-}
-
-/// The migrations a database at schema version `current` still needs, as `(version, sql)` pairs.
-/// A database newer than this build is refused rather than used with a schema we do not know.
-pub(crate) fn migrations_to_apply(
-    current: i64,
-    migrations: &'static [&'static str],
-) -> Result<Vec<(i64, &'static str)>, StoreError> {
-    let known = migrations.len();
-    let applied = usize::try_from(current)
-        .ok()
-        .filter(|applied| *applied <= known)
-        .ok_or_else(|| {
-            StoreError::Config(format!(
-                "database schema version {current} is not one this build knows (latest {known})"
-            ))
-        })?;
-    Ok(migrations
-        .iter()
-        .zip(1..)
-        .skip(applied)
-        .map(|(sql, version)| (version, *sql))
-        .collect())
 }
 
 /// Builds the entry that follows the head `(head_seq, head_hash)`; the caller's `link` computes

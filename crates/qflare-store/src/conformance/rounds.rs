@@ -1,0 +1,278 @@
+//! Checks of rounds: creation, ordering, state compare-and-set, verdicts, re-opening, and every
+//! submission outcome.
+
+use std::sync::Arc;
+
+use super::{enroll, round};
+use crate::{RoundRecord, RoundState, Store, StoreError, SubmissionOutcome, VerdictRecord};
+
+/// Round creation, ordering, compare-and-set transitions, verdicts and re-opening.
+pub async fn rounds(store: Arc<dyn Store>) -> Result<(), StoreError> {
+    for id in ["r1", "r2", "r3"] {
+        enroll(&store, id, 0).await?;
+    }
+    assert_eq!(store.latest_round().await?, None);
+    let selected = ["r2".to_owned(), "r1".to_owned()];
+    let first = round(1, 10, 1000);
+    store.create_round(&first, &selected).await?;
+    assert!(matches!(
+        store.create_round(&round(1, 11, 1000), &[]).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store
+            .create_round(&round(99, 11, 1000), &["r1".to_owned(), "ghost".to_owned()])
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store.get_round(99).await?,
+        None,
+        "failed creation rolled back"
+    );
+    assert_eq!(store.get_round(1).await?, Some(first.clone()));
+    let participants = store.participants(1).await?;
+    let ids: Vec<&str> = participants.iter().map(|p| p.device_id.as_str()).collect();
+    assert_eq!(ids, ["r1", "r2"]);
+    assert!(participants.iter().all(|p| p.round_id == 1
+        && p.submitted_at.is_none()
+        && p.envelope.is_none()
+        && p.verdict.is_none()));
+
+    store
+        .create_round(&round(3, 20, 1000), &selected[..1])
+        .await?;
+    store.create_round(&round(2, 30, 1000), &[]).await?;
+    assert_eq!(store.latest_round().await?.map(|r| r.id), Some(3));
+    let ids: Vec<u64> = store.list_rounds(10).await?.iter().map(|r| r.id).collect();
+    assert_eq!(ids, [3, 2, 1]);
+    let ids: Vec<u64> = store.list_rounds(2).await?.iter().map(|r| r.id).collect();
+    assert_eq!(ids, [3, 2]);
+
+    let stored = SubmissionOutcome::Stored;
+    assert_eq!(
+        store.record_submission(1, "r1", b"env-1", 100).await?,
+        stored
+    );
+    assert_eq!(
+        store.record_submission(1, "r2", b"env-2", 101).await?,
+        stored
+    );
+
+    use RoundState::*;
+    assert!(
+        !store
+            .transition_round(1, Aggregating, Completed, 300, None)
+            .await?
+    );
+    assert!(
+        store
+            .transition_round(1, Open, Aggregating, 300, None)
+            .await?
+    );
+    assert!(
+        !store
+            .transition_round(1, Open, Aggregating, 301, None)
+            .await?,
+        "CAS lost"
+    );
+    assert!(
+        !store
+            .transition_round(42, Open, Aggregating, 301, None)
+            .await?
+    );
+    let aggregating = store.get_round(1).await?.expect("round 1");
+    assert_eq!(
+        (aggregating.state, aggregating.closed_at),
+        (Aggregating, None)
+    );
+
+    let verdicts = [
+        VerdictRecord {
+            device_id: "r1".to_owned(),
+            verdict: "accepted".to_owned(),
+            reason: None,
+        },
+        VerdictRecord {
+            device_id: "r2".to_owned(),
+            verdict: "rejected".to_owned(),
+            reason: Some("norm bound".to_owned()),
+        },
+    ];
+    store.set_verdicts(1, &verdicts).await?;
+    let bogus = [
+        VerdictRecord {
+            device_id: "r1".to_owned(),
+            verdict: "rejected".to_owned(),
+            reason: None,
+        },
+        VerdictRecord {
+            device_id: "r3".to_owned(),
+            verdict: "accepted".to_owned(),
+            reason: None,
+        },
+    ];
+    assert!(matches!(
+        store.set_verdicts(1, &bogus).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let participants = store.participants(1).await?;
+    let seen: Vec<(Option<&str>, Option<&str>)> = participants
+        .iter()
+        .map(|p| (p.verdict.as_deref(), p.reason.as_deref()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Some("accepted"), None),
+            (Some("rejected"), Some("norm bound"))
+        ]
+    );
+
+    let outcome = r#"{"error":"enclave died"}"#;
+    assert!(
+        store
+            .transition_round(1, Aggregating, Failed, 400, Some(outcome))
+            .await?
+    );
+    let failed = store.get_round(1).await?.expect("round 1");
+    assert_eq!((failed.state, failed.closed_at), (Failed, Some(400)));
+    assert_eq!(failed.outcome_json.as_deref(), Some(outcome));
+
+    assert!(store.reopen_round(1, 2000, 500).await?);
+    let reopened = store.get_round(1).await?.expect("round 1");
+    assert_eq!(
+        reopened,
+        RoundRecord {
+            state: Open,
+            attempt: 2,
+            opened_at: 500,
+            deadline: 2000,
+            closed_at: None,
+            outcome_json: None,
+            ..first.clone()
+        }
+    );
+    let participants = store.participants(1).await?;
+    let envelopes: Vec<Option<&[u8]>> =
+        participants.iter().map(|p| p.envelope.as_deref()).collect();
+    assert_eq!(
+        envelopes,
+        [Some(&b"env-1"[..]), Some(&b"env-2"[..])],
+        "envelopes kept"
+    );
+    assert!(
+        participants
+            .iter()
+            .all(|p| p.verdict.is_none() && p.reason.is_none())
+    );
+    assert_eq!(store.submission_count(1).await?, 2);
+    assert!(!store.reopen_round(1, 3000, 600).await?, "already open");
+    assert!(!store.reopen_round(42, 3000, 600).await?);
+
+    assert!(
+        store
+            .transition_round(1, Open, Aggregating, 700, None)
+            .await?
+    );
+    assert!(
+        store.reopen_round(1, 3000, 710).await?,
+        "a stalled aggregation can be retried"
+    );
+    assert_eq!(store.get_round(1).await?.map(|r| r.attempt), Some(3));
+    assert!(
+        store
+            .transition_round(1, Open, Aggregating, 720, None)
+            .await?
+    );
+    let done = r#"{"model_version":1}"#;
+    assert!(
+        store
+            .transition_round(1, Aggregating, Completed, 730, Some(done))
+            .await?
+    );
+    let completed = store.get_round(1).await?.expect("round 1");
+    assert_eq!(
+        (completed.state, completed.closed_at),
+        (Completed, Some(730))
+    );
+    assert!(
+        !store.reopen_round(1, 4000, 740).await?,
+        "completed rounds stay closed"
+    );
+
+    assert!(
+        store
+            .transition_round(2, Open, Cancelled, 800, None)
+            .await?
+    );
+    let cancelled = store.get_round(2).await?.expect("round 2");
+    assert_eq!(
+        (cancelled.closed_at, cancelled.outcome_json),
+        (Some(800), None)
+    );
+    Ok(())
+}
+
+/// Every [`SubmissionOutcome`] and the submission count.
+pub async fn submissions(store: Arc<dyn Store>) -> Result<(), StoreError> {
+    for id in ["p1", "p2", "p3"] {
+        enroll(&store, id, 0).await?;
+    }
+    store
+        .create_round(&round(1, 10, 1000), &["p1".to_owned(), "p2".to_owned()])
+        .await?;
+    assert_eq!(store.submission_count(1).await?, 0);
+    let submit = |device: &'static str, envelope: &'static [u8], now: i64| {
+        let store = Arc::clone(&store);
+        async move { store.record_submission(1, device, envelope, now).await }
+    };
+    assert_eq!(
+        submit("p1", b"first", 100).await?,
+        SubmissionOutcome::Stored
+    );
+    assert_eq!(
+        submit("p1", b"second", 101).await?,
+        SubmissionOutcome::AlreadySubmitted
+    );
+    assert_eq!(
+        submit("p3", b"x", 102).await?,
+        SubmissionOutcome::NotSelected
+    );
+    assert_eq!(
+        submit("ghost", b"x", 102).await?,
+        SubmissionOutcome::NotSelected
+    );
+    assert_eq!(
+        submit("p2", b"x", 1000).await?,
+        SubmissionOutcome::DeadlinePassed
+    );
+    assert_eq!(
+        store.record_submission(7, "p1", b"x", 100).await?,
+        SubmissionOutcome::UnknownRound
+    );
+    assert_eq!(store.submission_count(1).await?, 1);
+    let p1 = store
+        .participants(1)
+        .await?
+        .into_iter()
+        .find(|p| p.device_id == "p1");
+    let p1 = p1.expect("p1 participates");
+    assert_eq!(
+        (p1.submitted_at, p1.envelope),
+        (Some(100), Some(b"first".to_vec()))
+    );
+
+    assert!(
+        store
+            .transition_round(1, RoundState::Open, RoundState::Aggregating, 200, None)
+            .await?
+    );
+    assert_eq!(
+        submit("p2", b"late", 201).await?,
+        SubmissionOutcome::RoundNotOpen
+    );
+    assert_eq!(store.submission_count(1).await?, 1);
+    assert_eq!(store.submission_count(7).await?, 0);
+    Ok(())
+}
