@@ -273,7 +273,8 @@ async fn web_pages_need_the_admin_token_and_escape_what_they_show() {
             .to_owned();
         assert!(csp.contains("default-src 'none'"), "{csp}");
         let html = page.text().await.unwrap();
-        assert!(html.starts_with("<!doctype html>"));
+        // maud writes the doctype in capitals; HTML reads it case-insensitively.
+        assert!(html.starts_with("<!DOCTYPE html>"));
         assert!(
             !html.contains("<script>"),
             "{path} must escape user-controlled text"
@@ -292,5 +293,63 @@ async fn web_pages_need_the_admin_token_and_escape_what_they_show() {
         .await
         .unwrap();
     assert_eq!(css.headers()["content-type"], "text/css; charset=utf-8");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_render_markup_from_admins_and_the_store_as_text() {
+    const HOSTILE: &str = "<script>alert(1)</script>";
+    const ESCAPED: &str = "&lt;script&gt;alert(1)&lt;/script&gt;";
+    let dir = tempdir();
+    // The test keeps a handle on the server's database to write what the API
+    // would refuse (device names are `[A-Za-z0-9._-]`), as a compromised
+    // database or a future code path could.
+    let raw = qflare_store::SqliteStore::open(&format!(
+        "sqlite://{}",
+        dir.path().join("qflare.db").display()
+    ))
+    .await
+    .unwrap();
+    let mut setup = Setup::new(&dir.path().join("state"));
+    setup.store = Some(std::sync::Arc::new(raw.clone()));
+    let server = TestServer::start(setup).await;
+
+    // An admin's token label lands in the audit ledger's details.
+    let created = server
+        .admin_post("/v1/admin/tokens", serde_json::json!({ "label": HOSTILE }))
+        .await;
+    assert_eq!(created.status(), 201);
+    server.enrolled(&dir.path().join("device")).await;
+    let renamed = raw
+        .execute_raw(&format!("UPDATE devices SET name = '{HOSTILE}'"))
+        .await
+        .unwrap();
+    assert_eq!(renamed, 1);
+
+    let page = |path: &'static str| {
+        let request = server
+            .admin
+            .http
+            .get(server.admin.url(path))
+            .basic_auth("admin", Some(crate::harness::ADMIN_TOKEN));
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200, "{path}");
+            response.text().await.unwrap()
+        }
+    };
+    let devices = page("/devices").await;
+    assert!(
+        devices.contains(&format!("<td>{ESCAPED}</td>")),
+        "the device name is text in its cell: {devices}"
+    );
+    let audit = page("/audit").await;
+    assert!(
+        audit.contains(&format!("&quot;label&quot;:&quot;{ESCAPED}&quot;")),
+        "the label is text inside the escaped detail JSON: {audit}"
+    );
+    for html in [&devices, &audit, &page("/").await] {
+        assert!(!html.contains("<script"), "{html}");
+    }
     server.stop().await;
 }
