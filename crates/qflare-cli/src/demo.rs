@@ -13,6 +13,8 @@ use qflare_enclave::{AggregationConfig, AggregatorKind, DefenseConfig, DefensePr
 use qflare_ml::Architecture;
 use qflare_protocol::federation::TrainingPlan;
 
+use crate::output::human_bytes;
+
 /// `qflare demo` options.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -190,18 +192,9 @@ fn row_line(row: &RoundRow, seconds: f64) -> String {
     )
 }
 
-/// Bytes in KB/MB.
-pub fn human_bytes(bytes: u64) -> String {
-    if bytes >= 1 << 20 {
-        format!("{:.1} MB", bytes as f64 / 1e6)
-    } else {
-        format!("{:.1} KB", bytes as f64 / 1e3)
-    }
-}
-
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let data_dir = sim::find_data(args.data.as_deref())?;
+    let data_dir = sim::find_data(args.data.as_deref(), "qflare demo")?;
     let (enclave_program, enclave_args) = sim::self_as_enclave()?;
     let attack = args.attack.as_deref().map(parse_attack).transpose()?;
     let state_dir = tempfile::tempdir()?;
@@ -230,7 +223,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         compute_threads: args.threads,
         seed: args.seed,
     };
-    println!(
+    eprintln!(
         "QFLARE demo: {} devices ({}), {}, {} rounds, data from {}",
         args.devices,
         attack.map_or_else(
@@ -241,18 +234,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.rounds,
         data_dir.display()
     );
-    println!(
+    eprintln!(
         "starting the server (SQLite in a temporary directory), the enclave, and enrolling devices..."
     );
     let started = Instant::now();
     let mut simulation = Simulation::start(options).await?;
-    println!(
+    eprintln!(
         "ready in {:.1} s; training over HTTPS (TLS 1.3, X25519MLKEM768) with ML-KEM/ML-DSA sessions\n",
         started.elapsed().as_secs_f64()
     );
 
-    let bar = if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-        let bar = ProgressBar::new(args.rounds);
+    // The bar is progress, so it lives on stderr (drawn only when stderr is a
+    // terminal); the table is data, printed on stdout above the bar.
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bar = ProgressBar::with_draw_target(
+            Some(args.rounds),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
         bar.set_style(
             ProgressStyle::with_template("{spinner} round {pos}/{len} {wide_bar} {elapsed}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -264,7 +262,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let header = "| round | selected | accepted | rejected | accuracy | time (s) | bytes sent |\n|------:|---------:|---------:|---------:|---------:|--------:|-----------:|";
     let emit = |line: &str, bar: &Option<ProgressBar>| match bar {
-        Some(bar) => bar.println(line),
+        Some(bar) => bar.suspend(|| println!("{line}")),
         None => println!("{line}"),
     };
     emit(header, &bar);
@@ -346,7 +344,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         100.0 * crypto / report.device_seconds.total.max(1e-9),
         report.enclave_seconds
     );
-    println!(
+    eprintln!(
         "wrote {}, {} and {}",
         png.display(),
         svg.display(),

@@ -234,6 +234,16 @@ fn server_admin_enrollment_shutdown_and_audit() {
     assert!(token_row.contains("active"), "{token_row}");
     assert!(token_row.ends_with(" x"), "{token_row}");
     assert!(!listed.contains(token), "token list never shows a token");
+    // Scripts ask for JSON: the server's view, pretty-printed, alone on stdout.
+    let json = succeeded(
+        &run(workdir, &config, &["token", "list", "--output", "json"]),
+        "token list --output json",
+    );
+    let tokens: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("not JSON ({e}):\n{json}"));
+    assert_eq!(tokens[0]["id"], token_id.as_str(), "{json}");
+    assert_eq!(tokens[0]["status"], "active", "{json}");
+    assert!(json.contains("\n  "), "pretty-printed: {json}");
 
     // A device enrolls with that token and the printed fingerprint, and
     // opens a working session.
@@ -267,6 +277,13 @@ fn server_admin_enrollment_shutdown_and_audit() {
     // Devices: listed, revoked, and then refused a session.
     let devices = succeeded(&run(workdir, &config, &["device", "list"]), "device list");
     let device_row = row(&devices, &device_id);
+    let json = succeeded(
+        &run(workdir, &config, &["device", "list", "--output", "json"]),
+        "device list --output json",
+    );
+    let listed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(listed[0]["id"], device_id.as_str(), "{json}");
+    assert_eq!(listed[0]["name"], "cli-test-device", "{json}");
     assert!(device_row.contains("active"), "{device_row}");
     assert!(device_row.ends_with("cli-test-device"), "{device_row}");
     let revoked = succeeded(
@@ -313,8 +330,8 @@ fn server_admin_enrollment_shutdown_and_audit() {
     let report = stdout(&verify);
     assert_eq!(
         verify.status.code(),
-        Some(2),
-        "a broken ledger exits 2: {report}"
+        Some(3),
+        "a broken ledger exits 3 (2 is clap's usage error): {report}"
     );
     assert!(report.contains("BROKEN at entry 2"), "{report}");
 }

@@ -86,7 +86,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let found = DataSource::from_env()
         .with_explicit(args.data_dir)
         .with_download(download)
-        .locate(args.dataset)?;
+        .locate(args.dataset)
+        .map_err(|e| format!("{e}\nThis example takes the directory as --data-dir <DIR>."))?;
     let train_set = found.load(Split::Train)?.head(args.examples);
     let test_all = found.load(Split::Test)?;
     let picked: Vec<usize> = (0..test_all.len())

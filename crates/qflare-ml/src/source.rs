@@ -351,7 +351,7 @@ fn help(kind: DatasetKind, local_root: &Path, system_root: &Path) -> String {
     let files: Vec<&str> = kind.files().iter().map(|f| f.name).collect();
     format!(
         "Provide the {name} files ({}) in any of these ways, checked in this order:\n\
-         \x20 1. pass a directory with the data-directory flag (--data-dir <DIR>);\n\
+         \x20 1. name the directory explicitly (the program's own data option; see its help);\n\
          \x20 2. set the data directory in the config file;\n\
          \x20 3. set {DATA_DIR_ENV}=<DIR>;\n\
          \x20 4. put the files in {}/;\n\
@@ -545,11 +545,13 @@ mod tests {
             download: Download::Never,
         };
         let err = source.locate(DatasetKind::Mnist).unwrap_err().to_string();
+        // The library names no program's flag; each program adds its own.
+        assert!(!err.contains("--data"), "{err}");
         for needle in [
             "flag",
             "config",
             "env",
-            "--data-dir",
+            "explicitly",
             DATA_DIR_ENV,
             "dataset-fashion-mnist",
             "ossci-datasets",

@@ -1,203 +1,22 @@
-//! A whole federation in one process, for `qflare demo`, `qflare bench
-//! fedavg` and the end-to-end tests: the real server over real HTTPS on
-//! loopback, the real enclave process, and N simulated devices — each with
-//! its own token, keys, identity directory and data partition — running the
-//! real device loop ([`qflare_edge::run_device`]) as concurrent clients.
-//!
-//! Nothing here bypasses the protocol: devices enroll with tokens, open
-//! sessions, verify the enclave's attestation and the model certificate,
-//! train, sign and seal their updates exactly as a separate machine would.
+//! The running federation: the server and its enclave started in-process,
+//! devices enrolled and driven through rounds, and the per-round report.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use qflare_edge::run::{DeviceConfig, DeviceEvent, Events, RoundTimings, TamperFn};
+use qflare_edge::run::{DeviceConfig, DeviceEvent, Events, TamperFn};
 use qflare_edge::{EnrollOptions, Identity};
-use qflare_enclave::AggregationConfig;
-use qflare_ml::{Architecture, Dataset, Partition, Split};
+use qflare_ml::{Dataset, Partition, Split};
 use qflare_protocol::attestation::{AttestationMode, AttestationPolicy};
-use qflare_protocol::federation::TrainingPlan;
 use qflare_protocol::identity::EnrollmentToken;
-use qflare_protocol::tensor::TensorMap;
 use qflare_server::federation::FederationStatus;
 use qflare_server::{Config, Server, ServerOptions, SharedState};
-use rand::SeedableRng;
 use tokio::sync::{oneshot, watch};
 
-/// How a malicious device corrupts its update.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Attack {
-    /// Sends the negated update (pushes the model the other way).
-    SignFlip,
-    /// Multiplies the update (model replacement, boosted).
-    Scale(f32),
-    /// Replaces the update with Gaussian noise of this standard deviation.
-    GaussianNoise(f32),
-    /// Trains on labels y → 9 − y (data poisoning; the update looks honest in size).
-    LabelFlip,
-}
-
-impl std::str::FromStr for Attack {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        match text {
-            "sign-flip" => Ok(Self::SignFlip),
-            "scale" => Ok(Self::Scale(10.0)),
-            "noise" => Ok(Self::GaussianNoise(0.1)),
-            "label-flip" => Ok(Self::LabelFlip),
-            other => match other.strip_prefix("scale:").and_then(|f| f.parse().ok()) {
-                Some(factor) => Ok(Self::Scale(factor)),
-                None => match other.strip_prefix("noise:").and_then(|s| s.parse().ok()) {
-                    Some(sigma) => Ok(Self::GaussianNoise(sigma)),
-                    None => Err(format!(
-                        "unknown attack {other}: use sign-flip, scale[:FACTOR], noise[:SIGMA] or label-flip"
-                    )),
-                },
-            },
-        }
-    }
-}
-
-impl std::fmt::Display for Attack {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::SignFlip => f.write_str("sign-flip"),
-            Self::Scale(factor) => write!(f, "scale x{factor}"),
-            Self::GaussianNoise(sigma) => write!(f, "gaussian noise σ={sigma}"),
-            Self::LabelFlip => f.write_str("label-flip"),
-        }
-    }
-}
-
-/// How the training data is split among devices.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum DataSplit {
-    /// IID: shuffled, equal shares.
-    Iid,
-    /// The FedAvg paper's pathological non-IID: 2 label-sorted shards of 300 each.
-    Shards,
-    /// Per-label Dirichlet proportions.
-    Dirichlet(f64),
-}
-
-/// A simulation's settings.
-#[derive(Debug, Clone)]
-pub struct SimOptions {
-    /// Simulated devices.
-    pub devices: usize,
-    /// Aggregated rounds to run.
-    pub rounds: u64,
-    /// Devices per round.
-    pub clients_per_round: usize,
-    /// The model.
-    pub architecture: Architecture,
-    /// The data split.
-    pub split: DataSplit,
-    /// Cap on each device's examples (after the split).
-    pub examples_per_device: Option<usize>,
-    /// Local training.
-    pub training: TrainingPlan,
-    /// MNIST (or Fashion-MNIST) IDX directory.
-    pub data_dir: PathBuf,
-    /// Test examples each new model is evaluated on.
-    pub eval_examples: usize,
-    /// Malicious devices: `attackers` of them (the last ones) run `attack`.
-    pub attack: Option<(usize, Attack)>,
-    /// Defense and aggregator.
-    pub aggregation: AggregationConfig,
-    /// How to run the enclave: the executable and its leading arguments.
-    pub enclave_program: PathBuf,
-    /// Leading arguments (e.g. `["enclave"]` for the `qflare` binary).
-    pub enclave_args: Vec<String>,
-    /// Where the server keeps its state (a fresh directory).
-    pub state_dir: PathBuf,
-    /// Seconds a round stays open.
-    pub round_timeout_secs: u64,
-    /// Threads all devices' training shares.
-    pub compute_threads: usize,
-    /// Seed for the split and the initial model.
-    pub seed: u64,
-}
-
-/// One round's row of the report.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RoundRow {
-    /// Round id.
-    pub round_id: u64,
-    /// `completed` or `failed`.
-    pub state: String,
-    /// Devices selected.
-    pub selected: u32,
-    /// Updates accepted by the enclave.
-    pub accepted: usize,
-    /// Updates rejected.
-    pub rejected: usize,
-    /// Rejection codes, in device order.
-    pub rejections: Vec<String>,
-    /// Test accuracy of the model the round produced.
-    pub accuracy: Option<f64>,
-    /// Test loss of that model.
-    pub loss: Option<f64>,
-    /// Seconds from opening to aggregation.
-    pub seconds: f64,
-    /// Sealed update bytes devices sent.
-    pub bytes_sent: u64,
-}
-
-/// What a simulation measured.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SimReport {
-    /// One row per round.
-    pub rounds: Vec<RoundRow>,
-    /// Test accuracy of the initial model.
-    pub initial_accuracy: Option<f64>,
-    /// Test accuracy of the last model.
-    pub final_accuracy: Option<f64>,
-    /// Wall time of the training part, seconds.
-    pub wall_seconds: f64,
-    /// Device-side time per phase, summed over devices and rounds, seconds.
-    pub device_seconds: PhaseSeconds,
-    /// Time the server spent waiting on the enclave (submissions and aggregation), seconds.
-    pub enclave_seconds: f64,
-    /// Rounds to reach each requested accuracy target, if reached.
-    pub rounds_to_target: Vec<(f64, Option<u64>)>,
-}
-
-/// Device time by phase.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct PhaseSeconds {
-    /// Handshakes.
-    pub session: f64,
-    /// Checking attestation reports.
-    pub attestation: f64,
-    /// Verifying model certificates.
-    pub model_verify: f64,
-    /// Signing and sealing updates.
-    pub sealing: f64,
-    /// Local training.
-    pub training: f64,
-    /// Everything (the wall time of the device's rounds).
-    pub total: f64,
-}
-
-impl PhaseSeconds {
-    fn add(&mut self, t: &RoundTimings) {
-        self.session += t.session.as_secs_f64();
-        self.attestation += t.attestation.as_secs_f64();
-        self.model_verify += t.model_verify.as_secs_f64();
-        self.sealing += t.sealing.as_secs_f64();
-        self.training += t.training.as_secs_f64();
-        self.total += t.wall.as_secs_f64();
-    }
-
-    /// Handshake, attestation, certificate and sealing time.
-    pub fn cryptography(&self) -> f64 {
-        self.session + self.attestation + self.model_verify + self.sealing
-    }
-}
+use super::attack::{flip_labels, tamper};
+use super::{Attack, DataSplit, PhaseSeconds, RoundRow, SimOptions, SimReport};
 
 /// A running simulation: server, enclave and enrolled devices.
 pub struct Simulation {
@@ -210,48 +29,6 @@ pub struct Simulation {
     shutdown: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<Result<(), qflare_server::ServerError>>,
     status: watch::Receiver<FederationStatus>,
-}
-
-fn flip_labels(data: &Dataset) -> anyhow::Result<Dataset> {
-    let labels: Vec<u8> = data.labels().iter().map(|y| 9 - y).collect();
-    Ok(Dataset::new(data.images().to_vec(), labels, 28, 28)?)
-}
-
-fn tamper(attack: Attack, seed: u64) -> Option<TamperFn> {
-    let f: TamperFn = match attack {
-        Attack::SignFlip => Arc::new(|mut delta: TensorMap| {
-            for (_, t) in delta.iter_mut() {
-                t.data_mut().iter_mut().for_each(|v| *v = -*v);
-            }
-            delta
-        }),
-        Attack::Scale(factor) => Arc::new(move |mut delta: TensorMap| {
-            for (_, t) in delta.iter_mut() {
-                t.data_mut().iter_mut().for_each(|v| *v *= factor);
-            }
-            delta
-        }),
-        Attack::GaussianNoise(sigma) => Arc::new(move |mut delta: TensorMap| {
-            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
-            for (_, t) in delta.iter_mut() {
-                t.data_mut().iter_mut().for_each(|v| {
-                    let z: f32 =
-                        rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng);
-                    *v = sigma * z;
-                });
-            }
-            delta
-        }),
-        Attack::LabelFlip => return None,
-    };
-    Some(f)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl Simulation {
@@ -605,26 +382,4 @@ async fn round_row(state: &SharedState, version: u64) -> anyhow::Result<Option<R
             .saturating_sub(round.opened_at) as f64,
         bytes_sent,
     }))
-}
-
-/// The `qflare` executable and the arguments that make it the enclave.
-pub fn self_as_enclave() -> anyhow::Result<(PathBuf, Vec<String>)> {
-    let exe = std::env::current_exe()?;
-    let sibling = exe.with_file_name("qflare-enclave");
-    if sibling.exists() {
-        return Ok((sibling, Vec::new()));
-    }
-    Ok((exe, vec!["enclave".into()]))
-}
-
-/// Finds the MNIST directory: the flag, then `QFLARE_DATA_DIR`, `./data/mnist`, `./data`.
-pub fn find_data(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
-    let source = qflare_ml::DataSource::from_env().with_explicit(flag.map(Path::to_path_buf));
-    let located = source.locate(qflare_ml::DatasetKind::Mnist)?;
-    Ok(located.dir)
-}
-
-/// Unix seconds now (for reports).
-pub fn now() -> u64 {
-    unix_now()
 }

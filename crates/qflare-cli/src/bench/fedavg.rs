@@ -11,7 +11,8 @@ use qflare_cli::sim::{self, DataSplit, SimOptions, Simulation};
 use qflare_ml::Architecture;
 use qflare_protocol::federation::TrainingPlan;
 
-use crate::demo::{aggregation, human_bytes, plot};
+use crate::demo::{aggregation, plot};
+use crate::output::human_bytes;
 
 /// The paper's setups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -94,7 +95,7 @@ pub struct FedavgArgs {
 /// Runs the benchmark.
 pub async fn run(args: FedavgArgs) -> anyhow::Result<()> {
     let (name, architecture, split, epochs, target, paper_rounds) = args.setup.describe();
-    let data_dir = sim::find_data(args.data.as_deref())?;
+    let data_dir = sim::find_data(args.data.as_deref(), "qflare bench fedavg")?;
     let (enclave_program, enclave_args) = sim::self_as_enclave()?;
     let state = tempfile::tempdir()?;
     let per_round = ((args.fraction * args.devices as f64).ceil() as usize).clamp(1, args.devices);

@@ -1,56 +1,14 @@
-//! Server configuration: defaults, then `config/global_config.yaml`, then
-//! `QFLARE_*` environment variables, then command-line flags (applied by the
-//! caller on the returned struct). Unknown keys anywhere are an error, so a
-//! typo cannot silently fall back to a default.
-//!
-//! Environment overrides name a path with double underscores:
-//! `QFLARE_SERVER__LISTEN=0.0.0.0:8443` sets `server.listen`. Values are parsed
-//! as YAML scalars (`true`, `42`, `[a, b]` work). A few common settings also
-//! have short aliases (see [`ENV_ALIASES`]). The admin token is never part of
-//! the file: it comes from `QFLARE_ADMIN_TOKEN` (or `.env`), or is generated
-//! into the state directory on first start.
+//! The configuration's types: one struct per YAML section, with its
+//! defaults, and the checks that types alone cannot express.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use qflare_protocol::{KemSuite, SignatureSuite};
 use serde::{Deserialize, Serialize};
-use serde_yaml_ng::{Mapping, Value};
 
+use super::ConfigError;
 use crate::ratelimit::RateLimit;
-
-/// Where the configuration file is looked for when none is named.
-pub const DEFAULT_CONFIG_PATH: &str = "config/global_config.yaml";
-
-/// Short environment names for the most common settings.
-pub const ENV_ALIASES: &[(&str, &str)] = &[
-    ("QFLARE_LISTEN", "server.listen"),
-    ("QFLARE_METRICS_LISTEN", "server.metrics_listen"),
-    ("QFLARE_STATE_DIR", "server.state_dir"),
-    ("QFLARE_DATABASE_URL", "server.database_url"),
-    ("QFLARE_REDIS_URL", "server.redis_url"),
-];
-
-/// A configuration problem, named precisely.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The YAML (or an environment value) is invalid, or a key is unknown.
-    #[error("invalid configuration ({origin}): {message}")]
-    Invalid {
-        /// Where the bad value came from.
-        origin: String,
-        /// What is wrong.
-        message: String,
-    },
-}
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -422,53 +380,6 @@ impl Default for FederationSection {
 }
 
 impl Config {
-    /// Loads the layered configuration. `path` names a file that must exist;
-    /// without it the default path is used if present.
-    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let env: Vec<(String, String)> = std::env::vars().collect();
-        Self::load_from(path, &env)
-    }
-
-    /// [`Config::load`] with an explicit environment (for tests).
-    pub fn load_from(path: Option<&Path>, env: &[(String, String)]) -> Result<Self, ConfigError> {
-        let mut value =
-            serde_yaml_ng::to_value(Self::default()).map_err(|e| invalid("defaults", e))?;
-        let file = match path {
-            Some(path) => Some(path.to_path_buf()),
-            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
-        };
-        if let Some(file) = file {
-            let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
-                path: file.clone(),
-                source,
-            })?;
-            let overlay: Value = serde_yaml_ng::from_str(&text)
-                .map_err(|e| invalid(&file.display().to_string(), e))?;
-            if !overlay.is_null() {
-                merge(&mut value, overlay, &file.display().to_string())?;
-            }
-        }
-        for (name, raw) in env {
-            let path = if let Some((_, path)) = ENV_ALIASES.iter().find(|(alias, _)| alias == name)
-            {
-                path.to_string()
-            } else if let Some(rest) = name
-                .strip_prefix("QFLARE_")
-                .filter(|rest| rest.contains("__"))
-            {
-                rest.split("__")
-                    .map(str::to_ascii_lowercase)
-                    .collect::<Vec<_>>()
-                    .join(".")
-            } else {
-                continue;
-            };
-            let parsed: Value = serde_yaml_ng::from_str(raw).map_err(|e| invalid(name, e))?;
-            set_path(&mut value, &path, parsed, name)?;
-        }
-        serde_yaml_ng::from_value(value).map_err(|e| invalid("merged configuration", e))
-    }
-
     /// Checks values that types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |message: &str| {
@@ -550,120 +461,9 @@ impl Config {
     }
 }
 
-fn invalid(origin: &str, error: impl std::fmt::Display) -> ConfigError {
-    ConfigError::Invalid {
-        origin: origin.to_owned(),
-        message: error.to_string(),
-    }
-}
-
-/// Deep-merges `overlay` into `base`. Keys absent from `base` are kept so the
-/// final typed decode reports them as unknown.
-fn merge(base: &mut Value, overlay: Value, origin: &str) -> Result<(), ConfigError> {
-    match (base, overlay) {
-        (Value::Mapping(base), Value::Mapping(overlay)) => {
-            for (key, value) in overlay {
-                match base.get_mut(&key) {
-                    Some(slot) if slot.is_mapping() && value.is_mapping() => {
-                        merge(slot, value, origin)?
-                    }
-                    _ => {
-                        base.insert(key, value);
-                    }
-                }
-            }
-            Ok(())
-        }
-        (_, Value::Mapping(_)) | (Value::Mapping(_), _) => {
-            Err(invalid(origin, "expected a mapping at the top level"))
-        }
-        (slot, value) => {
-            *slot = value;
-            Ok(())
-        }
-    }
-}
-
-fn set_path(root: &mut Value, path: &str, value: Value, origin: &str) -> Result<(), ConfigError> {
-    let mut node = root;
-    let parts: Vec<&str> = path.split('.').collect();
-    for (i, part) in parts.iter().enumerate() {
-        let Value::Mapping(map) = node else {
-            return Err(invalid(
-                origin,
-                format!("{path} does not name a configuration section"),
-            ));
-        };
-        let key = Value::String((*part).to_owned());
-        if i + 1 == parts.len() {
-            map.insert(key, value);
-            return Ok(());
-        }
-        node = map
-            .entry(key)
-            .or_insert_with(|| Value::Mapping(Mapping::new()));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn defaults_are_valid() {
-        let config = Config::load_from(None, &[]).unwrap();
-        config.validate().unwrap();
-        assert_eq!(config.crypto.default_kem_suite, KemSuite::MlKem768);
-    }
-
-    #[test]
-    fn file_then_env_layering() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.yaml");
-        std::fs::write(
-            &path,
-            "server:\n  listen: 0.0.0.0:9000\nsessions:\n  lifetime_secs: 60\n",
-        )
-        .unwrap();
-        let config = Config::load_from(
-            Some(&path),
-            &env(&[
-                ("QFLARE_SESSIONS__LIFETIME_SECS", "120"),
-                ("QFLARE_DATABASE_URL", "postgres://u:pw@db/q"),
-                ("QFLARE_DATA_DIR", "/ignored/not/config"),
-            ]),
-        )
-        .unwrap();
-        assert_eq!(config.server.listen.port(), 9000);
-        assert_eq!(config.sessions.lifetime_secs, 120, "env beats the file");
-        assert_eq!(
-            config.server.database_url.as_deref(),
-            Some("postgres://u:pw@db/q")
-        );
-        let shown = format!("{config:?}");
-        assert!(!shown.contains("pw"), "passwords are redacted: {shown}");
-    }
-
-    #[test]
-    fn unknown_keys_are_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.yaml");
-        std::fs::write(&path, "server:\n  lisen: 0.0.0.0:9000\n").unwrap();
-        let err = Config::load_from(Some(&path), &[]).unwrap_err();
-        assert!(err.to_string().contains("lisen"), "{err}");
-        let err = Config::load_from(None, &env(&[("QFLARE_SERVER__NOPE", "1")])).unwrap_err();
-        assert!(err.to_string().contains("nope"), "{err}");
-        assert!(Config::load_from(Some(Path::new("/no/such/file.yaml")), &[]).is_err());
-    }
 
     #[test]
     fn validation_catches_inconsistent_values() {
@@ -674,14 +474,6 @@ mod tests {
         let mut config = Config::default();
         config.sessions.lifetime_secs = 100_000;
         assert!(config.validate().is_err());
-    }
-
-    #[test]
-    fn the_documented_config_file_is_exactly_the_defaults() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/global_config.yaml");
-        let from_file = Config::load_from(Some(&path), &[]).unwrap();
-        assert_eq!(from_file, Config::default());
-        from_file.validate().unwrap();
     }
 
     #[test]

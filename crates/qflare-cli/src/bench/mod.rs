@@ -1,0 +1,97 @@
+//! `qflare bench`: benchmarks against a real server started in-process, one
+//! module per family: [`fedavg`] (the FedAvg paper's experiments over the
+//! whole stack) and [`sessions`] (handshakes and enrollments per second).
+//! Results go to stdout, progress to stderr.
+
+pub mod fedavg;
+pub mod sessions;
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use qflare_protocol::KemSuite;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// The FedAvg paper's MNIST experiments with every security layer on.
+    ///
+    /// 100 devices, C = 0.1; 2NN E=1 B=10 to 97% (paper: 87 rounds IID, 664
+    /// non-IID), CNN E=5 B=10 to 99% (paper: 20 rounds IID). Reports rounds to
+    /// target, wall time, and the share of time spent in cryptography and in
+    /// the enclave.
+    Fedavg(fedavg::FedavgArgs),
+    /// Sessions and enrollments per second, next to plain HTTPS requests.
+    ///
+    /// Starts a real server in-process on 127.0.0.1:0 (TLS 1.3 with
+    /// X25519MLKEM768, SQLite in a temporary directory, built-in defaults
+    /// rather than --config) and measures over real HTTPS on loopback, each
+    /// with --devices concurrent workers:
+    ///
+    ///   healthz      GET /healthz, one pinned client per worker, the
+    ///                connection kept alive by the pool as in normal use;
+    ///   sessions     a full handshake (POST /v1/sessions, then /confirm) by
+    ///                one of --devices devices enrolled beforehand, each on
+    ///                its own kept-alive connection;
+    ///   enrollments  discovery (server info + fingerprint check), key
+    ///                generation and POST /v1/enroll, with tokens created
+    ///                through the admin API before the clock starts.
+    ///
+    /// After a --warmup of each, it runs --rounds rounds of healthz, sessions,
+    /// enrollments for --seconds each, and reports the median rate of the
+    /// rounds and the median of the per-round ratios sessions/healthz and
+    /// enrollments/healthz: what the post-quantum application layer costs on
+    /// top of the same TLS. Every rate-limit class is raised far above what
+    /// loopback reaches (the check still runs), so the numbers measure crypto
+    /// and I/O, not the limiter. Client and server share the machine's CPUs;
+    /// "CPU ms/op" is the whole process's CPU time per operation, which is
+    /// less sensitive than the rates to other load on the machine.
+    ///
+    /// Prints a markdown table on stdout (progress on stderr). Exits with an
+    /// error if any operation failed or the limiter refused anything.
+    #[command(verbatim_doc_comment)]
+    Sessions {
+        /// Concurrent workers in every phase (health checkers, enrolled devices, enrolling devices).
+        #[arg(long, default_value_t = 64)]
+        devices: usize,
+        /// Measured seconds per operation and round.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Warm-up seconds per operation, before the first round.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        /// Rounds of healthz, sessions, enrollments.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// The devices' KEM suite, e.g. x25519-ml-kem-768 (default: the server's, ml-kem-768).
+        #[arg(long)]
+        kem: Option<KemSuite>,
+        /// Also write the results as JSON to PATH.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
+}
+
+/// Runs one benchmark.
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Fedavg(args) => fedavg::run(args).await,
+        BenchCommand::Sessions {
+            devices,
+            seconds,
+            warmup,
+            rounds,
+            kem,
+            json,
+        } => {
+            sessions::sessions(sessions::SessionsOptions {
+                devices,
+                seconds,
+                warmup,
+                rounds,
+                kem,
+                json,
+            })
+            .await
+        }
+    }
+}
