@@ -40,9 +40,9 @@ impl Config {
             None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
         };
         if let Some(file) = file {
-            let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
+            let text = std::fs::read_to_string(&file).map_err(|error| ConfigError::Read {
                 path: file.clone(),
-                source,
+                error,
             })?;
             let overlay: Value = serde_yaml_ng::from_str(&text)
                 .map_err(|e| invalid(&file.display().to_string(), e))?;

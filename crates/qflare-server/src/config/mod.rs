@@ -36,13 +36,14 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/global_config.yaml";
 /// A configuration problem, named precisely.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    /// The file could not be read. The inner error is part of the message,
+    /// not a `source()`, so a chain printed with `{:#}` says it once.
+    #[error("cannot read config file {}: {error}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The YAML (or an environment value) is invalid, or a key is unknown.
     #[error("invalid configuration ({origin}): {message}")]
