@@ -71,27 +71,27 @@ pub struct AttestationReport {
     pub kem_suite: KemSuite,
     /// The key devices seal their updates to.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub kem_public_key: Vec<u8>,
     /// Suite of the enclave's signing key.
     pub signature_suite: SignatureSuite,
     /// The key that signs reports and global models.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub verifying_key: Vec<u8>,
     /// The verifier's nonce, echoed.
     #[serde(with = "b64_array")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub nonce: [u8; ATTESTATION_NONCE_LEN],
     /// Unix seconds when the report was made.
     pub issued_at: u64,
     /// Hardware evidence (a quote); empty in software mode.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub evidence: Vec<u8>,
     /// The enclave's signature over the report transcript.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub signature: Vec<u8>,
 }
 

@@ -43,19 +43,19 @@ pub struct EnrollRequest {
     pub kem_suite: KemSuite,
     /// The device's KEM public key.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub kem_public_key: Vec<u8>,
     /// The signature suite of `verifying_key`.
     pub signature_suite: SignatureSuite,
     /// The device's verifying key.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub verifying_key: Vec<u8>,
     /// The fingerprint the device pinned for this server (hex).
     pub server_fingerprint: String,
     /// Proof of possession: the device's signature over the request transcript.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub proof: Vec<u8>,
 }
 
@@ -72,7 +72,7 @@ pub struct EnrollResponse {
     pub enrolled_at: u64,
     /// The server's signature over the response transcript.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub signature: Vec<u8>,
 }
 
@@ -91,7 +91,7 @@ pub struct ServerInfo {
     pub signature_suite: SignatureSuite,
     /// The server's ML-DSA verifying key.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub verifying_key: Vec<u8>,
     /// KEM suites devices may enroll with.
     pub kem_suites: Vec<KemSuite>,

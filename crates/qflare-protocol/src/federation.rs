@@ -40,7 +40,7 @@ pub struct RoundQuery {
     /// A fresh nonce for the enclave's attestation report, when the device
     /// wants one (it should before sealing an update).
     #[serde(default, with = "option_nonce")]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub nonce: Option<[u8; 32]>,
 }
 
@@ -119,7 +119,7 @@ pub struct ModelDownload {
     pub certificate: ModelCertificate,
     /// The enclave key that signed it (must match the attested report's).
     #[serde(with = "b64_array")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub enclave_key_sha256: [u8; 32],
 }
 

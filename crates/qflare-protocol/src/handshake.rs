@@ -65,11 +65,11 @@ pub struct ClientHello {
     pub kem_suite: KemSuite,
     /// The ephemeral KEM public key.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub ephemeral_public_key: Vec<u8>,
     /// The client's fresh nonce.
     #[serde(with = "b64_array")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub client_nonce: [u8; NONCE_LEN],
 }
 
@@ -84,21 +84,21 @@ pub struct ServerHello {
     pub session_id: SessionId,
     /// The server's fresh nonce.
     #[serde(with = "b64_array")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub server_nonce: [u8; NONCE_LEN],
     /// Encapsulation to the device's registered KEM key.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub static_ciphertext: Vec<u8>,
     /// Encapsulation to the ephemeral key.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub ephemeral_ciphertext: Vec<u8>,
     /// Unix seconds after which the session is dead.
     pub expires_at: u64,
     /// The server's signature over the hello transcript.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub signature: Vec<u8>,
 }
 
@@ -113,11 +113,11 @@ pub struct ClientConfirm {
     pub session_id: SessionId,
     /// The device's signature over the confirm transcript.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub signature: Vec<u8>,
     /// HMAC proving both sides derived the same keys.
     #[serde(with = "b64_array")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub key_confirmation: [u8; 32],
 }
 

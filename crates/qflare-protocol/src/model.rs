@@ -32,7 +32,7 @@ pub struct ModelCertificate {
     pub model_sha256: [u8; 32],
     /// The enclave's signature.
     #[serde(with = "b64")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub signature: Vec<u8>,
 }
 

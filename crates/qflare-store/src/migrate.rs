@@ -78,11 +78,12 @@ pub(crate) async fn sqlite(conn: &mut SqliteConnection) -> Result<(), StoreError
         migrations_table,
         legacy_version,
     };
-    baseline_if_legacy(conn, &SQLITE, &found).await?;
-    SQLITE
+    let migrator = without_own_lock(&SQLITE);
+    baseline_if_legacy(conn, &migrator, &found).await?;
+    migrator
         .run_direct(None, conn, false)
         .await
-        .map_err(|error| migrate_error(error, &SQLITE))
+        .map_err(|error| migrate_error(error, &migrator))
 }
 
 /// Brings a PostgreSQL schema (the connection's `search_path`) up to date. `conn` must be inside
@@ -114,11 +115,22 @@ pub(crate) async fn postgres(conn: &mut PgConnection) -> Result<(), StoreError> 
         migrations_table,
         legacy_version,
     };
-    baseline_if_legacy(conn, &POSTGRES, &found).await?;
-    POSTGRES
+    let migrator = without_own_lock(&POSTGRES);
+    baseline_if_legacy(conn, &migrator, &found).await?;
+    migrator
         .run_direct(None, conn, false)
         .await
-        .map_err(|error| migrate_error(error, &POSTGRES))
+        .map_err(|error| migrate_error(error, &migrator))
+}
+
+/// The embedded migrations with sqlx's own lock switched off. The caller's
+/// transaction already serializes openers (`BEGIN IMMEDIATE`, the store's
+/// advisory lock); sqlx's PostgreSQL lock is a second, session-level advisory
+/// lock that its error paths leave held on the pooled connection.
+fn without_own_lock(embedded: &Migrator) -> Migrator {
+    let mut migrator = Migrator::with_migrations(embedded.iter().cloned().collect());
+    migrator.set_locking(false);
+    migrator
 }
 
 /// Records migration 1 as applied, without running it, on a database the hand-written

@@ -433,6 +433,27 @@ async fn sqlite_unknown_schema_versions_are_refused() {
     assert!(matches!(result, Err(StoreError::Config(_))), "{result:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_edited_applied_migration_is_refused() {
+    // sqlx keeps each applied migration's checksum: a database whose record
+    // no longer matches this build's file is not silently re-used.
+    let dir = tempfile::tempdir().expect("tempdir");
+    qflare_store::open(&sqlite_url(dir.path()))
+        .await
+        .expect("open");
+    let mut conn = sqlite_conn(dir.path()).await;
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = X'00' WHERE version = 1")
+        .execute(&mut conn)
+        .await
+        .expect("edit checksum");
+    conn.close().await.expect("close");
+    let result = qflare_store::open(&sqlite_url(dir.path())).await;
+    match result {
+        Err(StoreError::Config(message)) => assert!(message.contains("differs"), "{message}"),
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+}
+
 // --- PostgreSQL
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

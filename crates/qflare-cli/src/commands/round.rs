@@ -67,7 +67,9 @@ fn render(view: &FederationView) -> String {
             time(round.opened_at),
             round
                 .closed_at
-                .map(|closed| seconds(u64::try_from(closed - round.opened_at).unwrap_or(0)))
+                .map(|closed| {
+                    seconds(u64::try_from(closed.saturating_sub(round.opened_at)).unwrap_or(0))
+                })
                 .unwrap_or_else(|| "-".into()),
             outcome(round),
         ]);
