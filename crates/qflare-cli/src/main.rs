@@ -270,6 +270,16 @@ mod tests {
             cli.command,
             Command::Round { command: RoundCommand::Status(o), .. } if o.output == OutputFormat::Table
         ));
+        let cli = parse(&["round", "start", "--output", "json"]);
+        assert!(matches!(
+            cli.command,
+            Command::Round { command: RoundCommand::Start(o), .. } if o.output == OutputFormat::Json
+        ));
+        let cli = parse(&["round", "pause"]);
+        assert!(matches!(
+            cli.command,
+            Command::Round { command: RoundCommand::Pause(o), .. } if o.output == OutputFormat::Table
+        ));
         assert!(Cli::try_parse_from(["qflare", "token", "list", "--output", "yaml"]).is_err());
     }
 

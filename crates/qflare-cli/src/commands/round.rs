@@ -11,10 +11,10 @@ use crate::output::{Align, OutputArgs, OutputFormat, Table, percent, print_json,
 /// Round subcommands.
 #[derive(Debug, Subcommand)]
 pub enum RoundCommand {
-    /// Start (or resume) opening rounds.
-    Start,
-    /// Stop opening new rounds; an open round still finishes.
-    Pause,
+    /// Start (or resume) opening rounds; prints the state after.
+    Start(OutputArgs),
+    /// Stop opening new rounds (an open round still finishes); prints the state after.
+    Pause(OutputArgs),
     /// Rounds, models and their test accuracy.
     Status(OutputArgs),
 }
@@ -22,13 +22,13 @@ pub enum RoundCommand {
 /// Runs a round subcommand against the server and prints the federation's state.
 pub async fn run(client: &AdminClient, command: RoundCommand) -> anyhow::Result<()> {
     let (view, format): (FederationView, _) = match command {
-        RoundCommand::Start => (
+        RoundCommand::Start(output) => (
             client.post(routes::ADMIN_ROUNDS_START, &()).await?,
-            OutputFormat::Table,
+            output.output,
         ),
-        RoundCommand::Pause => (
+        RoundCommand::Pause(output) => (
             client.post(routes::ADMIN_ROUNDS_PAUSE, &()).await?,
-            OutputFormat::Table,
+            output.output,
         ),
         RoundCommand::Status(output) => (client.get(routes::ADMIN_ROUNDS).await?, output.output),
     };
