@@ -4,6 +4,8 @@ use qflare_ml::MlError;
 use qflare_protocol::ProtocolError;
 use qflare_protocol::api::ErrorCode;
 
+use crate::trainer::TrainError;
+
 /// Everything that can go wrong on the device side.
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
@@ -41,9 +43,13 @@ pub enum EdgeError {
     /// unknown architecture, a training plan outside the device's limits).
     #[error("round refused: {0}")]
     RoundRefused(String),
-    /// Loading data or local training failed.
+    /// Loading data or checking a model against its architecture failed.
     #[error(transparent)]
     Ml(#[from] MlError),
+    /// The [`LocalTrainer`](crate::LocalTrainer) produced no update (its
+    /// message is the error's, unprefixed).
+    #[error(transparent)]
+    Train(#[from] TrainError),
     /// The device's run configuration cannot work.
     #[error("configuration: {0}")]
     Config(String),

@@ -14,6 +14,10 @@
 //!   the enclave's report and the global model, train locally, seal the
 //!   update to the attested enclave, submit — with back-off, session
 //!   renewal, re-sealing after an enclave restart, and progress events.
+//! * [`trainer`]: local training as the [`LocalTrainer`] trait the loop is
+//!   given, so the loop's networking and security code does not depend on
+//!   how an update is trained; [`BurnTrainer`] trains the built-in
+//!   architectures with `qflare-ml` (burn).
 //! * [`shard`]: the device's local data (an IID shard of an IDX data set).
 //!
 //! Private keys are generated here and never leave the device; only public
@@ -27,6 +31,7 @@ pub mod identity;
 mod response;
 pub mod run;
 pub mod shard;
+pub mod trainer;
 pub mod transport;
 
 pub use client::{EnrollOptions, Session, enroll, open_session, rotate_keys, transport_for};
@@ -37,3 +42,4 @@ pub use run::{
     StopReason, TamperFn, run_device,
 };
 pub use shard::{DEFAULT_PARTITION_SEED, Shard, load_local_data};
+pub use trainer::{BurnTrainer, FitResult, FitTask, LOSS_METRIC, LocalTrainer, TrainError};

@@ -18,8 +18,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qflare_edge::identity::DEFAULT_IDENTITY_DIR;
 use qflare_edge::run::{DeviceEvent, StopOutcome};
 use qflare_edge::{
-    Backoff, DEFAULT_PARTITION_SEED, DeviceConfig, EnrollOptions, Events, Identity, RoundTimings,
-    Shard, StopReason,
+    Backoff, BurnTrainer, DEFAULT_PARTITION_SEED, DeviceConfig, EnrollOptions, Events, Identity,
+    RoundTimings, Shard, StopReason,
 };
 use qflare_protocol::attestation::{AttestationMode, AttestationPolicy, MEASUREMENT_LEN};
 use qflare_protocol::identity::{EnrollmentToken, ServerFingerprint};
@@ -241,13 +241,14 @@ async fn run_device(
     .context("loading the data")?
     .with_context(|| format!("loading the training data from {}", args.data.display()))?;
     let shard_text = shard.map_or_else(|| "all".to_owned(), |s| s.to_string());
+    let local_examples = data.len();
     let mut config = DeviceConfig::new(
         AttestationPolicy {
             allowed_measurements,
             allowed_modes,
             max_age_secs: args.max_report_age,
         },
-        data,
+        Arc::new(BurnTrainer::new(data)),
     );
     config.max_rounds = args.rounds;
     config.stop_when_finished = !args.keep_running;
@@ -263,7 +264,7 @@ async fn run_device(
         identity.device_id,
         identity.device_name,
         identity.server_url,
-        config.data.len(),
+        local_examples,
         qflare_ml::compute_threads(),
     ));
     let events = {

@@ -13,7 +13,8 @@ use qflare_edge::run::{
 };
 use qflare_edge::shard::select_local_data;
 use qflare_edge::{
-    Backoff, DeviceConfig, EdgeError, Events, Identity, ModelRefusal, Shard, StopReason, run_device,
+    Backoff, BurnTrainer, DeviceConfig, EdgeError, Events, Identity, ModelRefusal, Shard,
+    StopReason, run_device,
 };
 use qflare_ml::model::{IMAGE_PIXELS, IMAGE_SIDE};
 use qflare_ml::{Architecture, Dataset, initial_model};
@@ -354,6 +355,11 @@ fn synthetic(n: usize) -> Dataset {
     Dataset::new(images, labels, IMAGE_SIDE, IMAGE_SIDE).unwrap()
 }
 
+/// The burn trainer over `synthetic(n)`.
+fn trainer(n: usize) -> Arc<BurnTrainer> {
+    Arc::new(BurnTrainer::new(synthetic(n)))
+}
+
 #[test]
 fn shards_are_disjoint_cover_the_data_and_are_reproducible() {
     let data = synthetic(103);
@@ -415,7 +421,7 @@ async fn an_unusable_configuration_fails_before_any_network() {
             allowed_measurements: Vec::new(),
             ..policy()
         },
-        synthetic(10),
+        trainer(10),
     );
     assert!(matches!(
         run_device(&identity, empty_list, Events::none()).await,
@@ -426,13 +432,22 @@ async fn an_unusable_configuration_fails_before_any_network() {
             allowed_modes: Vec::new(),
             ..policy()
         },
-        synthetic(10),
+        trainer(10),
     );
     assert!(matches!(
         run_device(&identity, no_mode, Events::none()).await,
         Err(EdgeError::Config(_))
     ));
-    let mut zero_rounds = DeviceConfig::new(policy(), synthetic(10));
+    let no_data = DeviceConfig::new(policy(), Arc::new(BurnTrainer::new(synthetic(10).head(0))));
+    let err = run_device(&identity, no_data, Events::none())
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, EdgeError::Config(_)), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "configuration: the local data set is empty"
+    );
+    let mut zero_rounds = DeviceConfig::new(policy(), trainer(10));
     zero_rounds.max_rounds = Some(0);
     let summary = run_device(&identity, zero_rounds, Events::none())
         .await
@@ -445,7 +460,7 @@ async fn an_unusable_configuration_fails_before_any_network() {
 async fn an_unreachable_server_is_retried_with_back_off_then_given_up() {
     // Port 1 on loopback refuses connections at once.
     let identity = identity("https://127.0.0.1:1");
-    let mut config = DeviceConfig::new(policy(), synthetic(10));
+    let mut config = DeviceConfig::new(policy(), trainer(10));
     config.backoff = Backoff {
         initial: Duration::from_millis(5),
         cap: Duration::from_millis(20),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use qflare_edge::run::{DeviceConfig, DeviceEvent, Events, TamperFn};
-use qflare_edge::{EnrollOptions, Identity};
+use qflare_edge::{BurnTrainer, EnrollOptions, Identity};
 use qflare_ml::{Dataset, Partition, Split};
 use qflare_protocol::attestation::{AttestationMode, AttestationPolicy};
 use qflare_protocol::identity::EnrollmentToken;
@@ -183,7 +183,8 @@ impl Simulation {
         let phases = Arc::new(std::sync::Mutex::new(PhaseSeconds::default()));
         let mut tasks = Vec::new();
         for (index, (dir, data, tamper)) in self.devices.iter().enumerate() {
-            let mut config = DeviceConfig::new(policy.clone(), data.clone());
+            let trainer = Arc::new(BurnTrainer::new(data.clone()));
+            let mut config = DeviceConfig::new(policy.clone(), trainer);
             config.stop_when_finished = true;
             config.max_poll_secs = 1;
             config.train_seed = self.options.seed + index as u64;

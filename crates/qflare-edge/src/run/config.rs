@@ -1,16 +1,16 @@
-//! How a device runs: its attestation policy, data, limits, back-off, and
+//! How a device runs: its attestation policy, local trainer, limits, back-off, and
 //! (for simulations only) the tamper hook.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qflare_ml::Dataset;
 use qflare_protocol::attestation::AttestationPolicy;
 use qflare_protocol::tensor::TensorMap;
 use rand::RngExt;
 
 use crate::error::EdgeError;
+use crate::trainer::LocalTrainer;
 
 /// A hook that rewrites the update before it is sealed.
 ///
@@ -67,8 +67,9 @@ impl Backoff {
 pub struct DeviceConfig {
     /// Which enclaves this device seals updates to (measurements, modes, report age).
     pub policy: AttestationPolicy,
-    /// The device's private training data.
-    pub data: Dataset,
+    /// Local training over the device's private data (e.g. a
+    /// [`BurnTrainer`](crate::BurnTrainer) over a local shard).
+    pub trainer: Arc<dyn LocalTrainer>,
     /// Stop after this many submissions (rounds that got a receipt); `None` runs on.
     pub max_rounds: Option<u64>,
     /// Stop when the server says training has finished (otherwise keep polling).
@@ -95,7 +96,7 @@ impl fmt::Debug for DeviceConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DeviceConfig")
             .field("policy", &self.policy)
-            .field("data", &self.data)
+            .field("trainer", &"set")
             .field("max_rounds", &self.max_rounds)
             .field("stop_when_finished", &self.stop_when_finished)
             .field("fail_on_refusal", &self.fail_on_refusal)
@@ -113,10 +114,10 @@ impl DeviceConfig {
     /// A configuration with the defaults: run until the server finishes,
     /// skip refused rounds, retry forever, poll at most every 60 s, renew the
     /// session a minute before it expires, at most 50 local epochs.
-    pub fn new(policy: AttestationPolicy, data: Dataset) -> Self {
+    pub fn new(policy: AttestationPolicy, trainer: Arc<dyn LocalTrainer>) -> Self {
         Self {
             policy,
-            data,
+            trainer,
             max_rounds: None,
             stop_when_finished: true,
             fail_on_refusal: false,
@@ -140,9 +141,7 @@ impl DeviceConfig {
                 "no attestation mode is allowed (software mode must be allowed explicitly)".into(),
             ));
         }
-        if self.data.is_empty() {
-            return Err(EdgeError::Config("the local data set is empty".into()));
-        }
+        self.trainer.check().map_err(EdgeError::Config)?;
         if self.max_local_epochs == 0 {
             return Err(EdgeError::Config(
                 "max_local_epochs must be at least 1".into(),

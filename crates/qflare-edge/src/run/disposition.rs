@@ -2,11 +2,11 @@
 //! every failed local check sorted into one of a few reactions (stop, skip
 //! the round, re-seal, reconnect, refuse, retry with back-off, give up).
 
-use qflare_ml::MlError;
 use qflare_protocol::ProtocolError;
 use qflare_protocol::api::ErrorCode;
 
 use crate::error::{EdgeError, ModelRefusal};
+use crate::trainer::TrainError;
 
 /// Server codes that mean "this round is not for you any more; poll again"
 /// (`unknown_round`: the server no longer knows it, e.g. after a restore).
@@ -73,7 +73,9 @@ pub(super) fn classify(err: &EdgeError, in_handshake: bool) -> Disposition {
         EdgeError::Attestation(_)
         | EdgeError::ModelRefused(_)
         | EdgeError::RoundRefused(_)
-        | EdgeError::Ml(MlError::Diverged { .. }) => Disposition::Refusal,
+        | EdgeError::Train(TrainError::Refused(_) | TrainError::Diverged(_)) => {
+            Disposition::Refusal
+        }
         _ if transient => Disposition::Retry,
         _ => Disposition::Fatal,
     }
@@ -148,6 +150,9 @@ mod tests {
                 Refusal,
             ),
             (EdgeError::RoundRefused("x".into()), false, Refusal),
+            (TrainError::Refused("x".into()).into(), false, Refusal),
+            (TrainError::Diverged("x".into()).into(), false, Refusal),
+            (TrainError::Failed("x".into()).into(), false, Fatal),
             (EdgeError::Tls("pin".into()), false, Fatal),
         ];
         for (err, in_handshake, expected) in cases {

@@ -30,9 +30,11 @@ pub struct RoundTimings {
     pub model_verify: Duration,
     /// Decoding the safetensors bytes and checking the architecture.
     pub model_decode: Duration,
-    /// Local SGD.
+    /// Local training: the [`LocalTrainer`](crate::LocalTrainer)'s `fit`,
+    /// which also computes the delta.
     pub training: Duration,
-    /// The delta, the tamper hook if any, and safetensors encoding.
+    /// Checking the update's layout, the tamper hook if any, and
+    /// safetensors encoding.
     pub update_encode: Duration,
     /// `envelope::seal`: inner signature, encapsulation, AES-GCM, outer signature.
     pub sealing: Duration,
@@ -262,7 +264,8 @@ pub struct RoundRecord {
     pub model_version: u64,
     /// Local examples (FedAvg's weight).
     pub examples: u64,
-    /// Mean training loss.
+    /// Mean training loss (the trainer's
+    /// [`LOSS_METRIC`](crate::LOSS_METRIC); NaN if it reports none).
     pub mean_loss: f64,
     /// The receipt's status.
     pub status: String,

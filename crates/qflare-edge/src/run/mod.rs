@@ -11,7 +11,7 @@
 //!   │     verify the report against the policy and OUR nonce           │
 //!   │     model: cached by version, else POST /v1/models/current and   │
 //!   │       check key hash, certificate, version, architecture, layout │
-//!   │     train on a blocking thread; update = trained − global        │
+//!   │     LocalTrainer::fit on a blocking thread → trained − global    │
 //!   │     seal(update) to the attested KEM key; POST /v1/updates       │
 //!   └──────────────────────────────────────────────────────────────────┘
 //! ```
@@ -34,6 +34,9 @@
 //! caller sees; `verify` holds the checks of reports and models; `link` the
 //! three sealed calls; `runner` the loop and `disposition` what each failure
 //! means to it; `train` and `submit` the two halves of a round's work.
+//! Training itself is whatever [`LocalTrainer`](crate::LocalTrainer)
+//! [`DeviceConfig::trainer`] holds; the loop only verifies what goes in and
+//! checks and seals what comes out.
 
 mod config;
 mod disposition;
@@ -48,7 +51,6 @@ mod verify;
 mod tests;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use config::{Backoff, DeviceConfig, TamperFn};
@@ -111,19 +113,14 @@ pub(crate) async fn drive<L: Link>(
 async fn drive_inner<L: Link>(
     identity: &Identity,
     link: L,
-    mut config: DeviceConfig,
+    config: DeviceConfig,
     events: Events,
 ) -> Result<RunSummary, EdgeError> {
     config.validate()?;
-    // Move the data (possibly hundreds of MB) behind an Arc for the
-    // blocking training threads, leaving an empty set in its place.
-    let empty = config.data.head(0);
-    let data = Arc::new(std::mem::replace(&mut config.data, empty));
     let runner = Runner {
         identity,
         link,
         config,
-        data,
         events,
         in_handshake: false,
         model: None,

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qflare_ml::{Architecture, Dataset};
+use qflare_ml::Architecture;
 use qflare_protocol::attestation::ATTESTATION_NONCE_LEN;
 use qflare_protocol::federation::{RoundQuery, RoundStatus};
 use qflare_protocol::tensor::TensorMap;
@@ -65,7 +65,6 @@ pub(super) struct Runner<'a, L> {
     pub(super) identity: &'a Identity,
     pub(super) link: L,
     pub(super) config: DeviceConfig,
-    pub(super) data: Arc<Dataset>,
     pub(super) events: Events,
     pub(super) in_handshake: bool,
     pub(super) model: Option<CachedModel>,

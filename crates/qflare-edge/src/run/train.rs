@@ -1,12 +1,13 @@
 //! A `train` answer's work: verify the enclave's report for our nonce, fetch
-//! (or reuse) the verified global model, train on a blocking thread and
-//! encode the delta that becomes the update, or keep an update already
+//! (or reuse) the verified global model, run the device's
+//! [`LocalTrainer`](crate::LocalTrainer) on a blocking thread, check the
+//! delta it returns and encode it as the update, or keep an update already
 //! trained when only the enclave restarted; then hand it to [`super::submit`].
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use qflare_ml::{Architecture, MlError, TrainConfig};
+use qflare_ml::{Architecture, MlError};
 use qflare_protocol::attestation::VerifiedEnclave;
 use qflare_protocol::crypto::sha256;
 use qflare_protocol::tensor::TensorMap;
@@ -20,8 +21,9 @@ use super::verify::{decode_model, verify_model_certificate, verify_round_report}
 use crate::client::unix_now;
 use crate::error::EdgeError;
 use crate::identity::Identity;
+use crate::trainer::{FitTask, LOSS_METRIC, TrainError};
 use qflare_protocol::attestation::ATTESTATION_NONCE_LEN;
-use qflare_protocol::federation::RoundInfo;
+use qflare_protocol::federation::{RoundInfo, TrainingPlan};
 use std::time::Duration;
 
 /// The shuffle seed of one round: a function of the device, the round and
@@ -105,18 +107,9 @@ impl<L: Link> Runner<'_, L> {
             let global = self
                 .global_model(round_id, model_version, architecture, &enclave)
                 .await?;
-            let train_config = TrainConfig {
-                learning_rate: plan.learning_rate,
-                batch_size: plan.batch_size,
-                epochs: plan.epochs,
-                seed: round_seed(self.identity, round_id, self.config.train_seed),
-            };
-            // A plan TrainConfig cannot train with is the server's fault, not ours.
-            train_config
-                .validate()
-                .map_err(|e| EdgeError::RoundRefused(e.to_string()))?;
+            let seed = round_seed(self.identity, round_id, self.config.train_seed);
             self.pending = Some(
-                self.train(round_id, model_version, architecture, global, train_config)
+                self.train(round_id, model_version, architecture, global, plan, seed)
                     .await?,
             );
         }
@@ -173,20 +166,22 @@ impl<L: Link> Runner<'_, L> {
         Ok(weights)
     }
 
-    /// Trains on a blocking thread (burn's kernels run on the process-wide
-    /// compute pool) and encodes the delta.
+    /// Runs the [`LocalTrainer`](crate::LocalTrainer) on a blocking thread
+    /// (burn's kernels run on the process-wide compute pool), checks the
+    /// update's layout, applies the tamper hook and encodes the update.
     pub(super) async fn train(
         &mut self,
         round_id: u64,
         model_version: u64,
         architecture: Architecture,
         global: Arc<TensorMap>,
-        config: TrainConfig,
+        plan: TrainingPlan,
+        seed: u64,
     ) -> Result<PendingUpdate, EdgeError> {
-        let data = self.data.clone();
+        let trainer = self.config.trainer.clone();
         let events = self.events.clone();
         let tamper = self.config.tamper.clone();
-        let job = move || -> Result<_, MlError> {
+        let job = move || -> Result<_, TrainError> {
             let last_percent = std::cell::Cell::new(usize::MAX);
             let progress = |done: usize, total: usize| {
                 let percent = done * 100 / total.max(1);
@@ -199,18 +194,34 @@ impl<L: Link> Runner<'_, L> {
                     });
                 }
             };
+            let task = FitTask {
+                round_id,
+                model_version,
+                architecture: architecture.id(),
+                global: &global,
+                plan: &plan,
+                seed,
+            };
             let started = Instant::now();
-            let outcome = qflare_ml::train(architecture, &global, &data, &config, Some(&progress))?;
+            let fitted = trainer.fit(&task, &progress)?;
             let training = started.elapsed();
             let started = Instant::now();
-            let mut update = qflare_ml::delta(&outcome.weights, &global)?;
+            let mut update = fitted.update;
+            // What gets sealed must be a delta of the model the round trains.
+            if !update.same_layout(&global) {
+                return Err(TrainError::Failed(
+                    "the trainer's update does not have the global model's tensor names and shapes"
+                        .into(),
+                ));
+            }
             if let Some(tamper) = tamper {
                 update = tamper(update);
             }
             let bytes = Zeroizing::new(update.to_safetensors());
+            let mean_loss = fitted.metrics.get(LOSS_METRIC).copied().unwrap_or(f64::NAN);
             Ok((
-                outcome.examples,
-                outcome.mean_loss,
+                fitted.examples,
+                mean_loss,
                 bytes,
                 training,
                 started.elapsed(),
@@ -220,7 +231,7 @@ impl<L: Link> Runner<'_, L> {
             match tokio::task::spawn_blocking(job).await {
                 Ok(result) => result?,
                 Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-                Err(err) => return Err(EdgeError::Ml(MlError::Backend(err.to_string()))),
+                Err(err) => return Err(TrainError::Failed(err.to_string()).into()),
             };
         let timings = self.timings(round_id);
         timings.training += training;
@@ -228,7 +239,7 @@ impl<L: Link> Runner<'_, L> {
         Ok(PendingUpdate {
             round_id,
             model_version,
-            examples: u64::try_from(examples).unwrap_or(u64::MAX),
+            examples,
             mean_loss,
             bytes,
             awaiting_reseal: false,
