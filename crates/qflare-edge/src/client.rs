@@ -1,6 +1,6 @@
 //! Talking to the server: enrollment, the session handshake, and sealed
 //! calls inside a session. Sits above [`crate::transport`] (pinned HTTPS)
-//! and [`crate::response`] (reading answers).
+//! and the private `response` module (reading answers).
 
 use std::path::Path;
 use std::time::Duration;

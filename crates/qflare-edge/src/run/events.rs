@@ -84,7 +84,7 @@ impl RoundTimings {
 pub enum StopReason {
     /// The server said training has finished.
     Finished,
-    /// [`DeviceConfig::max_rounds`] submissions were made.
+    /// [`super::DeviceConfig::max_rounds`] submissions were made.
     MaxRounds,
     /// The admin revoked this device.
     Revoked,
@@ -157,9 +157,9 @@ pub enum DeviceEvent {
     Submitted {
         /// The round.
         round_id: u64,
-        /// `accepted`, `pending`, `rejected` (or [`STATUS_SUBMITTED`]).
+        /// `accepted`, `pending`, `rejected` (or [`super::STATUS_SUBMITTED`]).
         status: String,
-        /// The enclave's reason code (or [`CODE_RECEIPT_LOST`]).
+        /// The enclave's reason code (or [`super::CODE_RECEIPT_LOST`]).
         code: String,
         /// Where the round's time went.
         timings: RoundTimings,
@@ -201,7 +201,7 @@ pub enum DeviceEvent {
 pub enum StopOutcome {
     /// Cleanly, for this reason.
     Stopped(StopReason),
-    /// With this error (also returned by [`run_device`]).
+    /// With this error (also returned by [`super::run_device`]).
     Failed(String),
 }
 
