@@ -1,5 +1,9 @@
 //! Key encapsulation: a typed trait per algorithm and a value-level layer on top.
 //!
+//! About 600 lines of code plus tests: one short implementation of [`Kem`]
+//! per algorithm and the one dispatch over them; splitting per algorithm
+//! would scatter a table meant to be read as one.
+//!
 //! [`Kem`] follows the shape of RustCrypto's `kem` crate: each algorithm is a
 //! type with associated key types, so code that knows its algorithm at compile
 //! time is checked by the compiler. Protocol code instead holds a
