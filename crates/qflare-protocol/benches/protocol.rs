@@ -1,5 +1,8 @@
 //! Protocol benchmarks (`cargo bench -p qflare-protocol`).
 //!
+//! One file of about 700 lines on purpose: the same-run ratios compare groups
+//! that must share one Criterion run and one set of inputs.
+//!
 //! Criterion measures each primitive per suite, the handshake, the channel
 //! and the envelope. Because this machine is shared and noisy, the headline
 //! figures are *ratios measured in one run*: the closing `ratios` section

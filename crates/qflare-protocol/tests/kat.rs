@@ -1,5 +1,8 @@
 //! Wycheproof known-answer tests for our ML-KEM and ML-DSA wrappers.
 //!
+//! About 700 lines: one harness per Wycheproof file format (ML-KEM keygen,
+//! encaps, decaps; ML-DSA sign, verify), each short, kept together as one suite.
+//!
 //! Proves that `KemSecretKey`/`KemPublicKey` (ML-KEM-768/1024 via aws-lc-rs)
 //! and `SigningKey`/`VerifyingKey` (ML-DSA-65/87 via aws-lc-rs) compute exactly
 //! the FIPS 203 / FIPS 204 answers and reject exactly the malformed inputs
