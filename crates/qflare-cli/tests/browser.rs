@@ -9,6 +9,8 @@
 // A test fails loudly on any unexpected error; unwrap says so most plainly.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -17,16 +19,6 @@ use qflare_cli::sim::{DataSplit, SimOptions, Simulation};
 use qflare_enclave::AggregationConfig;
 use qflare_ml::Architecture;
 use qflare_protocol::federation::TrainingPlan;
-
-fn data_dir() -> Option<PathBuf> {
-    match std::env::var("QFLARE_DATA_DIR") {
-        Ok(dir) if PathBuf::from(&dir).exists() => Some(PathBuf::from(dir)),
-        _ if std::env::var("QFLARE_REQUIRE_DATA").is_ok_and(|v| v == "1") => {
-            panic!("QFLARE_REQUIRE_DATA=1 but QFLARE_DATA_DIR does not name the MNIST directory")
-        }
-        _ => None,
-    }
-}
 
 /// `chromium` on the PATH, or `None` (a failure when the browser is required).
 fn chromium() -> Option<PathBuf> {
@@ -79,7 +71,7 @@ async fn the_dashboard_shows_a_finished_round_in_chromium() {
         eprintln!("skipped: `chromium` is not installed (set QFLARE_REQUIRE_BROWSER=1 to fail)");
         return;
     };
-    let Some(data) = data_dir() else {
+    let Some(data) = common::data_dir() else {
         eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
         return;
     };

@@ -5,22 +5,14 @@
 // A test fails loudly on any unexpected error; unwrap says so most plainly.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::PathBuf;
 
 use qflare_cli::sim::{Attack, DataSplit, SimOptions, SimReport, Simulation};
 use qflare_enclave::AggregationConfig;
 use qflare_ml::Architecture;
 use qflare_protocol::federation::TrainingPlan;
-
-fn data_dir() -> Option<PathBuf> {
-    match std::env::var("QFLARE_DATA_DIR") {
-        Ok(dir) if PathBuf::from(&dir).exists() => Some(PathBuf::from(dir)),
-        _ if std::env::var("QFLARE_REQUIRE_DATA").is_ok_and(|v| v == "1") => {
-            panic!("QFLARE_REQUIRE_DATA=1 but QFLARE_DATA_DIR does not name the MNIST directory")
-        }
-        _ => None,
-    }
-}
 
 fn options(
     data_dir: PathBuf,
@@ -62,7 +54,7 @@ async fn simulate(options: SimOptions) -> SimReport {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_federation_trains_the_2nn_over_real_https_with_the_enclave() {
-    let Some(data) = data_dir() else {
+    let Some(data) = common::data_dir() else {
         eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
         return;
     };
@@ -94,7 +86,7 @@ async fn a_federation_trains_the_2nn_over_real_https_with_the_enclave() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_malicious_devices_of_ten_are_rejected_and_accuracy_holds() {
-    let Some(data) = data_dir() else {
+    let Some(data) = common::data_dir() else {
         eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
         return;
     };
@@ -222,7 +214,7 @@ async fn wait_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unselected_late_and_revoked_devices_cannot_submit() {
-    let Some(data) = data_dir() else {
+    let Some(data) = common::data_dir() else {
         eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
         return;
     };
@@ -311,7 +303,7 @@ async fn unselected_late_and_revoked_devices_cannot_submit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_host_side_bit_flip_in_the_global_model_is_refused_by_the_device() {
-    let Some(data) = data_dir() else {
+    let Some(data) = common::data_dir() else {
         eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
         return;
     };
@@ -357,7 +349,7 @@ async fn a_host_side_bit_flip_in_the_global_model_is_refused_by_the_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_server_resumes_at_the_right_round_with_the_right_model() {
-    let Some(data) = data_dir() else {
+    let Some(data) = common::data_dir() else {
         eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
         return;
     };

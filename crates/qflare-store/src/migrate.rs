@@ -78,12 +78,7 @@ pub(crate) async fn sqlite(conn: &mut SqliteConnection) -> Result<(), StoreError
         migrations_table,
         legacy_version,
     };
-    let migrator = without_own_lock(&SQLITE);
-    baseline_if_legacy(conn, &migrator, &found).await?;
-    migrator
-        .run_direct(None, conn, false)
-        .await
-        .map_err(|error| migrate_error(error, &migrator))
+    apply(conn, &SQLITE, &found).await
 }
 
 /// Brings a PostgreSQL schema (the connection's `search_path`) up to date. `conn` must be inside
@@ -115,8 +110,18 @@ pub(crate) async fn postgres(conn: &mut PgConnection) -> Result<(), StoreError> 
         migrations_table,
         legacy_version,
     };
-    let migrator = without_own_lock(&POSTGRES);
-    baseline_if_legacy(conn, &migrator, &found).await?;
+    apply(conn, &POSTGRES, &found).await
+}
+
+/// The part both backends share once they know what the database holds:
+/// adopt a legacy schema, then run what is not applied yet.
+async fn apply<C: Migrate>(
+    conn: &mut C,
+    embedded: &Migrator,
+    found: &Found,
+) -> Result<(), StoreError> {
+    let migrator = without_own_lock(embedded);
+    baseline_if_legacy(conn, &migrator, found).await?;
     migrator
         .run_direct(None, conn, false)
         .await

@@ -1,16 +1,14 @@
 //! Runs the conformance suite against SQLite (always, a fresh file per test) and PostgreSQL (when
 //! `QFLARE_TEST_POSTGRES_URL` is set, a fresh schema per test, dropped afterwards).
 
+mod common;
+
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use qflare_store::conformance as check;
 use qflare_store::{PostgresStore, SqliteStore, Store, StoreError};
-
-const POSTGRES_URL_VAR: &str = "QFLARE_TEST_POSTGRES_URL";
 
 fn sqlite_url(dir: &Path) -> String {
     format!(
@@ -25,39 +23,13 @@ async fn sqlite_store(dir: &Path) -> Arc<dyn Store> {
         .expect("open SQLite store")
 }
 
-fn postgres_url() -> Option<String> {
-    let url = std::env::var(POSTGRES_URL_VAR)
-        .ok()
-        .filter(|url| !url.is_empty());
-    if url.is_none() {
-        println!("skipped: {POSTGRES_URL_VAR} not set");
-    }
-    url
-}
-
-fn fresh_schema() -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let random = RandomState::new().hash_one(std::time::SystemTime::now());
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("qflare_test_{}_{n}_{random:016x}", std::process::id())
-}
-
-/// Runs `check` on its own task, drops the schema whatever happened, then reports.
+/// Runs `check` in a fresh PostgreSQL schema (see [`common::in_fresh_schema`]).
 async fn in_fresh_schema<F, Fut>(check: F)
 where
     F: FnOnce(String, String) -> Fut,
     Fut: Future<Output = Result<(), StoreError>> + Send + 'static,
 {
-    let Some(url) = postgres_url() else { return };
-    let schema = fresh_schema();
-    let outcome = tokio::spawn(check(url.clone(), schema.clone())).await;
-    qflare_store::drop_postgres_schema(&url, &schema)
-        .await
-        .expect("drop test schema");
-    match outcome {
-        Ok(result) => result.expect("conformance check failed"),
-        Err(panic) => std::panic::resume_unwind(panic.into_panic()),
-    }
+    common::in_fresh_schema("qflare_test", "conformance check", check).await;
 }
 
 async fn postgres_store(url: &str, schema: &str) -> Result<Arc<dyn Store>, StoreError> {

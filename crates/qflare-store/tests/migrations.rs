@@ -6,8 +6,9 @@
 //! SQLite always runs; PostgreSQL when `QFLARE_TEST_POSTGRES_URL` is set, each test in a fresh
 //! schema that is dropped afterwards.
 
+mod common;
+
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -31,8 +32,6 @@ const POSTGRES_V1: &str = include_str!("fixtures/schema_v1/postgres.sql");
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
-
-const POSTGRES_URL_VAR: &str = "QFLARE_TEST_POSTGRES_URL";
 
 /// One row of `_sqlx_migrations`: version, success, checksum.
 type Applied = (i64, bool, Vec<u8>);
@@ -70,39 +69,13 @@ fn expected_applied(migrator: &Migrator) -> Vec<Applied> {
         .collect()
 }
 
-fn postgres_url() -> Option<String> {
-    let url = std::env::var(POSTGRES_URL_VAR)
-        .ok()
-        .filter(|url| !url.is_empty());
-    if url.is_none() {
-        println!("skipped: {POSTGRES_URL_VAR} not set");
-    }
-    url
-}
-
-fn fresh_schema() -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let random = RandomState::new().hash_one(std::time::SystemTime::now());
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("qflare_migr_{}_{n}_{random:016x}", std::process::id())
-}
-
-/// Runs `check` on its own task, drops the schema whatever happened, then reports.
+/// Runs `check` in a fresh PostgreSQL schema (see [`common::in_fresh_schema`]).
 async fn in_fresh_schema<F, Fut>(check: F)
 where
     F: FnOnce(String, String) -> Fut,
     Fut: Future<Output = Result<(), StoreError>> + Send + 'static,
 {
-    let Some(url) = postgres_url() else { return };
-    let schema = fresh_schema();
-    let outcome = tokio::spawn(check(url.clone(), schema.clone())).await;
-    qflare_store::drop_postgres_schema(&url, &schema)
-        .await
-        .expect("drop test schema");
-    match outcome {
-        Ok(result) => result.expect("migration check failed"),
-        Err(panic) => std::panic::resume_unwind(panic.into_panic()),
-    }
+    common::in_fresh_schema("qflare_migr", "migration check", check).await;
 }
 
 /// A connection whose unqualified names resolve into `schema`, which is created if missing.
