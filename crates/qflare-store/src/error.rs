@@ -43,8 +43,9 @@ pub enum StoreError {
     #[error("not found: {0}")]
     NotFound(&'static str),
     /// A value handed to the store does not fit its column: a `u64` above `i64::MAX`, since both
-    /// backends store integers as signed 64-bit. The text names the field.
-    #[error("value out of range: {0} exceeds i64::MAX")]
+    /// backends store integers as signed 64-bit, or a value outside the range the method
+    /// documents (an evaluation on zero examples, a non-finite metric). The text names the field.
+    #[error("value out of range: {0}")]
     OutOfRange(&'static str),
     /// A stored value does not decode (an unknown state string, a negative count), which means the
     /// database was altered outside the store or by a newer version.

@@ -3,7 +3,8 @@
 //! The store owns everything the server must not forget across a restart and must share between
 //! replicas: enrolled devices and their public keys, single-use enrollment tokens (only their
 //! hashes), handshake sessions, federated-learning rounds with their participants and sealed update
-//! envelopes, the global models, and the hash-chained audit ledger with its signed checkpoints.
+//! envelopes, the global models with the devices' federated evaluations of them, and the
+//! hash-chained audit ledger with its signed checkpoints.
 //!
 //! It is deliberately ignorant of cryptography. Keys, hashes, sealed blobs and signatures are opaque
 //! `String`s and byte vectors, timestamps are `i64` Unix seconds handed in by the caller, and the
@@ -42,9 +43,9 @@ use std::sync::Arc;
 pub use error::{StoreError, TokenRejection};
 pub use postgres::{PostgresStore, drop_postgres_schema};
 pub use records::{
-    AuditDraft, AuditEntry, CheckpointRecord, DeviceKeys, DeviceRecord, ModelRecord, ModelSummary,
-    NewDevice, ParticipantRecord, RoundRecord, RoundState, SessionRecord, SessionState,
-    SubmissionOutcome, TokenRecord, VerdictRecord,
+    AuditDraft, AuditEntry, CheckpointRecord, DeviceKeys, DeviceRecord, EvaluationRecord,
+    EvaluationSummary, ModelRecord, ModelSummary, NewDevice, ParticipantRecord, RoundRecord,
+    RoundState, SessionRecord, SessionState, SubmissionOutcome, TokenRecord, VerdictRecord,
 };
 pub use sqlite::SqliteStore;
 
@@ -242,6 +243,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         accuracy: f64,
         loss: f64,
     ) -> Result<bool, StoreError>;
+    /// Stores a device's evaluation of a model version, replacing any earlier one by the same device
+    /// for the same version (all of its metrics, atomically). An unknown model version is
+    /// [`StoreError::NotFound`].
+    ///
+    /// Zero `examples` or a non-finite metric value is [`StoreError::OutOfRange`], a metric name
+    /// given twice [`StoreError::Conflict`]; either way nothing changes.
+    async fn record_evaluation(&self, evaluation: &EvaluationRecord) -> Result<(), StoreError>;
+    /// Per model version and metric, the example-weighted mean over devices, ascending by version
+    /// then metric name.
+    ///
+    /// Metric names compare bytewise (as SQLite does; PostgreSQL with the `C` collation), so both
+    /// backends return the same order.
+    async fn evaluation_history(&self) -> Result<Vec<EvaluationSummary>, StoreError>;
 
     // --- audit ledger
 

@@ -312,6 +312,38 @@ pub struct ModelSummary {
     pub loss: Option<f64>,
 }
 
+/// One device's evaluation of one global model version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvaluationRecord {
+    /// The evaluated global model version.
+    pub model_version: u64,
+    /// The round in which the device evaluated it.
+    pub round_id: u64,
+    /// The evaluating device.
+    pub device_id: String,
+    /// Held-out examples the device evaluated on (> 0).
+    pub examples: u64,
+    /// Named scalar metrics (e.g. "accuracy", "loss"); names unique, values finite.
+    pub metrics: Vec<(String, f64)>,
+    /// When the evaluation was reported.
+    pub created_at: i64,
+}
+
+/// The example-weighted mean of one metric over every device that evaluated one model version.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvaluationSummary {
+    /// The evaluated global model version.
+    pub model_version: u64,
+    /// Metric name.
+    pub metric: String,
+    /// Σ value·examples / Σ examples over the reporting devices.
+    pub mean: f64,
+    /// Σ examples.
+    pub examples: u64,
+    /// How many devices reported this metric for this version.
+    pub devices: u64,
+}
+
 /// An audit event before it is linked into the chain.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AuditDraft {

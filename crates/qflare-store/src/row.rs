@@ -7,8 +7,9 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use crate::error::backend;
 use crate::{
-    AuditEntry, CheckpointRecord, DeviceKeys, DeviceRecord, ModelRecord, ModelSummary,
-    ParticipantRecord, RoundRecord, SessionRecord, StoreError, TokenRecord,
+    AuditEntry, CheckpointRecord, DeviceKeys, DeviceRecord, EvaluationRecord, EvaluationSummary,
+    ModelRecord, ModelSummary, ParticipantRecord, RoundRecord, SessionRecord, StoreError,
+    TokenRecord,
 };
 
 /// Typed column access returning [`StoreError`], implemented for every sqlx row type whose
@@ -20,6 +21,7 @@ pub(crate) trait Col {
     fn opt_text(&self, name: &str) -> Result<Option<String>, StoreError>;
     fn bytes(&self, name: &str) -> Result<Vec<u8>, StoreError>;
     fn opt_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn f64(&self, name: &str) -> Result<f64, StoreError>;
     fn opt_f64(&self, name: &str) -> Result<Option<f64>, StoreError>;
 
     fn u64(&self, name: &str) -> Result<u64, StoreError> {
@@ -62,6 +64,9 @@ where
     fn opt_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.try_get(name).map_err(backend)
     }
+    fn f64(&self, name: &str) -> Result<f64, StoreError> {
+        self.try_get(name).map_err(backend)
+    }
     fn opt_f64(&self, name: &str) -> Result<Option<f64>, StoreError> {
         self.try_get(name).map_err(backend)
     }
@@ -71,6 +76,32 @@ where
 /// value into a negative one would silently corrupt ordering and comparisons.
 pub(crate) fn db_int(value: u64, field: &'static str) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| StoreError::OutOfRange(field))
+}
+
+/// Checks what [`EvaluationRecord`] promises before anything is written: at least one example
+/// (else the weighted mean would divide by zero), finite values (SQLite would store NaN as NULL),
+/// and metric names that are unique (one row per metric).
+pub(crate) fn check_evaluation(evaluation: &EvaluationRecord) -> Result<(), StoreError> {
+    if evaluation.examples == 0 {
+        return Err(StoreError::OutOfRange("evaluation examples must be > 0"));
+    }
+    db_int(evaluation.examples, "evaluation examples")?;
+    db_int(evaluation.model_version, "model version")?;
+    db_int(evaluation.round_id, "evaluation round id")?;
+    for (i, (name, value)) in evaluation.metrics.iter().enumerate() {
+        if !value.is_finite() {
+            return Err(StoreError::OutOfRange(
+                "evaluation metric values must be finite",
+            ));
+        }
+        if evaluation.metrics[..i]
+            .iter()
+            .any(|(earlier, _)| earlier == name)
+        {
+            return Err(StoreError::Conflict("evaluation metric"));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn token(row: &impl Col) -> Result<TokenRecord, StoreError> {
@@ -166,6 +197,16 @@ pub(crate) fn model_summary(row: &impl Col) -> Result<ModelSummary, StoreError> 
         created_at: row.i64("created_at")?,
         accuracy: row.opt_f64("accuracy")?,
         loss: row.opt_f64("loss")?,
+    })
+}
+
+pub(crate) fn evaluation_summary(row: &impl Col) -> Result<EvaluationSummary, StoreError> {
+    Ok(EvaluationSummary {
+        model_version: row.u64("model_version")?,
+        metric: row.text("metric")?,
+        mean: row.f64("mean")?,
+        examples: row.u64("examples")?,
+        devices: row.u64("devices")?,
     })
 }
 

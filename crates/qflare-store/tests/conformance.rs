@@ -76,6 +76,7 @@ single_store_checks!(
     rounds,
     submissions,
     models,
+    evaluations,
     audit_chain,
     checkpoints,
     out_of_range_values,

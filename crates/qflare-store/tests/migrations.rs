@@ -1,7 +1,8 @@
 //! Schema migrations through sqlx: a new database migrates and passes the conformance suite, a
 //! database created by the hand-written migrations that came before (fixtures in
 //! `tests/fixtures/schema_v1/`, made by that code) is adopted with its rows intact, migrating twice
-//! changes nothing, and schema versions this build does not know are refused.
+//! changes nothing, a database at an earlier migration gets the later ones on open, and schema
+//! versions this build does not know are refused.
 //!
 //! SQLite always runs; PostgreSQL when `QFLARE_TEST_POSTGRES_URL` is set, each test in a fresh
 //! schema that is dropped afterwards.
@@ -16,8 +17,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use qflare_store::conformance::{self as check, test_link};
 use qflare_store::{
-    AuditDraft, DeviceKeys, GENESIS_HASH, ModelRecord, NewDevice, RoundRecord, RoundState,
-    SessionState, Store, StoreError, SubmissionOutcome,
+    AuditDraft, DeviceKeys, EvaluationRecord, GENESIS_HASH, ModelRecord, NewDevice, RoundRecord,
+    RoundState, SessionState, Store, StoreError, SubmissionOutcome,
 };
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -124,6 +125,37 @@ async fn load_postgres_v1(url: &str, schema: &str) {
     conn.close().await.expect("close");
 }
 
+/// A model row written while the schema was at migration 1.
+const MODEL_AT_0001: &str = "INSERT INTO models (version, round_id, architecture, bytes, \
+     certificate_json, created_at) VALUES (1, 0, 'mnist-2nn', $1, '{}', 100)";
+
+/// What a store opened on a database at migration 1 must show: migration 2 applied, and the
+/// evaluations it adds working against the model written before.
+async fn evaluations_after_0002(store: Arc<dyn Store>) -> Result<(), StoreError> {
+    assert!(store.evaluation_history().await?.is_empty());
+    store
+        .record_evaluation(&EvaluationRecord {
+            model_version: 1,
+            round_id: 1,
+            device_id: "dev-a".to_owned(),
+            examples: 4,
+            metrics: vec![("accuracy".to_owned(), 0.75)],
+            created_at: 200,
+        })
+        .await?;
+    let history = store.evaluation_history().await?;
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(
+        (
+            history[0].model_version,
+            history[0].mean,
+            history[0].examples
+        ),
+        (1, 0.75, 4)
+    );
+    Ok(())
+}
+
 /// Every single-store conformance check, each on a store `open` hands out fresh.
 async fn conformance_suite<F, Fut>(open: F) -> Result<(), StoreError>
 where
@@ -138,6 +170,7 @@ where
     check::rounds(open().await?).await?;
     check::submissions(open().await?).await?;
     check::models(open().await?).await?;
+    check::evaluations(open().await?).await?;
     check::audit_chain(open().await?).await?;
     check::checkpoints(open().await?).await?;
     check::out_of_range_values(open().await?).await
@@ -320,7 +353,7 @@ async fn sqlite_legacy_database_is_adopted() {
     assert_eq!(
         sqlite_applied(dir.path()).await,
         expected_applied(&SQLITE_MIGRATIONS),
-        "migration 1 recorded with its checksum"
+        "migration 1 recorded with its checksum, the later ones run"
     );
     legacy_rows_survive(store).await.expect("legacy rows");
     // Reopening an adopted database is an ordinary no-op migration.
@@ -330,6 +363,35 @@ async fn sqlite_legacy_database_is_adopted() {
         sqlite_applied(dir.path()).await,
         expected_applied(&SQLITE_MIGRATIONS)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_schema_0001_gets_0002_on_open() {
+    // A database an earlier build migrated: only migration 1 applied, with a model in it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut conn = sqlite_conn(dir.path()).await;
+    SQLITE_MIGRATIONS
+        .run_direct(Some(1), &mut conn, false)
+        .await
+        .expect("migrate to 0001");
+    sqlx::query(MODEL_AT_0001)
+        .bind(vec![7_u8; 8])
+        .execute(&mut conn)
+        .await
+        .expect("insert model");
+    conn.close().await.expect("close");
+    assert_eq!(
+        sqlite_applied(dir.path()).await,
+        expected_applied(&SQLITE_MIGRATIONS)[..1]
+    );
+    let store = qflare_store::open(&sqlite_url(dir.path()))
+        .await
+        .expect("open database at 0001");
+    assert_eq!(
+        sqlite_applied(dir.path()).await,
+        expected_applied(&SQLITE_MIGRATIONS)
+    );
+    evaluations_after_0002(store).await.expect("evaluations");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,7 +503,7 @@ async fn postgres_fresh_database_migrates_and_conforms() {
     })
     .await;
     // Each check gets its own schema, as tests/conformance.rs does.
-    for run in 0..11 {
+    for run in 0..12 {
         in_fresh_schema(|url, schema| async move {
             let store = qflare_store::open_postgres_in_schema(&url, &schema).await?;
             match run {
@@ -453,8 +515,9 @@ async fn postgres_fresh_database_migrates_and_conforms() {
                 5 => check::rounds(store).await,
                 6 => check::submissions(store).await,
                 7 => check::models(store).await,
-                8 => check::audit_chain(store).await,
-                9 => check::checkpoints(store).await,
+                8 => check::evaluations(store).await,
+                9 => check::audit_chain(store).await,
+                10 => check::checkpoints(store).await,
                 _ => check::out_of_range_values(store).await,
             }
         })
@@ -470,7 +533,7 @@ async fn postgres_legacy_database_is_adopted() {
         assert_eq!(
             postgres_applied(&url, &schema).await,
             expected_applied(&POSTGRES_MIGRATIONS),
-            "migration 1 recorded with its checksum"
+            "migration 1 recorded with its checksum, the later ones run"
         );
         legacy_rows_survive(store).await?;
         let store = qflare_store::open_postgres_in_schema(&url, &schema).await?;
@@ -480,6 +543,34 @@ async fn postgres_legacy_database_is_adopted() {
             expected_applied(&POSTGRES_MIGRATIONS)
         );
         Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_schema_0001_gets_0002_on_open() {
+    in_fresh_schema(|url, schema| async move {
+        let mut conn = postgres_conn(&url, &schema).await;
+        POSTGRES_MIGRATIONS
+            .run_direct(Some(1), &mut conn, false)
+            .await
+            .expect("migrate to 0001");
+        sqlx::query(MODEL_AT_0001)
+            .bind(vec![7_u8; 8])
+            .execute(&mut conn)
+            .await
+            .expect("insert model");
+        conn.close().await.expect("close");
+        assert_eq!(
+            postgres_applied(&url, &schema).await,
+            expected_applied(&POSTGRES_MIGRATIONS)[..1]
+        );
+        let store = qflare_store::open_postgres_in_schema(&url, &schema).await?;
+        assert_eq!(
+            postgres_applied(&url, &schema).await,
+            expected_applied(&POSTGRES_MIGRATIONS)
+        );
+        evaluations_after_0002(store).await
     })
     .await;
 }

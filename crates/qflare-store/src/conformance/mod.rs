@@ -20,7 +20,7 @@ pub use audit::{audit_chain, checkpoints};
 pub use enrollment::{
     concurrent_enrollment, concurrent_enrollment_across_stores, devices, token_lifecycle,
 };
-pub use models::models;
+pub use models::{evaluations, models};
 pub use robustness::{corrupt_values_are_reported, out_of_range_values, persists_across_reopen};
 pub use rounds::{rounds, submissions};
 pub use sessions::{concurrent_sequence_advance, sessions};

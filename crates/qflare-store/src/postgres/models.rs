@@ -1,9 +1,10 @@
-//! PostgreSQL: the global models — insertion, lookup, history and evaluation metrics.
+//! PostgreSQL: the global models — insertion, lookup, history, evaluation metrics and the
+//! devices' federated evaluations.
 
 use super::PostgresStore;
 use crate::error::{backend, write_error};
 use crate::row::{self, db_int};
-use crate::{ModelRecord, ModelSummary, StoreError};
+use crate::{EvaluationRecord, EvaluationSummary, ModelRecord, ModelSummary, StoreError};
 
 pub(super) async fn insert_model(
     store: &PostgresStore,
@@ -73,4 +74,70 @@ pub(super) async fn set_model_metrics(
         .await
         .map_err(backend)?;
     Ok(done.rows_affected() == 1)
+}
+
+/// Replaces the device's rows for the version in one transaction. The model row is locked
+/// `FOR NO KEY UPDATE` first: that serializes concurrent reports for the same version (two replacing
+/// the same device's rows would otherwise both find nothing to delete and collide on the primary
+/// key), while the foreign-key checks' `KEY SHARE` locks do not conflict with it.
+pub(super) async fn record_evaluation(
+    store: &PostgresStore,
+    evaluation: &EvaluationRecord,
+) -> Result<(), StoreError> {
+    row::check_evaluation(evaluation)?;
+    let version = db_int(evaluation.model_version, "model version")?;
+    let round_id = db_int(evaluation.round_id, "evaluation round id")?;
+    let examples = db_int(evaluation.examples, "evaluation examples")?;
+    let mut tx = store.write_tx().await?;
+    let known = sqlx::query("SELECT 1 FROM models WHERE version = $1 FOR NO KEY UPDATE")
+        .bind(version)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+    if known.is_none() {
+        return Err(StoreError::NotFound("model"));
+    }
+    sqlx::query("DELETE FROM model_evaluations WHERE model_version = $1 AND device_id = $2")
+        .bind(version)
+        .bind(&evaluation.device_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+    for (metric, value) in &evaluation.metrics {
+        sqlx::query(
+            "INSERT INTO model_evaluations (model_version, device_id, metric, value, examples,
+                                            round_id, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(version)
+        .bind(&evaluation.device_id)
+        .bind(metric)
+        .bind(*value)
+        .bind(examples)
+        .bind(round_id)
+        .bind(evaluation.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| write_error(e, "evaluation metric", "model"))?;
+    }
+    tx.commit().await.map_err(backend)
+}
+
+pub(super) async fn evaluation_history(
+    store: &PostgresStore,
+) -> Result<Vec<EvaluationSummary>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT model_version, metric,
+                SUM(value * examples::DOUBLE PRECISION)
+                    / SUM(examples)::DOUBLE PRECISION AS mean,
+                SUM(examples)::BIGINT AS examples,
+                COUNT(*) AS devices
+         FROM model_evaluations
+         GROUP BY model_version, metric
+         ORDER BY model_version, metric COLLATE \"C\"",
+    )
+    .fetch_all(&store.pool)
+    .await
+    .map_err(backend)?;
+    row::all(&rows, row::evaluation_summary)
 }

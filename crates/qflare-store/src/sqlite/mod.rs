@@ -31,9 +31,10 @@ use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 
 use crate::error::backend;
 use crate::{
-    AuditDraft, AuditEntry, AuditLink, CheckpointRecord, DeviceKeys, DeviceRecord, GENESIS_HASH,
-    ModelRecord, ModelSummary, NewDevice, ParticipantRecord, RoundRecord, RoundState,
-    SessionRecord, Store, StoreError, SubmissionOutcome, TokenRecord, VerdictRecord,
+    AuditDraft, AuditEntry, AuditLink, CheckpointRecord, DeviceKeys, DeviceRecord,
+    EvaluationRecord, EvaluationSummary, GENESIS_HASH, ModelRecord, ModelSummary, NewDevice,
+    ParticipantRecord, RoundRecord, RoundState, SessionRecord, Store, StoreError,
+    SubmissionOutcome, TokenRecord, VerdictRecord,
 };
 
 /// How long a statement waits for another connection's (or process's) write lock.
@@ -336,6 +337,14 @@ impl Store for SqliteStore {
         loss: f64,
     ) -> Result<bool, StoreError> {
         models::set_model_metrics(self, version, accuracy, loss).await
+    }
+
+    async fn record_evaluation(&self, evaluation: &EvaluationRecord) -> Result<(), StoreError> {
+        models::record_evaluation(self, evaluation).await
+    }
+
+    async fn evaluation_history(&self) -> Result<Vec<EvaluationSummary>, StoreError> {
+        models::evaluation_history(self).await
     }
 
     async fn append_audit(
