@@ -66,6 +66,13 @@ impl AdminClient {
         &self,
         request: reqwest::RequestBuilder,
     ) -> anyhow::Result<T> {
+        let body = self.send_raw(request).await?;
+        serde_json::from_slice(&body).context("decoding the answer")
+    }
+
+    /// Sends `request` with the admin token; the answer's body, or the
+    /// server's error as an `anyhow` error (with its detail, when given).
+    async fn send_raw(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Vec<u8>> {
         let response = request
             .bearer_auth(&self.token)
             .send()
@@ -75,15 +82,48 @@ impl AdminClient {
         let body = response.bytes().await.context("reading the answer")?;
         if !status.is_success() {
             match serde_json::from_slice::<ErrorBody>(&body) {
-                Ok(err) => bail!(
-                    "the server refused ({status}): {}: {}",
-                    err.code,
-                    err.message
-                ),
+                Ok(err) => match err.detail {
+                    Some(detail) => bail!(
+                        "the server refused ({status}): {}: {}: {detail}",
+                        err.code,
+                        err.message
+                    ),
+                    None => bail!(
+                        "the server refused ({status}): {}: {}",
+                        err.code,
+                        err.message
+                    ),
+                },
                 Err(_) => bail!("the server answered {status}"),
             }
         }
-        serde_json::from_slice(&body).context("decoding the answer")
+        Ok(body.to_vec())
+    }
+
+    /// GET `path`, returning the body's bytes.
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        self.send_raw(self.transport.http.get(self.transport.url(path)))
+            .await
+    }
+
+    /// POST `bytes` (as `application/octet-stream`) to `path` with the
+    /// query parameters `query`.
+    pub async fn post_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        bytes: Vec<u8>,
+    ) -> anyhow::Result<T> {
+        let mut url = reqwest::Url::parse(&self.transport.url(path)).context("the server URL")?;
+        url.query_pairs_mut().extend_pairs(query);
+        self.send(
+            self.transport
+                .http
+                .post(url)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(bytes),
+        )
+        .await
     }
 
     /// GET `path`.

@@ -18,6 +18,7 @@ use qflare_server::Config;
 
 use crate::commands::audit::AuditCommand;
 use crate::commands::device::DeviceCommand;
+use crate::commands::model::ModelCommand;
 use crate::commands::round::RoundCommand;
 use crate::commands::server::ServerArgs;
 use crate::commands::token::TokenCommand;
@@ -80,6 +81,13 @@ enum Command {
     Round {
         #[command(subcommand)]
         command: RoundCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// The federation's model: register it from a file, export and verify it.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
         #[command(flatten)]
         remote: Remote,
     },
@@ -173,6 +181,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Round { command, remote } => {
             commands::round::run(&admin(&config, &remote).await?, command).await?;
+        }
+        Command::Model {
+            command: ModelCommand::Verify(args),
+            ..
+        } => commands::model::verify(&args)?,
+        Command::Model { command, remote } => {
+            commands::model::run_remote(&admin(&config, &remote).await?, command).await?;
         }
         Command::Audit { command } => return commands::audit::run(&config, command).await,
         Command::Bench { command } => bench::run(command).await?,

@@ -328,7 +328,7 @@ async fn a_host_side_bit_flip_in_the_global_model_is_refused_by_the_device() {
 
     // As served, the model verifies against the attested enclave key.
     let (certificate, model) =
-        verify_model_download(&download, &enclave, version, Architecture::Mnist2nn).unwrap();
+        verify_model_download(&download, &enclave, version, "mnist-2nn").unwrap();
     assert_eq!(certificate.model_version, version);
     assert_eq!(model.num_parameters(), 199_210);
 
@@ -336,8 +336,7 @@ async fn a_host_side_bit_flip_in_the_global_model_is_refused_by_the_device() {
     for offset in [200usize, download.len() / 2, download.len() - 1] {
         let mut tampered = download.clone();
         tampered[offset] ^= 0x01;
-        let err = verify_model_download(&tampered, &enclave, version, Architecture::Mnist2nn)
-            .unwrap_err();
+        let err = verify_model_download(&tampered, &enclave, version, "mnist-2nn").unwrap_err();
         assert!(
             matches!(err, EdgeError::ModelRefused(_)),
             "offset {offset}: {err}"

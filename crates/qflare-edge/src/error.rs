@@ -1,5 +1,6 @@
 //! The edge library's error type.
 
+#[cfg(feature = "burn")]
 use qflare_ml::MlError;
 use qflare_protocol::ProtocolError;
 use qflare_protocol::api::ErrorCode;
@@ -45,6 +46,7 @@ pub enum EdgeError {
     RoundRefused(String),
     /// Loading data or checking a model against its architecture failed.
     #[error(transparent)]
+    #[cfg(feature = "burn")]
     Ml(#[from] MlError),
     /// The [`LocalTrainer`](crate::LocalTrainer) produced no update (its
     /// message is the error's, unprefixed).

@@ -16,9 +16,13 @@
 //!   renewal, re-sealing after an enclave restart, and progress events.
 //! * [`trainer`]: local training as the [`LocalTrainer`] trait the loop is
 //!   given, so the loop's networking and security code does not depend on
-//!   how an update is trained; [`BurnTrainer`] trains the built-in
+//!   how an update is trained; `BurnTrainer` trains the built-in
 //!   architectures with `qflare-ml` (burn).
-//! * [`shard`]: the device's local data (an IID shard of an IDX data set).
+//! * `shard`: the device's local data (an IID shard of an IDX data set).
+//!
+//! `BurnTrainer`, `shard` and the binary need the `burn` feature (on by
+//! default); without it, this crate is the device's networking and security
+//! code alone, for hosts that train elsewhere (the Python SDK).
 //!
 //! Private keys are generated here and never leave the device; only public
 //! keys and signatures are sent.
@@ -30,6 +34,7 @@ pub mod error;
 pub mod identity;
 mod response;
 pub mod run;
+#[cfg(feature = "burn")]
 pub mod shard;
 pub mod trainer;
 pub mod transport;
@@ -41,5 +46,10 @@ pub use run::{
     Backoff, DeviceConfig, DeviceEvent, Events, RoundRecord, RoundTimings, RunSummary, StopOutcome,
     StopReason, TamperFn, run_device,
 };
+#[cfg(feature = "burn")]
 pub use shard::{DEFAULT_PARTITION_SEED, Shard, load_local_data};
-pub use trainer::{BurnTrainer, FitResult, FitTask, LOSS_METRIC, LocalTrainer, TrainError};
+#[cfg(feature = "burn")]
+pub use trainer::BurnTrainer;
+pub use trainer::{
+    EvalResult, FitResult, FitTask, LOSS_METRIC, LocalTrainer, TrainError, layout_mismatch,
+};

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 
+#[cfg(feature = "burn")]
 use qflare_ml::{Architecture, Dataset, MlError, TrainConfig};
 use qflare_protocol::federation::TrainingPlan;
 use qflare_protocol::tensor::TensorMap;
@@ -42,6 +43,16 @@ pub trait LocalTrainer: Send + Sync + 'static {
         task: &FitTask<'_>,
         progress: &dyn Fn(usize, usize),
     ) -> Result<FitResult, TrainError>;
+
+    /// Evaluates `task.global` on the device's own held-out data, before
+    /// `fit` trains from it; the loop reports the result to the server after
+    /// submitting the round's update (federated evaluation, for a model the
+    /// server cannot run). `Ok(None)` (the default): this trainer does not
+    /// evaluate. An error is logged and the round goes on without it.
+    fn evaluate(&self, task: &FitTask<'_>) -> Result<Option<EvalResult>, TrainError> {
+        let _ = task;
+        Ok(None)
+    }
 
     /// Checked once before the loop starts: `Err(reason)` when this trainer
     /// can never train (e.g. it has no local data); the run then ends at
@@ -84,6 +95,15 @@ pub struct FitResult {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// What a [`LocalTrainer`] measured evaluating the global model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalResult {
+    /// Held-out examples evaluated on (the weight of these metrics).
+    pub examples: u64,
+    /// Named scalars, e.g. `loss` and `accuracy`; at most 32, finite.
+    pub metrics: BTreeMap<String, f64>,
+}
+
 /// Why local training produced no update.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TrainError {
@@ -103,6 +123,30 @@ pub enum TrainError {
     Failed(String),
 }
 
+/// The first difference between an update's tensors and the global model's,
+/// named: a missing or extra tensor, or one of another shape. `None` when the
+/// layouts agree. (Both maps are in name order.)
+pub fn layout_mismatch(update: &TensorMap, global: &TensorMap) -> Option<String> {
+    for (name, tensor) in global.iter() {
+        match update.get(name) {
+            None => return Some(format!("tensor {name} is missing")),
+            Some(other) if other.shape() != tensor.shape() => {
+                return Some(format!(
+                    "tensor {name} has shape {:?}, the model's is {:?}",
+                    other.shape(),
+                    tensor.shape()
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    update
+        .iter()
+        .find(|(name, _)| global.get(name).is_none())
+        .map(|(name, _)| format!("tensor {name} is not in the model"))
+}
+
+#[cfg(feature = "burn")]
 /// Trains the built-in architectures ([`Architecture`]) with `qflare-ml`
 /// (burn, on the CPU) on the device's local [`Dataset`].
 #[derive(Debug)]
@@ -110,6 +154,7 @@ pub struct BurnTrainer {
     data: Dataset,
 }
 
+#[cfg(feature = "burn")]
 impl BurnTrainer {
     /// A trainer over `data` (the device's private examples).
     pub fn new(data: Dataset) -> Self {
@@ -122,6 +167,7 @@ impl BurnTrainer {
     }
 }
 
+#[cfg(feature = "burn")]
 impl LocalTrainer for BurnTrainer {
     fn fit(
         &self,
@@ -132,6 +178,9 @@ impl LocalTrainer for BurnTrainer {
             .architecture
             .parse()
             .map_err(|e: MlError| TrainError::Refused(e.to_string()))?;
+        architecture
+            .validate(task.global)
+            .map_err(|e| TrainError::Refused(format!("model {}: {e}", task.architecture)))?;
         let config = TrainConfig {
             learning_rate: task.plan.learning_rate,
             batch_size: task.plan.batch_size,
@@ -166,6 +215,7 @@ impl LocalTrainer for BurnTrainer {
     }
 }
 
+#[cfg(feature = "burn")]
 fn ml_error(err: MlError) -> TrainError {
     match err {
         MlError::Diverged { .. } => TrainError::Diverged(err.to_string()),

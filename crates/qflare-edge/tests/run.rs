@@ -99,7 +99,7 @@ fn an_honest_model_verifies_and_decodes() {
     let enclave = enclave();
     let bytes = download(&enclave.signing, &enclave.signing, 3, "mnist-2nn");
     let (certificate, weights) =
-        verify_model_download(&bytes, &verified(&enclave), 3, Architecture::Mnist2nn).unwrap();
+        verify_model_download(&bytes, &verified(&enclave), 3, "mnist-2nn").unwrap();
     assert_eq!(certificate.model_version, 3);
     assert_eq!(weights, initial_model(Architecture::Mnist2nn, 1).unwrap());
 }
@@ -118,7 +118,7 @@ fn a_flipped_model_byte_is_refused() {
                 &tampered,
                 &verified(&enclave),
                 3,
-                Architecture::Mnist2nn
+                "mnist-2nn"
             )),
             ModelRefusal::Certificate(ProtocolError::Mismatch("model digest")),
         );
@@ -136,7 +136,7 @@ fn a_certificate_from_another_key_is_refused() {
             &bytes,
             &verified(&enclave),
             3,
-            Architecture::Mnist2nn
+            "mnist-2nn"
         )),
         ModelRefusal::Certificate(ProtocolError::BadSignature(_))
     ));
@@ -153,7 +153,7 @@ fn an_enclave_key_hash_mismatch_is_refused() {
             &bytes,
             &verified(&enclave),
             3,
-            Architecture::Mnist2nn
+            "mnist-2nn"
         )),
         ModelRefusal::EnclaveKeyMismatch
     );
@@ -169,7 +169,7 @@ fn a_wrong_model_version_is_refused() {
             &bytes,
             &verified(&enclave),
             3,
-            Architecture::Mnist2nn
+            "mnist-2nn"
         )),
         ModelRefusal::VersionMismatch {
             expected: 3,
@@ -188,21 +188,30 @@ fn a_wrong_architecture_is_refused() {
             &bytes,
             &verified(&enclave),
             3,
-            Architecture::Mnist2nn
+            "mnist-2nn"
         )),
         ModelRefusal::ArchitectureMismatch {
             expected: "mnist-2nn".into(),
             received: "mnist-cnn".into()
         }
     );
-    // ... and certified 2NN weights presented as the CNN do not decode as it.
-    let bytes = download(&enclave.signing, &enclave.signing, 3, "mnist-cnn");
-    let (_, model) =
-        verify_model_certificate(&bytes, &verified(&enclave), 3, Architecture::MnistCnn).unwrap();
-    assert!(matches!(
-        refusal(decode_model(model, Architecture::MnistCnn)),
-        ModelRefusal::Layout(_)
-    ));
+    // ... and certified weights holding a NaN are refused, naming the tensor.
+    let mut poisoned = initial_model(Architecture::Mnist2nn, 3).unwrap();
+    let (name, tensor) = poisoned.iter_mut().next().unwrap();
+    let name = name.to_owned();
+    tensor.data_mut()[0] = f32::NAN;
+    let model = poisoned.to_safetensors();
+    let certificate = certify("mnist-2nn", 3, 3, &model, &enclave.signing).unwrap();
+    let header = ModelDownload {
+        certificate,
+        enclave_key_sha256: sha256(enclave.signing.verifying_key().as_bytes()),
+    };
+    let bytes = encode_model_download(&header, &model).unwrap();
+    let (_, model) = verify_model_certificate(&bytes, &verified(&enclave), 3, "mnist-2nn").unwrap();
+    match refusal(decode_model(model)) {
+        ModelRefusal::Layout(reason) => assert!(reason.contains(&name), "{reason}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -220,7 +229,7 @@ fn certified_garbage_and_truncated_downloads_are_refused() {
             &bytes,
             &verified(&enclave),
             3,
-            Architecture::Mnist2nn
+            "mnist-2nn"
         )),
         ModelRefusal::Layout(_)
     ));
@@ -229,7 +238,7 @@ fn certified_garbage_and_truncated_downloads_are_refused() {
             &bytes[..3],
             &verified(&enclave),
             3,
-            Architecture::Mnist2nn
+            "mnist-2nn"
         )),
         ModelRefusal::Malformed(_)
     ));

@@ -25,7 +25,7 @@ pub const VERSION: u8 = 1;
 /// Header size.
 pub const HEADER_LEN: usize = 12;
 /// Largest body accepted (a CNN model plus a previous model plus headroom).
-pub const MAX_BODY: usize = 64 * 1024 * 1024;
+pub const MAX_BODY: usize = 3 * qflare_protocol::wire::limits::MAX_MODEL_BYTES;
 /// Largest metadata object.
 pub const MAX_META: usize = 1024 * 1024;
 /// Most blobs in one frame.
@@ -51,9 +51,12 @@ pub enum Kind {
     Abort = 0x07,
     /// Request: report the sandbox's state by trying forbidden operations.
     Probe = 0x08,
+    /// Request: certify an admin-supplied initial model (a model of the
+    /// admin's own, not one of the built-in architectures).
+    ImportModel = 0x09,
     /// Answer to `Attest`.
     Report = 0x81,
-    /// Answer to `InitModel` and `Certify` (a certified model).
+    /// Answer to `InitModel`, `ImportModel` and `Certify` (a certified model).
     Model = 0x82,
     /// Answer to `BeginRound` and `Abort`.
     Ack = 0x84,
@@ -78,6 +81,7 @@ impl Kind {
             0x06 => Self::Finalize,
             0x07 => Self::Abort,
             0x08 => Self::Probe,
+            0x09 => Self::ImportModel,
             0x81 => Self::Report,
             0x82 => Self::Model,
             0x84 => Self::Ack,

@@ -55,6 +55,21 @@ pub struct InitModelRequest {
     pub seed: u64,
 }
 
+/// `ImportModel`: blob 0 is the admin's initial model, a safetensors file of
+/// F32, F16 or BF16 tensors. The enclave decodes it (widening halves to
+/// f32), refuses non-finite values, and certifies its canonical f32 encoding
+/// as version 0 under `name`, answering with that encoding as blob 0. The
+/// admin, not the host, chooses a federation's starting point; the host can
+/// only have it certified before any round, when the server has no model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportModelRequest {
+    /// The model's name (see `qflare_protocol::model::validate_model_name`).
+    /// A built-in architecture's name is allowed, and then the file must
+    /// have that architecture's layout.
+    pub name: String,
+}
+
 /// `Certify`: blob 0 is the model. Asks a restarted enclave to endorse the
 /// current model, certified by a previous boot. The previous boot is named by
 /// its attestation report, which must carry this enclave's own measurement

@@ -26,8 +26,8 @@ use zeroize::Zeroizing;
 use crate::backend::EnclaveBackend;
 use crate::frame::{Frame, FrameError, Kind};
 use crate::messages::{
-    AckAnswer, AttestRequest, BeginRoundRequest, CertifyRequest, Hardening, InitModelRequest,
-    LedgerVerdict, ModelAnswer, OutcomeAnswer, ReportAnswer, SubmitRequest,
+    AckAnswer, AttestRequest, BeginRoundRequest, CertifyRequest, Hardening, ImportModelRequest,
+    InitModelRequest, LedgerVerdict, ModelAnswer, OutcomeAnswer, ReportAnswer, SubmitRequest,
 };
 use crate::round::{RoundAggregator, RoundSpec};
 use crate::validate::CandidateUpdate;
@@ -99,8 +99,10 @@ struct CertifiedModel {
 struct ActiveRound {
     round_id: u64,
     model_version: u64,
-    architecture: Architecture,
+    architecture: String,
     global: TensorMap,
+    /// The largest envelope an update of this round's model can need.
+    envelope_limit: usize,
     devices: HashMap<DeviceId, VerifyingKey>,
     seen: HashSet<DeviceId>,
     aggregator: RoundAggregator,
@@ -143,6 +145,21 @@ fn ledger(verdict: &DeviceVerdict) -> LedgerVerdict {
     }
 }
 
+/// Decodes a model the enclave is asked to certify under `name`: a valid
+/// name, a well-formed tensor file and, for a built-in architecture's
+/// name, that architecture's layout.
+fn decode_model(name: &str, bytes: &[u8]) -> Result<TensorMap, ServiceError> {
+    model::validate_model_name(name)?;
+    let map = TensorMap::from_safetensors(bytes, limits::TENSORS)?;
+    if map.is_empty() {
+        return Err(ServiceError::Refused("the model has no tensors".into()));
+    }
+    if let Ok(architecture) = name.parse::<Architecture>() {
+        architecture.validate(&map)?;
+    }
+    Ok(map)
+}
+
 fn refusal(device_id: DeviceId, code: &str) -> LedgerVerdict {
     LedgerVerdict {
         device_id,
@@ -178,6 +195,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
         let result = match request.kind {
             Kind::Attest => self.attest(request, now),
             Kind::InitModel => self.init_model(request),
+            Kind::ImportModel => self.import_model(request),
             Kind::Certify => self.certify(request),
             Kind::BeginRound => self.begin_round(request),
             Kind::Submit => self.submit(request),
@@ -229,6 +247,34 @@ impl<B: EnclaveBackend> EnclaveService<B> {
         ))
     }
 
+    fn import_model(&mut self, request: &Frame) -> Result<Frame, ServiceError> {
+        request.expect_blobs(1)?;
+        let meta: ImportModelRequest = request.meta()?;
+        let map = decode_model(&meta.name, &request.blobs[0])?;
+        if let Some((name, _)) = map
+            .iter()
+            .find(|(_, tensor)| tensor.data().iter().any(|v| !v.is_finite()))
+        {
+            return Err(ServiceError::Refused(format!(
+                "tensor {name} of the initial model holds a NaN or an infinity"
+            )));
+        }
+        let model = map.to_safetensors();
+        let certificate = self.backend.certify(&meta.name, 0, 0, &model)?;
+        self.remember(&model, &meta.name, 0);
+        tracing::info!(
+            name = %meta.name,
+            tensors = map.len(),
+            parameters = map.num_parameters(),
+            "imported an initial model"
+        );
+        Ok(Frame::new(
+            Kind::Model,
+            &ModelAnswer { certificate },
+            vec![model],
+        ))
+    }
+
     fn certify(&mut self, request: &Frame) -> Result<Frame, ServiceError> {
         request.expect_blobs(1)?;
         let meta: CertifyRequest = request.meta()?;
@@ -246,9 +292,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             meta.previous_report.issued_at,
         )?;
         model::verify(&meta.certificate, model_bytes, &previous.verifying_key)?;
-        let architecture: Architecture = meta.certificate.architecture.parse()?;
-        let map = TensorMap::from_safetensors(model_bytes, limits::TENSORS)?;
-        architecture.validate(&map)?;
+        decode_model(&meta.certificate.architecture, model_bytes)?;
         let certificate = self.backend.certify(
             &meta.certificate.architecture,
             meta.certificate.model_version,
@@ -286,8 +330,10 @@ impl<B: EnclaveBackend> EnclaveService<B> {
                 "the global model's version or architecture differs from its certificate".into(),
             ));
         }
-        let architecture: Architecture = meta.architecture.parse()?;
         let global = TensorMap::from_safetensors(global_bytes, limits::TENSORS)?;
+        // Only a built-in architecture can be trained in here, which is
+        // what FLTrust's reference update needs.
+        let builtin = meta.architecture.parse::<Architecture>().ok();
         // The previous model counts only if this boot certified it as the
         // version before; otherwise the defense falls back to the round median.
         let previous_global_update = match request.blobs.get(1) {
@@ -309,6 +355,13 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             &meta.reference_training,
         ) {
             (crate::config::AggregatorKind::Fltrust, Some(root), Some(training)) => {
+                let architecture = builtin.ok_or_else(|| {
+                    ServiceError::Refused(format!(
+                        "FLTrust trains a reference update on the root data, which needs a \
+                         built-in architecture; model {} is not one",
+                        meta.architecture
+                    ))
+                })?;
                 let outcome = qflare_ml::train(architecture, &global, root, training, None)?;
                 Some(qflare_ml::delta(&outcome.weights, &global)?)
             }
@@ -338,8 +391,9 @@ impl<B: EnclaveBackend> EnclaveService<B> {
         self.round = Some(ActiveRound {
             round_id: meta.round_id,
             model_version: meta.model_version,
-            architecture,
+            architecture: meta.architecture.clone(),
             global,
+            envelope_limit: limits::update_envelope_for(global_bytes.len()),
             devices,
             seen: HashSet::new(),
             aggregator,
@@ -393,11 +447,10 @@ impl<B: EnclaveBackend> EnclaveService<B> {
         if round.seen.contains(&device_id) {
             return refusal(device_id, "duplicate");
         }
-        let envelope: UpdateEnvelope =
-            match wire::decode("envelope", bytes, limits::UPDATE_ENVELOPE) {
-                Ok(envelope) => envelope,
-                Err(_) => return refusal(device_id, "malformed_envelope"),
-            };
+        let envelope: UpdateEnvelope = match wire::decode("envelope", bytes, round.envelope_limit) {
+            Ok(envelope) => envelope,
+            Err(_) => return refusal(device_id, "malformed_envelope"),
+        };
         if envelope.device_id != device_id {
             return refusal(device_id, "device_mismatch");
         }
@@ -455,11 +508,10 @@ impl<B: EnclaveBackend> EnclaveService<B> {
                 verdicts.extend(result.verdicts.iter().map(ledger));
                 let model = result.new_global.to_safetensors();
                 let version = round.model_version + 1;
-                let architecture = round.architecture.to_string();
                 let certificate =
                     self.backend
-                        .certify(&architecture, version, round.round_id, &model)?;
-                self.remember(&model, &architecture, version);
+                        .certify(&round.architecture, version, round.round_id, &model)?;
+                self.remember(&model, &round.architecture, version);
                 drop(round.global);
                 tracing::info!(
                     round = round.round_id,

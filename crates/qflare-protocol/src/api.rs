@@ -41,6 +41,8 @@ pub mod routes {
     pub const CURRENT_MODEL: &str = "/v1/models/current";
     /// `POST` (sealed): a signed update sealed to the enclave.
     pub const UPDATES: &str = "/v1/updates";
+    /// `POST` (sealed): the device's evaluation of the round's global model.
+    pub const EVALUATIONS: &str = "/v1/evaluations";
 
     /// `POST` creates, `GET` lists enrollment tokens (admin).
     pub const ADMIN_TOKENS: &str = "/v1/admin/tokens";
@@ -58,6 +60,12 @@ pub mod routes {
     pub const ADMIN_ROUNDS_START: &str = "/v1/admin/rounds/start";
     /// `POST`: stop opening rounds (admin).
     pub const ADMIN_ROUNDS_PAUSE: &str = "/v1/admin/rounds/pause";
+    /// `POST`: register the initial model from a safetensors body (admin).
+    pub const ADMIN_MODELS: &str = "/v1/admin/models";
+    /// `GET`: a model version's safetensors bytes (`{version}` or `latest`; admin).
+    pub const ADMIN_MODEL: &str = "/v1/admin/models/{version}";
+    /// `GET`: a model version's enclave certificate (admin).
+    pub const ADMIN_MODEL_CERTIFICATE: &str = "/v1/admin/models/{version}/certificate";
 
     /// `GET`: the dashboard page (admin, HTTP Basic).
     pub const PAGE_DASHBOARD: &str = "/";
@@ -80,6 +88,16 @@ pub mod routes {
         ADMIN_TOKEN_REVOKE.replace("{id}", id)
     }
 
+    /// [`ADMIN_MODEL`] for `version` (a number or `latest`).
+    pub fn admin_model(version: &str) -> String {
+        ADMIN_MODEL.replace("{version}", version)
+    }
+
+    /// [`ADMIN_MODEL_CERTIFICATE`] for `version` (a number or `latest`).
+    pub fn admin_model_certificate(version: &str) -> String {
+        ADMIN_MODEL_CERTIFICATE.replace("{version}", version)
+    }
+
     /// [`ADMIN_DEVICE_REVOKE`] for device `id`.
     pub fn admin_device_revoke(id: &str) -> String {
         ADMIN_DEVICE_REVOKE.replace("{id}", id)
@@ -95,6 +113,11 @@ pub struct ErrorBody {
     pub code: ErrorCode,
     /// A fixed human-readable sentence; never echoes the request.
     pub message: String,
+    /// What exactly was wrong, only on admin routes whose caller needs it
+    /// to fix their input (e.g. which tensor of a model file is refused);
+    /// device routes never carry it, so errors are not an oracle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// Declares [`ErrorCode`] and its table in one place, one row per code, so
@@ -186,6 +209,10 @@ error_codes! {
     InvalidLabel = ("invalid_label", 400, "labels are 1 to 64 printable characters"),
     /// A token lifetime of zero or over the configured maximum.
     InvalidTtl = ("invalid_ttl", 400, "the token lifetime is zero or longer than the configured maximum"),
+    /// A model file that cannot be federated (`detail` says why).
+    InvalidModel = ("invalid_model", 400, "the model file was refused"),
+    /// A model is registered already, or the server's configuration creates its own.
+    ModelExists = ("model_exists", 409, "the federation's model is already fixed"),
     // Generic HTTP.
     /// No such route or resource.
     NotFound = ("not_found", 404, "not found"),

@@ -5,12 +5,23 @@
 //! | `POST /v1/rounds/current` | [`RoundQuery`] | [`RoundInfo`] |
 //! | `POST /v1/models/current` | [`ModelQuery`] | [`encode_model_download`] bytes |
 //! | `POST /v1/updates` | [`crate::envelope::UpdateEnvelope`] | [`SubmitReceipt`] |
+//! | `POST /v1/evaluations` | [`EvaluationReport`] | [`EvaluationReceipt`] |
+//!
+//! Federated evaluation: a device evaluates the global model it was sent for
+//! a round on its own held-out data and reports named metrics with the
+//! example count, for a model the server cannot run itself. The report is
+//! sealed in the device's session (authenticated to that device, encrypted
+//! to the server): the server aggregates the metrics weighted by examples,
+//! so they are for the host to read, unlike the update, which is sealed
+//! past the host to the enclave.
 //!
 //! The round answer carries an attestation report made for the device's own
 //! nonce, so a device checks a *fresh* report against its measurement
 //! allow-list before it seals anything to the enclave's key. The model
 //! download is binary (no base64 for a 6.65 MB model): a length-prefixed
 //! [`ModelDownload`] header followed by the safetensors bytes.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -155,6 +166,71 @@ pub fn decode_model_download(bytes: &[u8]) -> Result<(ModelDownload, &[u8])> {
     Ok((header, model))
 }
 
+/// Most metrics in one evaluation report.
+pub const MAX_METRICS: usize = 32;
+/// Longest metric name.
+pub const MAX_METRIC_NAME_LEN: usize = 64;
+
+/// `POST /v1/evaluations` body: a device's evaluation of the global model of
+/// `model_version`, which it was sent for round `round_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationReport {
+    /// The round the model was distributed for.
+    pub round_id: u64,
+    /// The evaluated model version (the round's base model).
+    pub model_version: u64,
+    /// Held-out examples evaluated on: the metrics' weight.
+    pub examples: u64,
+    /// Named scalars, e.g. `loss` and `accuracy`.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl EvaluationReport {
+    /// Checks what the types cannot: a positive example count, 1 to
+    /// [`MAX_METRICS`] metrics, names of 1 to [`MAX_METRIC_NAME_LEN`]
+    /// characters of `a-z A-Z 0-9 . _ / -`, and finite values.
+    pub fn validate(&self) -> Result<()> {
+        const WHAT: &str = "evaluation report";
+        if self.examples == 0 {
+            return Err(ProtocolError::malformed(WHAT, "zero examples"));
+        }
+        if self.metrics.is_empty() || self.metrics.len() > MAX_METRICS {
+            return Err(ProtocolError::malformed(WHAT, "1 to 32 metrics"));
+        }
+        for (name, value) in &self.metrics {
+            let name_ok = !name.is_empty()
+                && name.len() <= MAX_METRIC_NAME_LEN
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'));
+            if !name_ok {
+                return Err(ProtocolError::malformed(
+                    WHAT,
+                    "metric names are 1 to 64 characters of A-Z a-z 0-9 . _ / -",
+                ));
+            }
+            if !value.is_finite() {
+                return Err(ProtocolError::malformed(
+                    WHAT,
+                    format!("metric {name} is not finite"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/evaluations` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationReceipt {
+    /// The model version the report was recorded for.
+    pub model_version: u64,
+}
+
 /// `POST /v1/updates` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -172,6 +248,29 @@ pub struct SubmitReceipt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evaluation_reports_are_checked() {
+        let good = EvaluationReport {
+            round_id: 2,
+            model_version: 1,
+            examples: 100,
+            metrics: BTreeMap::from([("accuracy".into(), 0.5), ("loss".into(), 1.25)]),
+        };
+        good.validate().unwrap();
+        let mut bad = good.clone();
+        bad.examples = 0;
+        assert!(bad.validate().is_err());
+        let mut bad = good.clone();
+        bad.metrics.insert("nan".into(), f64::NAN);
+        assert!(bad.validate().unwrap_err().to_string().contains("nan"));
+        let mut bad = good.clone();
+        bad.metrics.insert("with space".into(), 1.0);
+        assert!(bad.validate().is_err());
+        let mut bad = good;
+        bad.metrics.clear();
+        assert!(bad.validate().is_err());
+    }
 
     #[test]
     fn download_round_trip_and_truncation() {

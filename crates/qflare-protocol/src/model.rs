@@ -36,6 +36,33 @@ pub struct ModelCertificate {
     pub signature: Vec<u8>,
 }
 
+/// Longest model name.
+pub const MAX_MODEL_NAME_LEN: usize = 64;
+
+/// Checks a model name (the certificate's `architecture`): 1 to 64
+/// characters of lowercase ASCII letters, digits, `.`, `_` and `-`,
+/// starting with a letter or digit. It appears in file names, log fields
+/// and URLs, so it is kept to characters that need no escaping anywhere.
+pub fn validate_model_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_MODEL_NAME_LEN
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::malformed(
+            "model name",
+            "use 1 to 64 characters of a-z 0-9 . _ -, starting with a letter or digit",
+        ))
+    }
+}
+
 fn transcript(cert: &ModelCertificate, enclave_key: &VerifyingKey) -> TranscriptHash {
     let mut t = Transcript::new(Domain::GlobalModel);
     t.append("architecture", cert.architecture.as_bytes())
@@ -86,6 +113,17 @@ mod tests {
     use super::*;
     use crate::suite::SignatureSuite;
     use rand::SeedableRng;
+
+    #[test]
+    fn model_names() {
+        for good in ["mnist-cnn", "resnet50.v2", "a", "fashion_cnn-3"] {
+            validate_model_name(good).unwrap();
+        }
+        let long = "m".repeat(MAX_MODEL_NAME_LEN + 1);
+        for bad in ["", "-x", "Caps", "white space", "a/b", "é", long.as_str()] {
+            assert!(validate_model_name(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn certificate_binds_bytes_and_key() {

@@ -7,9 +7,13 @@
 //! name order, contiguous, header padded with spaces to 8 bytes — so a
 //! model's digest is a function of its contents alone.
 //!
-//! The decoder accepts any well-formed F32 safetensors file (not only our
-//! canonical form) and checks every offset and size with checked arithmetic
-//! against the limits before reading a float.
+//! The decoder accepts any well-formed safetensors file of floating tensors
+//! (not only our canonical form): F32, and F16 or BF16 widened to f32, since
+//! aggregation runs in f32 whatever the devices train in. Integer and boolean
+//! tensors (BatchNorm's `num_batches_tracked`, masks) are refused by name:
+//! averaging a counter is meaningless, and carrying it silently would hide a
+//! model that is not what the admin registered. Every offset and size is
+//! checked with checked arithmetic against the limits before a value is read.
 //!
 //! [safetensors]: https://github.com/huggingface/safetensors
 
@@ -118,6 +122,58 @@ pub struct TensorMap {
 impl std::fmt::Debug for TensorMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_map().entries(self.tensors.iter()).finish()
+    }
+}
+
+/// The stored element types the decoder widens to f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FloatDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FloatDtype {
+    fn parse(name: &str, dtype: &str) -> Result<Self> {
+        match dtype {
+            "F32" => Ok(Self::F32),
+            "F16" => Ok(Self::F16),
+            "BF16" => Ok(Self::Bf16),
+            other => Err(ProtocolError::malformed(
+                "safetensors",
+                format!(
+                    "tensor {name} has dtype {other}: only floating tensors (F32, F16, BF16) \
+                     are federated; leave integer buffers such as BatchNorm's \
+                     num_batches_tracked out of the model file"
+                ),
+            )),
+        }
+    }
+
+    fn width(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+
+    /// Little-endian elements of this type as f32 (exact: both half
+    /// formats are subsets of f32).
+    fn widen(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            Self::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Self::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Self::Bf16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        }
     }
 }
 
@@ -266,7 +322,8 @@ impl TensorMap {
         sha256(&self.to_safetensors())
     }
 
-    /// Decodes a safetensors file of F32 tensors, refusing anything over `limit` bytes.
+    /// Decodes a safetensors file of F32, F16 or BF16 tensors (the halves
+    /// widened to f32), refusing anything over `limit` bytes.
     pub fn from_safetensors(bytes: &[u8], limit: usize) -> Result<Self> {
         const WHAT: &str = "safetensors";
         if bytes.len() > limit {
@@ -302,12 +359,7 @@ impl TensorMap {
             validate_name(&name)?;
             let entry: HeaderEntry = serde_json::from_value(value)
                 .map_err(|e| ProtocolError::malformed(WHAT, format!("tensor {name}: {e}")))?;
-            if entry.dtype != "F32" {
-                return Err(ProtocolError::malformed(
-                    WHAT,
-                    format!("tensor {name}: only F32 is accepted"),
-                ));
-            }
+            let dtype = FloatDtype::parse(&name, &entry.dtype)?;
             if entry.shape.len() > MAX_RANK {
                 return Err(ProtocolError::malformed(
                     WHAT,
@@ -316,7 +368,7 @@ impl TensorMap {
             }
             let [begin, end] = entry.data_offsets;
             let bytes_needed = element_count(&entry.shape)
-                .and_then(|n| n.checked_mul(4))
+                .and_then(|n| n.checked_mul(dtype.width()))
                 .ok_or_else(|| {
                     ProtocolError::malformed(WHAT, format!("tensor {name}: shape overflows"))
                 })?;
@@ -326,15 +378,15 @@ impl TensorMap {
                     format!("tensor {name}: offsets disagree with shape"),
                 ));
             }
-            entries.push((begin, end, name, entry.shape));
+            entries.push((begin, end, name, entry.shape, dtype));
         }
         if entries.len() > MAX_TENSORS {
             return Err(ProtocolError::malformed(WHAT, "more than 4096 tensors"));
         }
         // The data section must be covered exactly, without gaps or overlaps.
-        entries.sort_by_key(|(begin, end, _, _)| (*begin, *end));
+        entries.sort_by_key(|(begin, end, ..)| (*begin, *end));
         let mut expected = 0usize;
-        for (begin, end, name, _) in &entries {
+        for (begin, end, name, ..) in &entries {
             if *begin != expected {
                 return Err(ProtocolError::malformed(
                     WHAT,
@@ -351,12 +403,8 @@ impl TensorMap {
         }
 
         let mut map = Self::new();
-        for (begin, end, name, shape) in entries {
-            let values = data[begin..end]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            map.insert(name, Tensor::new(shape, values)?)?;
+        for (begin, end, name, shape, dtype) in entries {
+            map.insert(name, Tensor::new(shape, dtype.widen(&data[begin..end]))?)?;
         }
         Ok(map)
     }
@@ -423,6 +471,48 @@ mod tests {
             map.insert("with\"quote", Tensor::zeros(vec![1]).unwrap())
                 .is_err()
         );
+    }
+
+    /// A safetensors file written by the reference implementation, with
+    /// one tensor of each `dtype` holding `values` (given as f32).
+    fn reference_file(dtype: safetensors::Dtype, values: &[f32]) -> Vec<u8> {
+        let bytes: Vec<u8> = match dtype {
+            safetensors::Dtype::F16 => values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            safetensors::Dtype::BF16 => values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            safetensors::Dtype::I64 => values
+                .iter()
+                .flat_map(|v| (*v as i64).to_le_bytes())
+                .collect(),
+            _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        let view = safetensors::tensor::TensorView::new(dtype, vec![values.len()], &bytes).unwrap();
+        safetensors::serialize([("layer.weight", view)], None).unwrap()
+    }
+
+    #[test]
+    fn half_precision_is_widened_exactly() {
+        // Values every half format holds exactly, so widening must be exact.
+        let values = [1.0, -2.5, 0.0, 48.0, 0.125];
+        for dtype in [safetensors::Dtype::F16, safetensors::Dtype::BF16] {
+            let map = TensorMap::from_safetensors(&reference_file(dtype, &values), 1 << 20)
+                .unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
+            assert_eq!(map.get("layer.weight").unwrap().data(), values, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn integer_tensors_are_refused_by_name() {
+        let err =
+            TensorMap::from_safetensors(&reference_file(safetensors::Dtype::I64, &[3.0]), 1 << 20)
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("layer.weight") && err.contains("I64"), "{err}");
     }
 
     #[test]

@@ -21,16 +21,39 @@ pub mod limits {
     pub const SERVER_HELLO: usize = 64 * 1024;
     /// A client confirmation.
     pub const CLIENT_CONFIRM: usize = 16 * 1024;
-    /// An update envelope: the MNIST CNN's 6.65 MB update, base64-inflated, with headroom.
-    pub const UPDATE_ENVELOPE: usize = 32 * 1024 * 1024;
+    /// The largest model (its safetensors bytes) any part accepts: the
+    /// ceiling under every size derived from a federation's model.
+    pub const MAX_MODEL_BYTES: usize = 1 << 30;
+    /// What an update envelope holds besides its update: in the sealed
+    /// payload the example count, inner signature and AEAD tag; the KEM
+    /// ciphertext and outer signature (FrodoKEM-976's 15,744 bytes and
+    /// ML-DSA-87's 4,627 are the largest), base64; the JSON around them.
+    const ENVELOPE_FIXED: usize = 64 * 1024;
+    /// The largest update envelope (its JSON) for a model whose safetensors
+    /// encoding is `model_bytes` long. An update has its model's layout, so
+    /// its canonical encoding is exactly as long; base64 adds a third.
+    pub const fn update_envelope_for(model_bytes: usize) -> usize {
+        model_bytes
+            .saturating_add(ENVELOPE_FIXED)
+            .div_ceil(3)
+            .saturating_mul(4)
+            .saturating_add(ENVELOPE_FIXED)
+    }
+    /// A sealed session record carrying a message of `message` bytes.
+    pub const fn sealed_record_for(message: usize) -> usize {
+        message.saturating_add(1024)
+    }
+    /// The largest update envelope of all: one for a model of [`MAX_MODEL_BYTES`].
+    /// Each part applies the smaller limit derived from the actual model.
+    pub const UPDATE_ENVELOPE: usize = update_envelope_for(MAX_MODEL_BYTES);
     /// An attestation report.
     pub const ATTESTATION_REPORT: usize = 64 * 1024;
     /// A global-model certificate.
     pub const MODEL_CERTIFICATE: usize = 16 * 1024;
-    /// A sealed session record (the envelope plus record overhead).
-    pub const SEALED_RECORD: usize = UPDATE_ENVELOPE + 1024;
+    /// The largest sealed session record (the largest envelope plus record overhead).
+    pub const SEALED_RECORD: usize = sealed_record_for(UPDATE_ENVELOPE);
     /// A model or update in safetensors form.
-    pub const TENSORS: usize = 64 * 1024 * 1024;
+    pub const TENSORS: usize = MAX_MODEL_BYTES;
 }
 
 /// Decodes a JSON message, refusing anything over `limit` bytes before parsing.

@@ -18,8 +18,10 @@ pub use qflare_protocol::api::{ErrorBody, ErrorCode};
 pub struct ApiError {
     /// Stable code; it fixes the HTTP status and the message.
     pub code: ErrorCode,
-    /// For the log only.
+    /// For the log only, unless `public_detail`.
     pub detail: Option<String>,
+    /// Send `detail` to the client too (admin routes only: see [`ErrorBody::detail`]).
+    pub public_detail: bool,
     /// Seconds to wait, for 429 and 503.
     pub retry_after: Option<u64>,
 }
@@ -30,8 +32,16 @@ impl ApiError {
         Self {
             code,
             detail: None,
+            public_detail: false,
             retry_after: None,
         }
+    }
+
+    /// Attaches detail the admin caller is shown as well as the log.
+    pub fn explain(mut self, detail: impl std::fmt::Display) -> Self {
+        self.detail = Some(detail.to_string());
+        self.public_detail = true;
+        self
     }
 
     /// The HTTP status of the code.
@@ -93,6 +103,7 @@ impl ApiError {
         ErrorBody {
             code: self.code,
             message: self.code.message().to_owned(),
+            detail: self.detail.clone().filter(|_| self.public_detail),
         }
     }
 

@@ -63,6 +63,8 @@ pub enum AuditKind {
     EnclaveAttested,
     /// A restarted enclave endorsed a model a previous boot certified.
     ModelRecertified,
+    /// An admin registered the federation's initial model from a file.
+    ModelRegistered,
 }
 
 impl AuditKind {
@@ -70,6 +72,7 @@ impl AuditKind {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::TokenCreated => "token_created",
+            Self::ModelRegistered => "model_registered",
             Self::TokenUsed => "token_used",
             Self::TokenRevoked => "token_revoked",
             Self::EnrollmentRefused => "enrollment_refused",

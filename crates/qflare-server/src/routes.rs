@@ -21,9 +21,13 @@
 //! | POST | `/v1/rounds/current` | sealed session | [`federation::current_round`] |
 //! | POST | `/v1/models/current` | sealed session | [`federation::current_model`] |
 //! | POST | `/v1/updates` | sealed session | [`federation::submit_update`] |
+//! | POST | `/v1/evaluations` | sealed session | [`federation::submit_evaluation`] |
 //! | GET | `/v1/admin/rounds` | admin token | [`federation::list_rounds`] |
 //! | POST | `/v1/admin/rounds/start` | admin token | [`federation::start_rounds`] |
 //! | POST | `/v1/admin/rounds/pause` | admin token | [`federation::pause_rounds`] |
+//! | POST | `/v1/admin/models` | admin token | [`models::register_model`] |
+//! | GET | `/v1/admin/models/{version}` | admin token | [`models::export_model`] |
+//! | GET | `/v1/admin/models/{version}/certificate` | admin token | [`models::model_certificate`] |
 //!
 //! Layers, outermost first: request metrics and timeout, then a per-address
 //! rate limit chosen by route group, then (admin) the bearer check. Per-device
@@ -42,7 +46,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 use qflare_protocol::api::routes;
 
-use crate::api::{admin, device, federation, public};
+use crate::api::{admin, device, federation, models, public};
 use crate::app::{ClientAddr, SharedState};
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::RequestLabels;
@@ -69,6 +73,7 @@ pub fn router(state: SharedState) -> Router {
         .routes(utoipa_axum::routes!(federation::current_round))
         .routes(utoipa_axum::routes!(federation::current_model))
         .routes(utoipa_axum::routes!(federation::submit_update))
+        .routes(utoipa_axum::routes!(federation::submit_evaluation))
         .route_layer(from_fn_with_state(state.clone(), limit_public));
     let admin = OpenApiRouter::new()
         .routes(utoipa_axum::routes!(
@@ -82,6 +87,9 @@ pub fn router(state: SharedState) -> Router {
         .routes(utoipa_axum::routes!(federation::list_rounds))
         .routes(utoipa_axum::routes!(federation::start_rounds))
         .routes(utoipa_axum::routes!(federation::pause_rounds))
+        .routes(utoipa_axum::routes!(models::register_model))
+        .routes(utoipa_axum::routes!(models::export_model))
+        .routes(utoipa_axum::routes!(models::model_certificate))
         .route_layer(from_fn_with_state(state.clone(), admin::require_admin))
         .route_layer(from_fn_with_state(state.clone(), limit_admin));
     let (api, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())

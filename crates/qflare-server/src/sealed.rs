@@ -94,9 +94,13 @@ impl FromRequest<SharedState> for SealedRequest {
             }
         };
         let device_id = DeviceId::parse(&device.id).map_err(ApiError::internal)?;
-        // The one route whose body may be as large as an update envelope.
+        // The one route whose body may be as large as an update envelope:
+        // as large as an update of the current model needs, no larger.
         let limit = if path == routes::UPDATES {
-            state.config.limits.update_bytes
+            match &state.federation {
+                Some(federation) => federation.update_body_limit().await,
+                None => state.config.limits.sealed_bytes,
+            }
         } else {
             state.config.limits.sealed_bytes
         };

@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod device;
+pub mod model;
 pub mod round;
 pub mod server;
 pub mod token;

@@ -82,6 +82,7 @@ fn render(view: &FederationView) -> String {
         ("created", Align::Left),
         ("accuracy", Align::Right),
         ("loss", Align::Right),
+        ("federated evaluation", Align::Left),
     ]);
     for model in &view.models {
         models.row(vec![
@@ -90,6 +91,22 @@ fn render(view: &FederationView) -> String {
             time(model.created_at),
             percent(model.accuracy),
             model.loss.map_or_else(|| "-".into(), |l| format!("{l:.4}")),
+            model.federated.as_ref().map_or_else(
+                || "-".into(),
+                |f| {
+                    let metrics: Vec<String> = f
+                        .metrics
+                        .iter()
+                        .map(|(name, value)| format!("{name} {value:.4}"))
+                        .collect();
+                    format!(
+                        "{} ({} devices, {} examples)",
+                        metrics.join(", "),
+                        f.devices,
+                        f.examples
+                    )
+                },
+            ),
         ]);
     }
     out.push_str(&models.render());
@@ -173,9 +190,18 @@ mod tests {
                 created_at: 1_700_000_065,
                 accuracy: Some(0.9712),
                 loss: Some(0.1),
+                federated: Some(qflare_server::api::federation::FederatedEvaluation {
+                    devices: 3,
+                    examples: 3000,
+                    metrics: [("accuracy".to_owned(), 0.875), ("loss".to_owned(), 0.4)].into(),
+                }),
             }],
         };
         let text = render(&view);
+        assert!(
+            text.contains("accuracy 0.8750, loss 0.4000 (3 devices, 3000 examples)"),
+            "{text}"
+        );
         assert!(text.contains("1m 5s"), "{text}");
         assert!(text.contains("97.12%"), "{text}");
         assert!(text.contains("model 12: 10 accepted, 0 rejected"), "{text}");

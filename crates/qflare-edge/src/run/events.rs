@@ -5,7 +5,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qflare_ml::Architecture;
 use qflare_protocol::federation::RoundStatus;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -131,12 +130,23 @@ pub enum DeviceEvent {
     ModelVerified {
         /// Its version.
         version: u64,
-        /// Its architecture.
-        architecture: Architecture,
+        /// Its name (the certificate's `architecture`, e.g. `mnist-cnn`).
+        architecture: String,
         /// Size of the safetensors bytes.
         bytes: usize,
         /// True when it came from the cache rather than a download.
         cached: bool,
+    },
+    /// The trainer's evaluation of the round's global model was reported.
+    Evaluated {
+        /// The round.
+        round_id: u64,
+        /// The evaluated model version.
+        model_version: u64,
+        /// Held-out examples.
+        examples: u64,
+        /// The metrics.
+        metrics: std::collections::BTreeMap<String, f64>,
     },
     /// Local training progress (examples processed, at most every 1 %).
     Training {

@@ -1,11 +1,13 @@
-//! The three sealed calls the loop makes (round, model, update) and the
+//! The sealed calls the loop makes (round, model, update, evaluation) and the
 //! session they run in, behind the [`Link`] trait: [`HttpLink`] is the real
 //! one over pinned HTTPS; the loop's tests drive it through a scripted one.
 
 use qflare_protocol::ProtocolError;
 use qflare_protocol::api::routes;
 use qflare_protocol::envelope::UpdateEnvelope;
-use qflare_protocol::federation::{ModelQuery, RoundInfo, RoundQuery, SubmitReceipt};
+use qflare_protocol::federation::{
+    EvaluationReceipt, EvaluationReport, ModelQuery, RoundInfo, RoundQuery, SubmitReceipt,
+};
 use qflare_protocol::wire::{self, limits};
 
 use crate::client::{Session, open_session, unix_now};
@@ -14,7 +16,7 @@ use crate::identity::Identity;
 use crate::transport::Transport;
 
 /// Largest model download accepted (header and safetensors bytes).
-pub const MODEL_DOWNLOAD_LIMIT: usize = 64 * 1024 * 1024;
+pub const MODEL_DOWNLOAD_LIMIT: usize = limits::MAX_MODEL_BYTES + limits::MODEL_CERTIFICATE + 1024;
 /// Largest round answer accepted: the report plus a little JSON around it.
 pub const ROUND_INFO_LIMIT: usize = limits::ATTESTATION_REPORT + 16 * 1024;
 /// Largest submission receipt accepted.
@@ -35,6 +37,9 @@ pub(crate) trait Link {
     async fn model(&mut self) -> Result<Vec<u8>, EdgeError>;
     /// `POST /v1/updates`.
     async fn submit(&mut self, envelope: &UpdateEnvelope) -> Result<SubmitReceipt, EdgeError>;
+    /// `POST /v1/evaluations`.
+    async fn evaluate(&mut self, report: &EvaluationReport)
+    -> Result<EvaluationReceipt, EdgeError>;
 }
 
 /// The loop's link over the pinned HTTPS transport.
@@ -95,6 +100,15 @@ impl Link for HttpLink<'_> {
     async fn submit(&mut self, envelope: &UpdateEnvelope) -> Result<SubmitReceipt, EdgeError> {
         self.live()?
             .call(routes::UPDATES, envelope, RECEIPT_LIMIT)
+            .await
+    }
+
+    async fn evaluate(
+        &mut self,
+        report: &EvaluationReport,
+    ) -> Result<EvaluationReceipt, EdgeError> {
+        self.live()?
+            .call(routes::EVALUATIONS, report, RECEIPT_LIMIT)
             .await
     }
 }

@@ -8,7 +8,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qflare_ml::Architecture;
 use qflare_protocol::attestation::ATTESTATION_NONCE_LEN;
 use qflare_protocol::federation::{RoundQuery, RoundStatus};
 use qflare_protocol::tensor::TensorMap;
@@ -25,7 +24,7 @@ use crate::identity::Identity;
 /// The verified global model, kept so polling does not download it again.
 pub(super) struct CachedModel {
     pub(super) version: u64,
-    pub(super) architecture: Architecture,
+    pub(super) architecture: String,
     pub(super) bytes: usize,
     pub(super) weights: Arc<TensorMap>,
 }
@@ -36,6 +35,8 @@ pub(super) struct PendingUpdate {
     pub(super) model_version: u64,
     pub(super) examples: u64,
     pub(super) mean_loss: f64,
+    /// The trainer's evaluation of the global model, reported after the update.
+    pub(super) evaluation: Option<crate::trainer::EvalResult>,
     /// The safetensors bytes of the delta: derived from private data, so
     /// wiped on drop.
     pub(super) bytes: Zeroizing<Vec<u8>>,

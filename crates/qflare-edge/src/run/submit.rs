@@ -7,12 +7,13 @@ use std::time::Instant;
 use qflare_protocol::ProtocolError;
 use qflare_protocol::attestation::VerifiedEnclave;
 use qflare_protocol::envelope::{self, UpdateMetadata};
-use qflare_protocol::federation::SubmitReceipt;
+use qflare_protocol::federation::{EvaluationReport, SubmitReceipt};
 
 use super::events::{DeviceEvent, RoundRecord, RoundTimings, StopReason};
 use super::link::Link;
 use super::runner::{Next, PendingUpdate, Runner};
 use crate::error::EdgeError;
+use crate::trainer::EvalResult;
 
 /// The receipt status recorded when the server lists this device as having
 /// submitted to a round whose receipt never arrived (the connection broke
@@ -59,12 +60,44 @@ impl<L: Link> Runner<'_, L> {
         }
         if let Some(pending) = self.pending.take() {
             self.record(&pending, receipt);
+            if let Some(evaluation) = pending.evaluation {
+                self.report_evaluation(round_id, pending.model_version, evaluation)
+                    .await;
+            }
         }
         let submitted = self.summary.rounds.len() as u64;
         if self.config.max_rounds.is_some_and(|max| submitted >= max) {
             return Ok(Next::Stop(StopReason::MaxRounds));
         }
         Ok(Next::Now)
+    }
+
+    /// Sends the trainer's evaluation of the round's model. Best effort: a
+    /// refusal is logged, and the round's update stands either way.
+    async fn report_evaluation(&mut self, round_id: u64, model_version: u64, result: EvalResult) {
+        let report = EvaluationReport {
+            round_id,
+            model_version,
+            examples: result.examples,
+            metrics: result.metrics,
+        };
+        if let Err(err) = report.validate() {
+            tracing::warn!(round_id, %err, "the trainer's evaluation is not reportable");
+            return;
+        }
+        let sent = match self.ensure_session().await {
+            Ok(()) => self.link.evaluate(&report).await.map(|_| ()),
+            Err(err) => Err(err),
+        };
+        match sent {
+            Ok(()) => self.events.emit(DeviceEvent::Evaluated {
+                round_id,
+                model_version,
+                examples: report.examples,
+                metrics: report.metrics,
+            }),
+            Err(err) => tracing::warn!(round_id, %err, "reporting the evaluation failed"),
+        }
     }
 
     pub(super) fn record(&mut self, pending: &PendingUpdate, receipt: SubmitReceipt) {

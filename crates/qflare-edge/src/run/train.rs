@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use qflare_ml::{Architecture, MlError};
 use qflare_protocol::attestation::VerifiedEnclave;
 use qflare_protocol::crypto::sha256;
 use qflare_protocol::tensor::TensorMap;
@@ -63,12 +62,9 @@ impl<L: Link> Runner<'_, L> {
         let model_version = info
             .model_version
             .ok_or_else(|| missing("a model version"))?;
-        let architecture: Architecture = info
-            .architecture
-            .as_deref()
-            .ok_or_else(|| missing("an architecture"))?
-            .parse()
-            .map_err(|e: MlError| EdgeError::RoundRefused(e.to_string()))?;
+        let architecture = info.architecture.ok_or_else(|| missing("a model name"))?;
+        qflare_protocol::model::validate_model_name(&architecture)
+            .map_err(|e| EdgeError::RoundRefused(e.to_string()))?;
         let plan = info.training.ok_or_else(|| missing("a training plan"))?;
         let report = info
             .report
@@ -105,11 +101,11 @@ impl<L: Link> Runner<'_, L> {
                 )));
             }
             let global = self
-                .global_model(round_id, model_version, architecture, &enclave)
+                .global_model(round_id, model_version, &architecture, &enclave)
                 .await?;
             let seed = round_seed(self.identity, round_id, self.config.train_seed);
             self.pending = Some(
-                self.train(round_id, model_version, architecture, global, plan, seed)
+                self.train(round_id, model_version, &architecture, global, plan, seed)
                     .await?,
             );
         }
@@ -121,7 +117,7 @@ impl<L: Link> Runner<'_, L> {
         &mut self,
         round_id: u64,
         version: u64,
-        architecture: Architecture,
+        architecture: &str,
         enclave: &VerifiedEnclave,
     ) -> Result<Arc<TensorMap>, EdgeError> {
         if let Some(cached) = &self.model
@@ -131,7 +127,7 @@ impl<L: Link> Runner<'_, L> {
             let weights = cached.weights.clone();
             self.events.emit(DeviceEvent::ModelVerified {
                 version,
-                architecture,
+                architecture: architecture.to_owned(),
                 bytes: cached.bytes,
                 cached: true,
             });
@@ -146,20 +142,25 @@ impl<L: Link> Runner<'_, L> {
         let (_, model) = verify_model_certificate(&download, enclave, version, architecture)?;
         self.timings(round_id).model_verify += started.elapsed();
         let started = Instant::now();
-        let weights = Arc::new(decode_model(model, architecture)?);
+        let weights = Arc::new(decode_model(model)?);
         self.timings(round_id).model_decode += started.elapsed();
 
         self.summary.models_downloaded += 1;
-        tracing::info!(version, %architecture, bytes = model.len(), "global model verified");
-        self.events.emit(DeviceEvent::ModelVerified {
+        tracing::info!(
             version,
             architecture,
+            bytes = model.len(),
+            "global model verified"
+        );
+        self.events.emit(DeviceEvent::ModelVerified {
+            version,
+            architecture: architecture.to_owned(),
             bytes: model.len(),
             cached: false,
         });
         self.model = Some(CachedModel {
             version,
-            architecture,
+            architecture: architecture.to_owned(),
             bytes: model.len(),
             weights: weights.clone(),
         });
@@ -173,7 +174,7 @@ impl<L: Link> Runner<'_, L> {
         &mut self,
         round_id: u64,
         model_version: u64,
-        architecture: Architecture,
+        architecture: &str,
         global: Arc<TensorMap>,
         plan: TrainingPlan,
         seed: u64,
@@ -181,6 +182,7 @@ impl<L: Link> Runner<'_, L> {
         let trainer = self.config.trainer.clone();
         let events = self.events.clone();
         let tamper = self.config.tamper.clone();
+        let architecture = architecture.to_owned();
         let job = move || -> Result<_, TrainError> {
             let last_percent = std::cell::Cell::new(usize::MAX);
             let progress = |done: usize, total: usize| {
@@ -197,10 +199,17 @@ impl<L: Link> Runner<'_, L> {
             let task = FitTask {
                 round_id,
                 model_version,
-                architecture: architecture.id(),
+                architecture: &architecture,
                 global: &global,
                 plan: &plan,
                 seed,
+            };
+            let evaluation = match trainer.evaluate(&task) {
+                Ok(evaluation) => evaluation,
+                Err(err) => {
+                    tracing::warn!(round_id, %err, "evaluating the global model failed");
+                    None
+                }
             };
             let started = Instant::now();
             let fitted = trainer.fit(&task, &progress)?;
@@ -208,11 +217,10 @@ impl<L: Link> Runner<'_, L> {
             let started = Instant::now();
             let mut update = fitted.update;
             // What gets sealed must be a delta of the model the round trains.
-            if !update.same_layout(&global) {
-                return Err(TrainError::Failed(
-                    "the trainer's update does not have the global model's tensor names and shapes"
-                        .into(),
-                ));
+            if let Some(mismatch) = crate::trainer::layout_mismatch(&update, &global) {
+                return Err(TrainError::Failed(format!(
+                    "the trainer's update does not fit the global model: {mismatch}"
+                )));
             }
             if let Some(tamper) = tamper {
                 update = tamper(update);
@@ -225,9 +233,10 @@ impl<L: Link> Runner<'_, L> {
                 bytes,
                 training,
                 started.elapsed(),
+                evaluation,
             ))
         };
-        let (examples, mean_loss, bytes, training, encode) =
+        let (examples, mean_loss, bytes, training, encode, evaluation) =
             match tokio::task::spawn_blocking(job).await {
                 Ok(result) => result?,
                 Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
@@ -241,6 +250,7 @@ impl<L: Link> Runner<'_, L> {
             model_version,
             examples,
             mean_loss,
+            evaluation,
             bytes,
             awaiting_reseal: false,
         })

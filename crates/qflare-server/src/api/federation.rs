@@ -9,11 +9,11 @@ use axum::response::Response;
 use qflare_protocol::api::routes;
 use qflare_protocol::envelope::{self, UpdateEnvelope};
 use qflare_protocol::federation::{
-    ModelDownload, ModelQuery, RoundInfo, RoundQuery, RoundStatus, SubmitReceipt,
-    encode_model_download,
+    EvaluationReceipt, EvaluationReport, ModelDownload, ModelQuery, RoundInfo, RoundQuery,
+    RoundStatus, SubmitReceipt, encode_model_download,
 };
 use qflare_protocol::wire::limits;
-use qflare_store::{RoundState, SubmissionOutcome};
+use qflare_store::{EvaluationRecord, RoundState, SubmissionOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::openapi::SealedRecord;
 use crate::sealed::SealedRequest;
 
-fn federation(state: &SharedState) -> ApiResult<Arc<Federation>> {
+pub(crate) fn federation(state: &SharedState) -> ApiResult<Arc<Federation>> {
     state
         .federation
         .clone()
@@ -42,6 +42,10 @@ impl From<FederationError> for ApiError {
                     .retry_after(2)
             }
             FederationError::Store(store) => store.into(),
+            FederationError::ModelRefused(why) => {
+                ApiError::new(ErrorCode::InvalidModel).explain(why)
+            }
+            FederationError::ModelExists(why) => ApiError::new(ErrorCode::ModelExists).explain(why),
             other => ApiError::internal(other),
         }
     }
@@ -80,7 +84,7 @@ async fn round_info(state: &SharedState, request: &SealedRequest) -> ApiResult<R
         },
         round_id: None,
         model_version: None,
-        architecture: Some(state.config.federation.architecture.clone()),
+        architecture: model.as_ref().map(|m| m.architecture.clone()),
         training: None,
         deadline: None,
         report,
@@ -214,6 +218,69 @@ async fn submit(state: &SharedState, request: &SealedRequest) -> ApiResult<Submi
     })
 }
 
+/// `POST /v1/evaluations`: a device's evaluation of the model it was sent
+/// for a round, on its own held-out data.
+#[utoipa::path(
+    post, path = routes::EVALUATIONS, tag = "device",
+    request_body(content = SealedRecord, content_type = "application/vnd.qflare.sealed", description = "A sealed `EvaluationReport`."),
+    responses((status = 200, description = "A sealed `EvaluationReceipt`.", content_type = "application/vnd.qflare.sealed", body = SealedRecord)),
+)]
+pub async fn submit_evaluation(
+    State(state): State<SharedState>,
+    request: SealedRequest,
+) -> Response {
+    let result = record_evaluation(&state, &request).await;
+    request.respond(result)
+}
+
+async fn record_evaluation(
+    state: &SharedState,
+    request: &SealedRequest,
+) -> ApiResult<EvaluationReceipt> {
+    federation(state)?;
+    let report: EvaluationReport = request.json("evaluation report", 16 * 1024)?;
+    report.validate()?;
+    if report.examples > state.config.aggregation.max_example_count {
+        return Err(ApiError::malformed("evaluation example count over the cap"));
+    }
+    // Only a device selected for the round reports on its model: anyone
+    // else's numbers would be unweighted noise at best, a lever at worst.
+    let round = state
+        .store
+        .get_round(report.round_id)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownRound))?;
+    let me = request.device.id.as_str();
+    let selected = state
+        .store
+        .participants(round.id)
+        .await?
+        .iter()
+        .any(|p| p.device_id == me);
+    if !selected {
+        return Err(ApiError::new(ErrorCode::NotSelected));
+    }
+    if report.model_version != round.base_model_version {
+        return Err(ApiError::malformed(
+            "the evaluated model is not the round's base model",
+        ));
+    }
+    state
+        .store
+        .record_evaluation(&EvaluationRecord {
+            model_version: report.model_version,
+            round_id: report.round_id,
+            device_id: request.device.id.clone(),
+            examples: report.examples,
+            metrics: report.metrics.into_iter().collect(),
+            created_at: state.now_i64(),
+        })
+        .await?;
+    Ok(EvaluationReceipt {
+        model_version: round.base_model_version,
+    })
+}
+
 /// `POST /v1/admin/rounds/start` and `/pause` answer, and `GET /v1/admin/rounds`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -268,6 +335,33 @@ pub struct ModelView {
     pub accuracy: Option<f64>,
     /// Test loss, when evaluated.
     pub loss: Option<f64>,
+    /// What devices reported evaluating it on their own data, when any did.
+    #[serde(default)]
+    pub federated: Option<FederatedEvaluation>,
+}
+
+/// Devices' evaluations of one model version, aggregated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedEvaluation {
+    /// Devices that reported (the most of any one metric).
+    pub devices: u64,
+    /// Their held-out examples (the most of any one metric).
+    pub examples: u64,
+    /// Each metric's example-weighted mean over the reporting devices.
+    pub metrics: std::collections::BTreeMap<String, f64>,
+}
+
+impl ModelView {
+    /// The accuracy to show: the server's test accuracy, else the devices'
+    /// federated `accuracy` metric.
+    pub fn shown_accuracy(&self) -> Option<f64> {
+        self.accuracy.or_else(|| {
+            self.federated
+                .as_ref()
+                .and_then(|f| f.metrics.get("accuracy").copied())
+        })
+    }
 }
 
 /// The federation's state for the admin API and the web pages.
@@ -297,6 +391,20 @@ pub async fn view(state: &SharedState, limit: u32) -> ApiResult<FederationView> 
                 .and_then(|j| serde_json::from_str(j).ok()),
         });
     }
+    let mut federated: std::collections::BTreeMap<u64, FederatedEvaluation> =
+        std::collections::BTreeMap::new();
+    for summary in state.store.evaluation_history().await? {
+        let entry = federated
+            .entry(summary.model_version)
+            .or_insert_with(|| FederatedEvaluation {
+                devices: 0,
+                examples: 0,
+                metrics: std::collections::BTreeMap::new(),
+            });
+        entry.devices = entry.devices.max(summary.devices);
+        entry.examples = entry.examples.max(summary.examples);
+        entry.metrics.insert(summary.metric, summary.mean);
+    }
     let models = state
         .store
         .model_history()
@@ -308,6 +416,7 @@ pub async fn view(state: &SharedState, limit: u32) -> ApiResult<FederationView> 
             created_at: m.created_at,
             accuracy: m.accuracy,
             loss: m.loss,
+            federated: federated.remove(&m.version),
         })
         .collect();
     let enclave = fed.enclave().info().await;

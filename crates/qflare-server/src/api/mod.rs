@@ -4,10 +4,13 @@
 //!   plain JSON over HTTPS, rate limited per client address.
 //! * [`device`]: routes inside a sealed session ([`crate::sealed`]).
 //! * [`admin`]: tokens, devices and the audit ledger, behind the admin bearer token.
+//! * [`federation`]: rounds and models for devices (sealed) and the admin.
+//! * [`models`]: the admin's model registration and export.
 
 pub mod admin;
 pub mod device;
 pub mod federation;
+pub mod models;
 pub mod public;
 
 use serde::{Deserialize, Serialize};

@@ -199,7 +199,9 @@ pub struct LimitSection {
     pub session_bytes: usize,
     /// Sealed in-session requests other than update submission.
     pub sealed_bytes: usize,
-    /// Sealed update submission (the MNIST CNN's envelope is about 9 MB).
+    /// Ceiling of a sealed update submission. The limit applied is the
+    /// smaller of this and what an update of the current model can need
+    /// (about 4/3 of the model's size: 9 MB for the MNIST CNN).
     pub update_bytes: usize,
     /// Admin API requests.
     pub admin_bytes: usize,
@@ -318,6 +320,10 @@ impl Default for EnclaveSection {
     }
 }
 
+/// The `federation.architecture` value for a model an admin registers from
+/// a file rather than one of the built-in architectures.
+pub const CUSTOM_MODEL: &str = "custom";
+
 /// Federated training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -325,7 +331,9 @@ pub struct FederationSection {
     /// Run the round controller and the enclave on this server (one server
     /// per deployment; other replicas serve enrollment and sessions only).
     pub enabled: bool,
-    /// `mnist-2nn` or `mnist-cnn`.
+    /// The model: a built-in architecture (`mnist-2nn`, `mnist-cnn`), which
+    /// the enclave creates as version 0 itself, or `custom`: the federation
+    /// waits until an admin registers a model file (`qflare model init`).
     pub architecture: String,
     /// Seed of the initial model the enclave creates.
     pub model_seed: u64,
@@ -352,6 +360,9 @@ pub struct FederationSection {
     pub eval_examples: usize,
     /// How often devices are told to poll, in seconds.
     pub poll_interval_secs: u64,
+    /// Largest model file an admin may register, in bytes (the ceiling
+    /// for everything sized from the model).
+    pub max_model_bytes: u64,
 }
 
 impl Default for FederationSection {
@@ -375,6 +386,7 @@ impl Default for FederationSection {
             eval_data: None,
             eval_examples: 10_000,
             poll_interval_secs: 2,
+            max_model_bytes: 1 << 30,
         }
     }
 }
@@ -422,13 +434,20 @@ impl Config {
         {
             return fail("federation.fraction must be in (0, 1]");
         }
-        if self
-            .federation
-            .architecture
-            .parse::<qflare_ml::Architecture>()
-            .is_err()
+        if self.federation.architecture != CUSTOM_MODEL
+            && self
+                .federation
+                .architecture
+                .parse::<qflare_ml::Architecture>()
+                .is_err()
         {
-            return fail("federation.architecture must be mnist-2nn or mnist-cnn");
+            return fail("federation.architecture must be mnist-2nn, mnist-cnn or custom");
+        }
+        if self.federation.max_model_bytes == 0
+            || self.federation.max_model_bytes
+                > qflare_protocol::wire::limits::MAX_MODEL_BYTES as u64
+        {
+            return fail("federation.max_model_bytes must be between 1 and 1073741824 (1 GiB)");
         }
         if self.aggregation.validate().is_err() {
             return fail(

@@ -55,7 +55,7 @@ use crate::ledger::{AuditKind, Auditor};
 use crate::metrics::Metrics;
 
 pub use launch::enclave_command;
-pub use model::StoredCertificate;
+pub use model::{RegisteredModel, StoredCertificate};
 
 /// Why the federation could not do something.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +75,13 @@ pub enum FederationError {
     /// A protocol operation failed.
     #[error(transparent)]
     Protocol(#[from] qflare_protocol::ProtocolError),
+    /// A model file cannot be registered (it is refused, or one is
+    /// registered already).
+    #[error("{0}")]
+    ModelRefused(String),
+    /// Registration was asked of a federation that already has a model.
+    #[error("{0}")]
+    ModelExists(String),
 }
 
 /// Everything the controller works with, and nothing of the HTTP layer.
@@ -122,6 +129,7 @@ struct Inner {
     model: Option<CurrentModel>,
     open: Option<OpenRound>,
     waiting_logged: bool,
+    waiting_for_model_logged: bool,
     audited_generation: u64,
 }
 
@@ -144,8 +152,12 @@ pub struct FederationStatus {
 pub struct Federation {
     ctx: ControllerContext,
     enclave: EnclaveClient,
-    architecture: Architecture,
+    /// The built-in architecture the enclave creates model 0 of; `None`
+    /// for `custom`, where an admin registers the model.
+    preset: Option<Architecture>,
     eval: Option<Dataset>,
+    /// Held while model 0 is created or registered, so the two cannot race.
+    model_creation: Mutex<()>,
     inner: Mutex<Inner>,
     notify: Notify,
     status: watch::Sender<FederationStatus>,
@@ -161,7 +173,7 @@ impl std::fmt::Debug for Federation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Federation")
             .field("enclave", &self.enclave)
-            .field("architecture", &self.architecture)
+            .field("preset", &self.preset)
             .finish_non_exhaustive()
     }
 }
@@ -178,22 +190,39 @@ impl Federation {
             Duration::from_secs(config.enclave.request_timeout_secs.max(5)),
         )
         .await?;
-        let architecture: Architecture = config
-            .federation
-            .architecture
-            .parse()
-            .map_err(|e: qflare_ml::MlError| FederationError::Inconsistent(e.to_string()))?;
-        let eval = match &config.federation.eval_data {
-            Some(dir) => Some(load_eval(dir.clone(), config.federation.eval_examples).await?),
-            None => None,
+        let preset = if config.federation.architecture == crate::config::CUSTOM_MODEL {
+            None
+        } else {
+            Some(
+                config
+                    .federation
+                    .architecture
+                    .parse::<Architecture>()
+                    .map_err(|e| FederationError::Inconsistent(e.to_string()))?,
+            )
+        };
+        // The server can only evaluate what it can run: a built-in architecture.
+        let eval = match (&config.federation.eval_data, preset) {
+            (Some(dir), Some(_)) => {
+                Some(load_eval(dir.clone(), config.federation.eval_examples).await?)
+            }
+            (Some(_), None) => {
+                tracing::warn!(
+                    "federation.eval_data is ignored for a custom model: devices report \
+                     federated evaluation instead"
+                );
+                None
+            }
+            (None, _) => None,
         };
         let (status, _) = watch::channel(FederationStatus::default());
         let auto_start = config.federation.auto_start;
         Ok(Arc::new(Self {
             ctx,
             enclave,
-            architecture,
+            preset,
             eval,
+            model_creation: Mutex::new(()),
             inner: Mutex::new(Inner {
                 started: auto_start,
                 ..Inner::default()
@@ -379,6 +408,18 @@ impl Federation {
                     let inner = self.inner.lock().await;
                     (inner.started, inner.paused)
                 };
+                if self.preset.is_none() && self.ctx.store.latest_model().await?.is_none() {
+                    let mut inner = self.inner.lock().await;
+                    if !inner.waiting_for_model_logged {
+                        inner.waiting_for_model_logged = true;
+                        tracing::info!(
+                            "waiting for an admin to register the model (qflare model init --from FILE)"
+                        );
+                    }
+                    drop(inner);
+                    self.publish().await;
+                    return Ok(());
+                }
                 let model = self.current_model(&enclave).await?;
                 if started && !paused && !is_finished(&self.ctx.config, Some(model.version)) {
                     let next_id = latest.map_or(1, |r| r.id + 1);
@@ -393,6 +434,30 @@ impl Federation {
     /// A fresh report for a device's nonce.
     pub async fn attest(&self, nonce: [u8; 32]) -> Result<AttestationReport, FederationError> {
         Ok(self.enclave.attest(nonce).await?)
+    }
+
+    /// The largest sealed update body a device may send now: what an
+    /// update of the current model needs (it has the model's layout), under
+    /// the configured `limits.update_bytes`. With no current model no round
+    /// is open, and nothing bigger than an ordinary sealed request is read.
+    pub async fn update_body_limit(&self) -> usize {
+        use qflare_protocol::wire::limits::{sealed_record_for, update_envelope_for};
+        let model_len = self
+            .inner
+            .lock()
+            .await
+            .model
+            .as_ref()
+            .map(|m| m.bytes.len());
+        match model_len {
+            Some(len) => self
+                .ctx
+                .config
+                .limits
+                .update_bytes
+                .min(sealed_record_for(update_envelope_for(len))),
+            None => self.ctx.config.limits.sealed_bytes,
+        }
     }
 
     /// The evaluation set, if configured.

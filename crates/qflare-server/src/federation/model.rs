@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use qflare_enclave::frame::{Frame, Kind};
 use qflare_enclave::host::{EnclaveError, EnclaveInfo};
-use qflare_enclave::messages::{CertifyRequest, InitModelRequest, ModelAnswer};
+use qflare_enclave::messages::{CertifyRequest, ImportModelRequest, InitModelRequest, ModelAnswer};
 use qflare_protocol::attestation::AttestationReport;
 use qflare_protocol::crypto::sha256;
 use qflare_protocol::model::ModelCertificate;
@@ -18,9 +18,24 @@ use serde_json::json;
 use super::{CurrentModel, Federation, FederationError};
 use crate::ledger::AuditKind;
 
+/// A model an admin registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RegisteredModel {
+    /// The model's name.
+    pub name: String,
+    /// Its version (0).
+    pub version: u64,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Number of scalar parameters.
+    pub parameters: usize,
+    /// SHA-256 of the stored (canonical f32) safetensors bytes, hex.
+    pub model_sha256: String,
+}
+
 /// What `certificate_json` holds for every stored model: the certificate and
 /// the enclave key that made it, so a later enclave boot can endorse it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StoredCertificate {
     /// The enclave's certificate.
@@ -47,10 +62,21 @@ impl Federation {
             }
         }
         let current_key = enclave.verified.verifying_key.clone();
+        let _creating = self.model_creation.lock().await;
+        // Registration may have stored model 0 while this waited.
+        let stored = match stored {
+            Some(record) => Some(record),
+            None => self.ctx.store.latest_model().await?,
+        };
         let (version, bytes, certificate) = match stored {
             None => {
+                let preset = self.preset.ok_or_else(|| {
+                    FederationError::ModelRefused(
+                        "no model is registered yet: run `qflare model init --from FILE`".into(),
+                    )
+                })?;
                 let request = InitModelRequest {
-                    architecture: self.architecture.to_string(),
+                    architecture: preset.to_string(),
                     seed: self.ctx.config.federation.model_seed,
                 };
                 let answer = self
@@ -124,6 +150,88 @@ impl Federation {
         Ok(model)
     }
 
+    /// Registers the federation's initial model from an admin's file: the
+    /// enclave checks and certifies it as version 0 under `name`, and it is
+    /// stored in canonical f32 form. Only for `federation.architecture:
+    /// custom`, and only while no model exists.
+    pub async fn register_model(
+        &self,
+        name: &str,
+        file: Vec<u8>,
+    ) -> Result<RegisteredModel, FederationError> {
+        if let Some(preset) = self.preset {
+            return Err(FederationError::ModelExists(format!(
+                "federation.architecture is the built-in {preset}, which the enclave creates \
+                 itself; set it to custom to register a model file"
+            )));
+        }
+        qflare_protocol::model::validate_model_name(name)
+            .map_err(|e| FederationError::ModelRefused(e.to_string()))?;
+        // Decoded here too, for an error that names the tensor without a
+        // round trip to the enclave; the enclave decodes it again itself.
+        let map = qflare_protocol::tensor::TensorMap::from_safetensors(
+            &file,
+            qflare_protocol::wire::limits::TENSORS,
+        )
+        .map_err(|e| FederationError::ModelRefused(e.to_string()))?;
+        let enclave = self.enclave.ensure_running().await?;
+        let _creating = self.model_creation.lock().await;
+        if let Some(existing) = self.ctx.store.latest_model().await? {
+            return Err(FederationError::ModelExists(format!(
+                "model {} version {} is registered already; a federation's model is fixed once \
+                 registered",
+                existing.architecture, existing.version
+            )));
+        }
+        let request = ImportModelRequest {
+            name: name.to_owned(),
+        };
+        let answer = self
+            .enclave
+            .call_expecting(
+                &Frame::new(Kind::ImportModel, &request, vec![file]),
+                Kind::Model,
+            )
+            .await
+            .map_err(|e| match e {
+                EnclaveError::Refused { message, .. } => FederationError::ModelRefused(message),
+                other => other.into(),
+            })?;
+        let certificate = answer
+            .meta::<ModelAnswer>()
+            .map_err(EnclaveError::from)?
+            .certificate;
+        let bytes = answer
+            .blobs
+            .into_iter()
+            .next()
+            .ok_or_else(|| FederationError::Inconsistent("the enclave sent no model".into()))?;
+        self.store_model(0, 0, &bytes, &certificate, &enclave.report)
+            .await?;
+        self.ctx
+            .auditor
+            .audit(
+                AuditKind::ModelRegistered,
+                "admin",
+                name,
+                json!({
+                    "model_sha256": hex::encode(certificate.model_sha256),
+                    "tensors": map.len(),
+                    "parameters": map.num_parameters(),
+                }),
+            )
+            .await;
+        tracing::info!(name, parameters = map.num_parameters(), "model registered");
+        self.poke();
+        Ok(RegisteredModel {
+            name: name.to_owned(),
+            version: 0,
+            tensors: map.len(),
+            parameters: map.num_parameters(),
+            model_sha256: hex::encode(certificate.model_sha256),
+        })
+    }
+
     pub(super) async fn store_model(
         &self,
         version: u64,
@@ -132,6 +240,7 @@ impl Federation {
         certificate: &ModelCertificate,
         report: &AttestationReport,
     ) -> Result<(), FederationError> {
+        qflare_protocol::model::validate_model_name(&certificate.architecture)?;
         let stored = StoredCertificate {
             certificate: certificate.clone(),
             report: report.clone(),
@@ -141,7 +250,7 @@ impl Federation {
             .insert_model(&ModelRecord {
                 version,
                 round_id,
-                architecture: self.architecture.to_string(),
+                architecture: certificate.architecture.clone(),
                 bytes: bytes.to_vec(),
                 certificate_json: serde_json::to_string(&stored)
                     .map_err(|e| FederationError::Inconsistent(e.to_string()))?,
@@ -154,10 +263,9 @@ impl Federation {
     }
 
     pub(super) async fn evaluate(&self, version: u64, bytes: &[u8]) {
-        let Some(eval) = self.eval.clone() else {
+        let (Some(eval), Some(architecture)) = (self.eval.clone(), self.preset) else {
             return;
         };
-        let architecture = self.architecture;
         let bytes = bytes.to_vec();
         let outcome = tokio::task::spawn_blocking(move || {
             let model = qflare_protocol::tensor::TensorMap::from_safetensors(

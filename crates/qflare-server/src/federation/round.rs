@@ -80,7 +80,7 @@ impl Federation {
         let request = BeginRoundRequest {
             round_id,
             model_version: model.version,
-            architecture: self.architecture.to_string(),
+            architecture: model.certificate.architecture.clone(),
             config: aggregation,
             devices,
             reference_training: Some(qflare_ml::TrainConfig {
@@ -105,7 +105,7 @@ impl Federation {
             state: RoundState::Open,
             base_model_version: model.version,
             config_json:
-                json!({ "architecture": self.architecture.to_string(), "training": training })
+                json!({ "architecture": model.certificate.architecture, "training": training })
                     .to_string(),
             min_updates: u32::try_from(config.min_updates).unwrap_or(u32::MAX),
             target_updates: u32::try_from(selected.len()).unwrap_or(u32::MAX),

@@ -26,11 +26,11 @@ pub fn accuracy_chart(view: &FederationView) -> Markup {
     let points: Vec<(u64, f64)> = view
         .models
         .iter()
-        .filter_map(|m| m.accuracy.map(|a| (m.version, a)))
+        .filter_map(|m| m.shown_accuracy().map(|a| (m.version, a)))
         .collect();
     if points.is_empty() {
         return html! {
-            p.muted { "No evaluated model yet (set federation.eval_data to evaluate each new model)." }
+            p.muted { "No evaluated model yet (set federation.eval_data for a built-in model, or have devices report federated evaluation)." }
         };
     }
     let max_version = points.iter().map(|p| p.0).max().unwrap_or(1).max(1) as f64;
@@ -50,7 +50,7 @@ pub fn accuracy_chart(view: &FederationView) -> Markup {
     // not a void element, and an unclosed one would swallow its siblings.
     html! {
         svg viewBox=(format!("0 0 {WIDTH} {HEIGHT}")) width="100%" role="img"
-            aria-label="Test accuracy by model version" {
+            aria-label="Accuracy by model version" {
             @for i in 0..=4 {
                 @let a = low + (1.0 - low) * f64::from(i) / 4.0;
                 line x1=(LEFT) x2=(WIDTH - RIGHT) y1=(coordinate(y(a))) y2=(coordinate(y(a)))

@@ -82,6 +82,20 @@ pub fn federation(view: &FederationView, active_devices: usize, devices: usize) 
                         None => { "-" }
                     }
                 }
+                div { "Federated evaluation" }
+                div {
+                    @match view.models.iter().rev().find_map(|m| m.federated.as_ref().map(|f| (m.version, f))) {
+                        Some((version, federated)) => {
+                            "version " (version) ": "
+                            @for (i, (name, value)) in federated.metrics.iter().enumerate() {
+                                @if i > 0 { ", " }
+                                (name) " " (format!("{value:.4}"))
+                            }
+                            " (" (federated.devices) " devices, " (federated.examples) " examples)"
+                        }
+                        None => { "-" }
+                    }
+                }
                 div { "Devices" }
                 div { (active_devices) " active of " (devices) }
                 div { "Enclave" }

@@ -21,6 +21,7 @@ fn api_routes() -> BTreeSet<(&'static str, &'static str)> {
         ("post", routes::CURRENT_ROUND),
         ("post", routes::CURRENT_MODEL),
         ("post", routes::UPDATES),
+        ("post", routes::EVALUATIONS),
         ("post", routes::ADMIN_TOKENS),
         ("get", routes::ADMIN_TOKENS),
         ("post", routes::ADMIN_TOKEN_REVOKE),
@@ -30,6 +31,9 @@ fn api_routes() -> BTreeSet<(&'static str, &'static str)> {
         ("get", routes::ADMIN_ROUNDS),
         ("post", routes::ADMIN_ROUNDS_START),
         ("post", routes::ADMIN_ROUNDS_PAUSE),
+        ("post", routes::ADMIN_MODELS),
+        ("get", routes::ADMIN_MODEL),
+        ("get", routes::ADMIN_MODEL_CERTIFICATE),
     ]
     .into_iter()
     .collect()

@@ -1,6 +1,8 @@
 //! The loop against a scripted server: rounds, models and submissions from
 //! queues, with a real enclave key pair that a restart replaces, so every
 //! envelope is opened as the enclave would open it.
+// The scripted trainers are the built-in one's.
+#![cfg(feature = "burn")]
 
 use super::*;
 
@@ -87,6 +89,7 @@ mod scripted {
         pub downloads: u32,
         pub device_key: VerifyingKey,
         pub opened: Vec<Opened>,
+        pub evaluations: Vec<qflare_protocol::federation::EvaluationReport>,
     }
 
     impl Script {
@@ -104,6 +107,7 @@ mod scripted {
                 downloads: 0,
                 device_key,
                 opened: Vec::new(),
+                evaluations: Vec::new(),
             }
         }
 
@@ -219,6 +223,17 @@ mod scripted {
                 enclave_key_sha256: sha256(script.enclave.signing.verifying_key().as_bytes()),
             };
             Ok(encode_model_download(&header, &model).unwrap())
+        }
+
+        async fn evaluate(
+            &mut self,
+            report: &qflare_protocol::federation::EvaluationReport,
+        ) -> Result<qflare_protocol::federation::EvaluationReceipt, EdgeError> {
+            let mut script = self.0.lock().unwrap();
+            script.evaluations.push(report.clone());
+            Ok(qflare_protocol::federation::EvaluationReceipt {
+                model_version: report.model_version,
+            })
         }
 
         async fn submit(&mut self, sealed: &UpdateEnvelope) -> Result<SubmitReceipt, EdgeError> {

@@ -1,0 +1,175 @@
+"""QFLARE device SDK: federated learning with post-quantum security, from Python.
+
+Everything that makes a device trustworthy runs in Rust (the ``_native``
+module, QFLARE's edge library): enrollment, the pinned post-quantum TLS and
+session, verification of the enclave's attestation and of every global
+model's certificate, signing and sealing each update to the enclave. This
+package only moves tensors between that code and your training code, as
+``dict[str, numpy.ndarray]`` (see :mod:`qflare.torch` for PyTorch).
+
+Port a Flower ``NumPyClient`` by keeping its ``fit`` and ``evaluate``::
+
+    def fit(weights, config):
+        ...train...
+        return new_weights, num_examples, {"accuracy": acc}
+
+    def evaluate(weights, config):
+        ...
+        return loss, num_examples, {"accuracy": acc}
+
+    qflare.run_device(fit=fit, evaluate=evaluate, identity_dir="device1",
+                      enclave_measurements=[MEASUREMENT], allow_software_attestation=True)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+
+import numpy as np
+import safetensors.numpy
+
+from . import _native
+from ._native import (
+    AttestationRefused,
+    DeviceRevoked,
+    EnrollmentRefused,
+    ModelRefused,
+    NonFiniteUpdate,
+    QflareError,
+    RoundRefused,
+    ServerKeyMismatch,
+    ServerUnreachable,
+    ShapeMismatch,
+)
+
+__version__ = _native.__version__
+
+Weights = Dict[str, np.ndarray]
+Config = Dict[str, Any]
+FitFn = Callable[[Weights, Config], Tuple[Mapping[str, Any], int, Mapping[str, float]]]
+EvaluateFn = Callable[[Weights, Config], Optional[Tuple[float, int, Mapping[str, float]]]]
+
+__all__ = [
+    "AttestationRefused",
+    "DeviceRevoked",
+    "EnrollmentRefused",
+    "ModelRefused",
+    "NonFiniteUpdate",
+    "QflareError",
+    "RoundRefused",
+    "ServerKeyMismatch",
+    "ServerUnreachable",
+    "ShapeMismatch",
+    "decode_weights",
+    "encode_weights",
+    "enroll",
+    "run_device",
+]
+
+
+def decode_weights(data: bytes) -> Weights:
+    """A safetensors file's tensors as NumPy arrays (float32 for the global model)."""
+    return dict(safetensors.numpy.load(data))
+
+
+def encode_weights(weights: Mapping[str, Any]) -> bytes:
+    """Weights as a safetensors file of float32 tensors.
+
+    Floating arrays of any precision are converted to float32, the precision
+    the enclave aggregates in; anything else array-like is converted too.
+    """
+    arrays = {}
+    for name, value in weights.items():
+        array = np.asarray(value)
+        arrays[name] = np.ascontiguousarray(array, dtype=np.float32)
+    return safetensors.numpy.save(arrays)
+
+
+def enroll(
+    server: str,
+    token: str,
+    server_key: str,
+    identity_dir: str,
+    *,
+    name: Optional[str] = None,
+    kem: Optional[str] = None,
+    signature: Optional[str] = None,
+) -> str:
+    """Enrolls this device with a single-use token and returns its device id.
+
+    ``server_key`` is the server fingerprint the admin hands out with the
+    token; the device's private keys are generated here and written,
+    owner-only, into ``identity_dir`` (which must not hold an identity yet).
+    """
+    return _native.enroll(server, token, server_key, str(identity_dir), name, kem, signature)
+
+
+def run_device(
+    fit: FitFn,
+    evaluate: Optional[EvaluateFn] = None,
+    *,
+    identity_dir: str,
+    enclave_measurements: Iterable[str],
+    allow_software_attestation: bool = False,
+    max_rounds: Optional[int] = None,
+    max_report_age_secs: int = 300,
+    max_local_epochs: int = 50,
+    stop_when_finished: bool = True,
+) -> Dict[str, Any]:
+    """Takes part in federated training until the server finishes.
+
+    ``fit(weights, config)`` trains from the verified global model and
+    returns ``(new_weights, num_examples, metrics)``; ``config`` holds the
+    round's ``learning_rate``, ``batch_size``, ``epochs``, ``seed``,
+    ``round_id``, ``model_version`` and ``model`` (its name). The new
+    weights must have the global model's names and shapes
+    (:class:`ShapeMismatch` otherwise) and finite values
+    (:class:`NonFiniteUpdate`).
+
+    ``evaluate(weights, config)``, when given, evaluates the round's global
+    model on local held-out data before training and returns ``(loss,
+    num_examples, metrics)`` (or ``None`` to skip); the server aggregates
+    these weighted by examples (federated evaluation).
+
+    Only enclaves whose measurement is in ``enclave_measurements`` are
+    trusted; ``allow_software_attestation`` accepts a software-mode enclave
+    (development only). Returns a summary of the rounds this device took
+    part in. Ctrl-C stops it and raises ``KeyboardInterrupt``.
+    """
+
+    def native_fit(model: bytes, config: Config) -> Tuple[bytes, int, Dict[str, float]]:
+        result = fit(decode_weights(model), dict(config))
+        if not (isinstance(result, tuple) and len(result) == 3):
+            raise TypeError("fit must return (weights, num_examples, metrics)")
+        weights, examples, metrics = result
+        return (
+            encode_weights(weights),
+            int(examples),
+            {str(k): float(v) for k, v in dict(metrics or {}).items()},
+        )
+
+    native_evaluate = None
+    if evaluate is not None:
+
+        def native_evaluate(model: bytes, config: Config) -> Optional[Tuple[int, Dict[str, float]]]:
+            result = evaluate(decode_weights(model), dict(config))
+            if result is None:
+                return None
+            if not (isinstance(result, tuple) and len(result) == 3):
+                raise TypeError("evaluate must return (loss, num_examples, metrics) or None")
+            loss, examples, metrics = result
+            reported = {str(k): float(v) for k, v in dict(metrics or {}).items()}
+            reported["loss"] = float(loss)
+            return int(examples), reported
+
+    return _native.run_device(
+        str(identity_dir),
+        native_fit,
+        native_evaluate,
+        enclave_measurements=list(enclave_measurements),
+        allow_software_attestation=allow_software_attestation,
+        max_rounds=max_rounds,
+        max_report_age_secs=max_report_age_secs,
+        max_local_epochs=max_local_epochs,
+        stop_when_finished=stop_when_finished,
+    )
