@@ -142,6 +142,7 @@ fn init_logging() {
         // Another library may own the global subscriber already; then it logs.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .try_init();
     });
