@@ -31,6 +31,9 @@ pub const MAX_META: usize = 1024 * 1024;
 /// Most blobs in one frame.
 pub const MAX_BLOBS: usize = 8;
 
+/// One blob of an encoded frame: its big-endian length prefix and its bytes.
+pub type BlobPart<'a> = ([u8; 8], &'a [u8]);
+
 /// Frame kinds. Requests go host → enclave, answers enclave → host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -213,39 +216,54 @@ impl Frame {
         }
     }
 
-    /// The encoded body.
-    fn body(&self) -> Vec<u8> {
+    /// The encoded frame as pieces: the header, meta and blob count, then
+    /// each blob's length prefix and the blob itself, borrowed. Writing the
+    /// pieces in order writes the frame; a blob as large as a model is
+    /// never copied to do so.
+    pub fn encode_parts(&self) -> Result<(Vec<u8>, Vec<BlobPart<'_>>), FrameError> {
         let blob_bytes: usize = self.blobs.iter().map(|b| 8 + b.len()).sum();
-        let mut body = Vec::with_capacity(8 + self.meta.len() + blob_bytes);
-        body.extend_from_slice(&(self.meta.len() as u32).to_be_bytes());
-        body.extend_from_slice(&self.meta);
-        body.extend_from_slice(&(self.blobs.len() as u32).to_be_bytes());
-        for blob in &self.blobs {
-            body.extend_from_slice(&(blob.len() as u64).to_be_bytes());
-            body.extend_from_slice(blob);
+        let body_len = 8 + self.meta.len() + blob_bytes;
+        if body_len > MAX_BODY {
+            return Err(FrameError::TooLarge(body_len as u64));
         }
-        body
+        let mut head = Vec::with_capacity(HEADER_LEN + 8 + self.meta.len());
+        head.extend_from_slice(&MAGIC);
+        head.push(VERSION);
+        head.push(self.kind as u8);
+        head.extend_from_slice(&0u16.to_be_bytes());
+        head.extend_from_slice(&(body_len as u32).to_be_bytes());
+        head.extend_from_slice(&(self.meta.len() as u32).to_be_bytes());
+        head.extend_from_slice(&self.meta);
+        head.extend_from_slice(&(self.blobs.len() as u32).to_be_bytes());
+        let blobs = self
+            .blobs
+            .iter()
+            .map(|blob| ((blob.len() as u64).to_be_bytes(), blob.as_slice()))
+            .collect();
+        Ok((head, blobs))
     }
 
-    /// Encodes the whole frame.
+    /// Encodes the whole frame into one buffer.
     pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
-        let body = self.body();
-        if body.len() > MAX_BODY {
-            return Err(FrameError::TooLarge(body.len() as u64));
+        let (head, blobs) = self.encode_parts()?;
+        let total = head.len() + blobs.iter().map(|(_, b)| 8 + b.len()).sum::<usize>();
+        let mut out = Vec::with_capacity(total);
+        out.extend_from_slice(&head);
+        for (len, blob) in blobs {
+            out.extend_from_slice(&len);
+            out.extend_from_slice(blob);
         }
-        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-        out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
-        out.push(self.kind as u8);
-        out.extend_from_slice(&0u16.to_be_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        out.extend_from_slice(&body);
         Ok(out)
     }
 
     /// Writes the frame and flushes.
     pub fn write_to(&self, writer: &mut impl Write) -> Result<(), FrameError> {
-        writer.write_all(&self.encode()?)?;
+        let (head, blobs) = self.encode_parts()?;
+        writer.write_all(&head)?;
+        for (len, blob) in blobs {
+            writer.write_all(&len)?;
+            writer.write_all(blob)?;
+        }
         writer.flush()?;
         Ok(())
     }

@@ -121,11 +121,14 @@ fn unix_now() -> u64 {
 }
 
 async fn write_frame(stdin: &mut ChildStdin, frame: &Frame) -> Result<(), EnclaveError> {
-    let bytes = frame.encode()?;
-    stdin
-        .write_all(&bytes)
-        .await
-        .map_err(|e| EnclaveError::Died(format!("writing: {e}")))?;
+    let died = |e: std::io::Error| EnclaveError::Died(format!("writing: {e}"));
+    // In pieces: a model-sized blob goes to the pipe without a copy.
+    let (head, blobs) = frame.encode_parts()?;
+    stdin.write_all(&head).await.map_err(died)?;
+    for (len, blob) in blobs {
+        stdin.write_all(&len).await.map_err(died)?;
+        stdin.write_all(blob).await.map_err(died)?;
+    }
     stdin
         .flush()
         .await

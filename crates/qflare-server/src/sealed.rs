@@ -104,7 +104,9 @@ impl FromRequest<SharedState> for SealedRequest {
         } else {
             state.config.limits.sealed_bytes
         };
-        let mut record = read_limited(&parts.headers, body, limit).await?.to_vec();
+        // Taken over without a copy when the buffer is not shared (an
+        // update's record is as large as a model).
+        let mut record = Vec::from(read_limited(&parts.headers, body, limit).await?);
 
         let secrets = state
             .identity

@@ -206,6 +206,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn reopen_round(&self, id: u64, deadline: i64, now: i64) -> Result<bool, StoreError>;
     /// The round's participants, ordered by device id.
     async fn participants(&self, round_id: u64) -> Result<Vec<ParticipantRecord>, StoreError>;
+    /// The round's participants without their envelopes (`envelope` is `None`), ordered by
+    /// device id: what the poll path and the admin view need, without reading every stored
+    /// update (each as large as the model) per request.
+    async fn participant_states(&self, round_id: u64)
+    -> Result<Vec<ParticipantRecord>, StoreError>;
     /// Stores a sealed update envelope, atomically with respect to round transitions: only if the
     /// round is `Open`, `now < deadline`, the device is a selected participant and has not submitted
     /// yet. The outcome says which condition failed first, in that order.

@@ -94,7 +94,7 @@ async fn round_info(state: &SharedState, request: &SealedRequest) -> ApiResult<R
         let me = request.device.id.as_str();
         let participant = state
             .store
-            .participants(round.id)
+            .participant_states(round.id)
             .await?
             .into_iter()
             .find(|p| p.device_id == me);
@@ -150,17 +150,21 @@ async fn model_download(state: &SharedState, request: &SealedRequest) -> ApiResu
     request_body(content = SealedRecord, content_type = "application/vnd.qflare.sealed", description = "A sealed update envelope: signed by the device, sealed to the enclave."),
     responses((status = 200, description = "A sealed `SubmitReceipt`.", content_type = "application/vnd.qflare.sealed", body = SealedRecord)),
 )]
-pub async fn submit_update(State(state): State<SharedState>, request: SealedRequest) -> Response {
-    let result = submit(&state, &request).await;
+pub async fn submit_update(
+    State(state): State<SharedState>,
+    mut request: SealedRequest,
+) -> Response {
+    let result = submit(&state, &mut request).await;
     if let Err(err) = &result {
         Metrics::count(&state.metrics.updates, err.code.as_str());
     }
     request.respond(result)
 }
 
-async fn submit(state: &SharedState, request: &SealedRequest) -> ApiResult<SubmitReceipt> {
+async fn submit(state: &SharedState, request: &mut SealedRequest) -> ApiResult<SubmitReceipt> {
     let fed = federation(state)?;
     let envelope: UpdateEnvelope = request.json("update envelope", limits::UPDATE_ENVELOPE)?;
+    let (round_id, device_id) = (envelope.round_id, envelope.device_id);
     if envelope.device_id != request.device_id {
         return Err(ApiError::new(ErrorCode::DeviceMismatch));
     }
@@ -176,15 +180,12 @@ async fn submit(state: &SharedState, request: &SealedRequest) -> ApiResult<Submi
             .await;
         return Err(ApiError::authentication(err));
     }
+    // Only the raw body travels on: the decoded copy of its payload goes now.
+    drop(envelope);
     let _gate = fed.submission_gate().await;
     let stored = state
         .store
-        .record_submission(
-            envelope.round_id,
-            &request.device.id,
-            &request.body,
-            state.now_i64(),
-        )
+        .record_submission(round_id, &request.device.id, &request.body, state.now_i64())
         .await?;
     match stored {
         SubmissionOutcome::Stored => {}
@@ -204,15 +205,16 @@ async fn submit(state: &SharedState, request: &SealedRequest) -> ApiResult<Submi
             return Err(ApiError::new(ErrorCode::UnknownRound));
         }
     }
+    // Moved, not cloned, to the enclave; the answer needs only the channel.
     let verdict = fed
-        .submit(envelope.round_id, envelope.device_id, request.body.clone())
+        .submit(round_id, device_id, std::mem::take(&mut request.body))
         .await?;
     Metrics::count(&state.metrics.updates, &verdict.code);
     // The enclave's final verdicts (accepted or rejected, with reasons) are
     // written to the ledger when the round closes; auditing them here too
     // would record each one twice.
     Ok(SubmitReceipt {
-        round_id: envelope.round_id,
+        round_id,
         status: verdict.status,
         code: verdict.code,
     })
@@ -253,7 +255,7 @@ async fn record_evaluation(
     let me = request.device.id.as_str();
     let selected = state
         .store
-        .participants(round.id)
+        .participant_states(round.id)
         .await?
         .iter()
         .any(|p| p.device_id == me);
@@ -371,7 +373,7 @@ pub async fn view(state: &SharedState, limit: u32) -> ApiResult<FederationView> 
     for round in state.store.list_rounds(limit).await? {
         let submitted = state
             .store
-            .participants(round.id)
+            .participant_states(round.id)
             .await?
             .iter()
             .filter(|p| p.submitted_at.is_some())

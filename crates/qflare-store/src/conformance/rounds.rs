@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use super::{enroll, round};
-use crate::{RoundRecord, RoundState, Store, StoreError, SubmissionOutcome, VerdictRecord};
+use crate::{
+    ParticipantRecord, RoundRecord, RoundState, Store, StoreError, SubmissionOutcome, VerdictRecord,
+};
 
 /// Round creation, ordering, compare-and-set transitions, verdicts and re-opening.
 pub async fn rounds(store: Arc<dyn Store>) -> Result<(), StoreError> {
@@ -128,6 +130,18 @@ pub async fn rounds(store: Arc<dyn Store>) -> Result<(), StoreError> {
             (Some("rejected"), Some("norm bound"))
         ]
     );
+    // The same rows without their envelopes, for the poll path.
+    let states = store.participant_states(1).await?;
+    let expected: Vec<ParticipantRecord> = participants
+        .iter()
+        .cloned()
+        .map(|p| ParticipantRecord {
+            envelope: None,
+            ..p
+        })
+        .collect();
+    assert_eq!(states, expected);
+    assert!(participants.iter().any(|p| p.envelope.is_some()));
 
     let outcome = r#"{"error":"enclave died"}"#;
     assert!(

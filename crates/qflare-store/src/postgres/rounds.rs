@@ -145,6 +145,21 @@ pub(super) async fn participants(
     row::all(&rows, row::participant)
 }
 
+pub(super) async fn participant_states(
+    store: &PostgresStore,
+    round_id: u64,
+) -> Result<Vec<ParticipantRecord>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT round_id, device_id, submitted_at, NULL::bytea AS envelope, verdict, reason
+         FROM participants WHERE round_id = $1 ORDER BY device_id",
+    )
+    .bind(db_int(round_id, "round id")?)
+    .fetch_all(&store.pool)
+    .await
+    .map_err(backend)?;
+    row::all(&rows, row::participant)
+}
+
 pub(super) async fn record_submission(
     store: &PostgresStore,
     round_id: u64,

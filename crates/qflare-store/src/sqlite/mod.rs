@@ -292,6 +292,13 @@ impl Store for SqliteStore {
         rounds::participants(self, round_id).await
     }
 
+    async fn participant_states(
+        &self,
+        round_id: u64,
+    ) -> Result<Vec<ParticipantRecord>, StoreError> {
+        rounds::participant_states(self, round_id).await
+    }
+
     async fn record_submission(
         &self,
         round_id: u64,
