@@ -9,7 +9,11 @@ work="$(mktemp -d)"
 port="${QFLARE_EXAMPLE_PORT:-18443}"
 config="$work/qflare.yaml"
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 # write_config ROUNDS LEARNING_RATE BATCH EPOCHS
@@ -35,9 +39,18 @@ YAML
 qflare() { "$bin_dir/qflare" --config "$config" "$@"; }
 
 start_server() {
-  qflare server > "$work/server.out" 2> "$work/server.log" &
+  # The binary itself in the background (not the wrapper function, whose
+  # subshell would be what `kill` reaches at exit).
+  "$bin_dir/qflare" --config "$config" server > "$work/server.out" 2> "$work/server.log" &
   pids+=($!)
-  until grep -q -A1 "server fingerprint" "$work/server.out" 2>/dev/null; do sleep 0.2; done
+  until grep -q -A1 "server fingerprint" "$work/server.out" 2>/dev/null; do
+    if ! kill -0 "${pids[0]}" 2>/dev/null; then
+      echo "the server did not start (port $port taken?):" >&2
+      tail -5 "$work/server.log" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
   fingerprint="$(grep -A1 "server fingerprint" "$work/server.out" | tail -1)"
   measurement="$(sha384sum "$bin_dir/qflare-enclave" | cut -d' ' -f1)"
   export QFLARE_SERVER="https://127.0.0.1:$port" QFLARE_SERVER_KEY="$fingerprint" \

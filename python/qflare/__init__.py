@@ -51,6 +51,8 @@ EvaluateFn = Callable[[Weights, Config], Optional[Tuple[float, int, Mapping[str,
 
 __all__ = [
     "AttestationRefused",
+    "Client",
+    "Round",
     "DeviceRevoked",
     "EnrollmentRefused",
     "ModelRefused",
@@ -173,3 +175,97 @@ def run_device(
         max_local_epochs=max_local_epochs,
         stop_when_finished=stop_when_finished,
     )
+
+
+class Round:
+    """A round that selected this device, with its verified global model."""
+
+    def __init__(self, native: "_native.Round"):
+        self._native = native
+        self._weights: Optional[Weights] = None
+
+    @property
+    def round_id(self) -> int:
+        return self._native.round_id
+
+    @property
+    def model_version(self) -> int:
+        return self._native.model_version
+
+    @property
+    def model(self) -> str:
+        """The model's name."""
+        return self._native.model
+
+    @property
+    def config(self) -> Config:
+        """The round's ``learning_rate``, ``batch_size``, ``epochs``, ``deadline``, ..."""
+        return dict(self._native.config)
+
+    @property
+    def weights(self) -> Weights:
+        """The verified global model (float32 arrays; a fresh copy each round)."""
+        if self._weights is None:
+            self._weights = decode_weights(self._native.model_bytes())
+        return {name: array.copy() for name, array in self._weights.items()}
+
+    def __repr__(self) -> str:
+        return repr(self._native)
+
+
+class Client:
+    """The device's steps one call at a time, for training loops of your own.
+
+    Every check of :func:`run_device` applies: a round is returned only after
+    the enclave's fresh attestation and the model's certificate verified, and
+    an update is sealed only after its tensors matched the global model.
+    Retrying is yours: :class:`ServerUnreachable` and a 429/503
+    :class:`QflareError` are worth retrying.
+
+    ::
+
+        client = qflare.Client("identity/", enclave_measurements=[M])
+        while (round := client.wait_for_round()) is not None:
+            loss, n_test, metrics = my_evaluate(round.weights)
+            client.evaluate(round, n_test, {"loss": loss, **metrics})
+            new_weights, n = my_fit(round.weights, round.config)
+            client.submit(round, new_weights, n)
+    """
+
+    def __init__(
+        self,
+        identity_dir: str,
+        *,
+        enclave_measurements: Iterable[str],
+        allow_software_attestation: bool = False,
+        max_report_age_secs: int = 300,
+    ):
+        self._native = _native.Client(
+            str(identity_dir),
+            enclave_measurements=list(enclave_measurements),
+            allow_software_attestation=allow_software_attestation,
+            max_report_age_secs=max_report_age_secs,
+        )
+
+    @property
+    def device_id(self) -> str:
+        return self._native.device_id
+
+    def wait_for_round(self, timeout: Optional[float] = None) -> Optional[Round]:
+        """Waits for a round that selects this device; ``None`` once training
+        has finished. Raises ``TimeoutError`` after ``timeout`` seconds."""
+        native = self._native.wait_for_round(timeout)
+        return None if native is None else Round(native)
+
+    def submit(self, round: Round, weights: Mapping[str, Any], num_examples: int) -> Dict[str, Any]:
+        """Seals the update (``weights`` minus the round's global model) to the
+        attested enclave and submits it; returns the receipt (``status`` is
+        ``accepted``, ``pending`` or ``rejected``, ``code`` the enclave's reason)."""
+        return self._native.submit(round._native, encode_weights(weights), int(num_examples))
+
+    def evaluate(self, round: Round, num_examples: int, metrics: Mapping[str, float]) -> None:
+        """Reports this device's evaluation of the round's global model on its
+        held-out data; the server aggregates reports weighted by examples."""
+        self._native.evaluate(
+            round._native, int(num_examples), {str(k): float(v) for k, v in metrics.items()}
+        )

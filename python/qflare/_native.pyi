@@ -15,6 +15,27 @@ class ShapeMismatch(QflareError): ...
 class NonFiniteUpdate(QflareError): ...
 class RoundRefused(QflareError): ...
 
+class Round:
+    round_id: int
+    model_version: int
+    model: str
+    config: Dict[str, Any]
+    def model_bytes(self) -> bytes: ...
+
+class Client:
+    device_id: str
+    def __init__(
+        self,
+        identity_dir: str,
+        *,
+        enclave_measurements: List[str],
+        allow_software_attestation: bool = False,
+        max_report_age_secs: int = 300,
+    ) -> None: ...
+    def wait_for_round(self, timeout_secs: Optional[float] = None) -> Optional[Round]: ...
+    def submit(self, round: Round, weights: bytes, examples: int) -> Dict[str, Any]: ...
+    def evaluate(self, round: Round, examples: int, metrics: Dict[str, float]) -> None: ...
+
 def enroll(
     server: str,
     token: str,

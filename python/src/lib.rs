@@ -34,12 +34,13 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use qflare_edge::{
     DeviceConfig, EdgeError, EnrollOptions, EvalResult, Events, FitResult, FitTask, Identity,
-    LOSS_METRIC, LocalTrainer, RunSummary, TrainError, layout_mismatch,
+    LOSS_METRIC, LocalTrainer, NoRound, RoundClient, RunSummary, TrainError, TrainingRound,
+    UpdateRefusal, checked_delta,
 };
 use qflare_protocol::api::ErrorCode;
 use qflare_protocol::attestation::{AttestationMode, AttestationPolicy, MEASUREMENT_LEN};
 use qflare_protocol::identity::{EnrollmentToken, ServerFingerprint};
-use qflare_protocol::tensor::{Tensor, TensorMap};
+use qflare_protocol::tensor::TensorMap;
 use qflare_protocol::wire::limits;
 use qflare_protocol::{KemSuite, ProtocolError, SignatureSuite};
 
@@ -115,6 +116,10 @@ fn to_py(err: EdgeError) -> PyErr {
         EdgeError::Attestation(_) => AttestationRefused::new_err(text),
         EdgeError::ModelRefused(_) => ModelRefused::new_err(text),
         EdgeError::RoundRefused(_) => RoundRefused::new_err(text),
+        EdgeError::UpdateRefused(UpdateRefusal::ShapeMismatch(what)) => {
+            ShapeMismatch::new_err(what)
+        }
+        EdgeError::UpdateRefused(UpdateRefusal::NonFinite(_)) => NonFiniteUpdate::new_err(text),
         _ => QflareError::new_err(text),
     }
 }
@@ -273,31 +278,11 @@ impl PythonTrainer {
     }
 }
 
-/// Trained weights minus the global model, after checking the trained
-/// weights have its layout and finite values.
+/// Trained weights minus the global model, after the edge library's checks
+/// (names, shapes, finite values), as the Python exception that names the
+/// tensor.
 fn delta(trained: &TensorMap, global: &TensorMap) -> PyResult<TensorMap> {
-    if let Some(mismatch) = layout_mismatch(trained, global) {
-        return Err(ShapeMismatch::new_err(mismatch));
-    }
-    let mut out = TensorMap::new();
-    for ((name, new), (_, old)) in trained.iter().zip(global.iter()) {
-        if new.data().iter().any(|v| !v.is_finite()) {
-            return Err(NonFiniteUpdate::new_err(format!(
-                "tensor {name} holds a NaN or an infinity"
-            )));
-        }
-        let values = new
-            .data()
-            .iter()
-            .zip(old.data())
-            .map(|(n, o)| n - o)
-            .collect();
-        let tensor = Tensor::new(new.shape().to_vec(), values)
-            .map_err(|e| QflareError::new_err(e.to_string()))?;
-        out.insert(name, tensor)
-            .map_err(|e| QflareError::new_err(e.to_string()))?;
-    }
-    Ok(out)
+    checked_delta(trained, global).map_err(to_py)
 }
 
 impl LocalTrainer for PythonTrainer {
@@ -359,6 +344,28 @@ fn parse_measurement(text: &str) -> PyResult<[u8; MEASUREMENT_LEN]> {
     Ok(out)
 }
 
+/// The enclaves a device trusts: these measurements, in software mode only
+/// when allowed, with reports at most `max_age_secs` old.
+fn policy(
+    measurements: &[String],
+    allow_software_attestation: bool,
+    max_age_secs: u64,
+) -> PyResult<AttestationPolicy> {
+    let allowed_measurements = measurements
+        .iter()
+        .map(|m| parse_measurement(m))
+        .collect::<PyResult<Vec<_>>>()?;
+    Ok(AttestationPolicy {
+        allowed_measurements,
+        allowed_modes: if allow_software_attestation {
+            vec![AttestationMode::Software]
+        } else {
+            Vec::new()
+        },
+        max_age_secs,
+    })
+}
+
 fn summary_dict<'py>(py: Python<'py>, summary: &RunSummary) -> PyResult<Bound<'py, PyDict>> {
     let out = PyDict::new(py);
     out.set_item("stop", format!("{:?}", summary.stop))?;
@@ -407,19 +414,11 @@ fn run_device<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     init_logging();
     let identity = Identity::load(&identity_dir).map_err(to_py)?;
-    let allowed_measurements = enclave_measurements
-        .iter()
-        .map(|m| parse_measurement(m))
-        .collect::<PyResult<Vec<_>>>()?;
-    let policy = AttestationPolicy {
-        allowed_measurements,
-        allowed_modes: if allow_software_attestation {
-            vec![AttestationMode::Software]
-        } else {
-            Vec::new()
-        },
-        max_age_secs: max_report_age_secs,
-    };
+    let policy = policy(
+        &enclave_measurements,
+        allow_software_attestation,
+        max_report_age_secs,
+    )?;
     let failure = Arc::new(Mutex::new(None));
     let trainer = PythonTrainer {
         fit,
@@ -441,11 +440,174 @@ fn run_device<'py>(
     summary_dict(py, &summary)
 }
 
+/// A round that selected this device, with its verified global model.
+#[pyclass(name = "Round", module = "qflare", frozen)]
+struct PyRound {
+    round: Arc<TrainingRound>,
+}
+
+#[pymethods]
+impl PyRound {
+    /// The round id.
+    #[getter]
+    fn round_id(&self) -> u64 {
+        self.round.round_id
+    }
+
+    /// The global model's version.
+    #[getter]
+    fn model_version(&self) -> u64 {
+        self.round.model_version
+    }
+
+    /// The model's name.
+    #[getter]
+    fn model(&self) -> String {
+        self.round.model.clone()
+    }
+
+    /// The round's training settings, as `fit`'s `config` gets them.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let config = PyDict::new(py);
+        config.set_item("round_id", self.round.round_id)?;
+        config.set_item("model_version", self.round.model_version)?;
+        config.set_item("model", &self.round.model)?;
+        config.set_item("learning_rate", self.round.plan.learning_rate)?;
+        config.set_item("batch_size", self.round.plan.batch_size)?;
+        config.set_item("epochs", self.round.plan.epochs)?;
+        config.set_item("deadline", self.round.deadline)?;
+        Ok(config)
+    }
+
+    /// The verified global model as safetensors bytes (f32).
+    fn model_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.round.global.to_safetensors())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Round(round_id={}, model_version={}, model={:?})",
+            self.round.round_id, self.round.model_version, self.round.model
+        )
+    }
+}
+
+/// The device's steps one call at a time (see `qflare.Client`).
+#[pyclass(name = "Client", module = "qflare", frozen)]
+struct PyClient {
+    inner: Arc<tokio::sync::Mutex<RoundClient>>,
+    device_id: String,
+}
+
+#[pymethods]
+impl PyClient {
+    #[new]
+    #[pyo3(signature = (identity_dir, *, enclave_measurements, allow_software_attestation = false, max_report_age_secs = 300))]
+    fn new(
+        identity_dir: PathBuf,
+        enclave_measurements: Vec<String>,
+        allow_software_attestation: bool,
+        max_report_age_secs: u64,
+    ) -> PyResult<Self> {
+        init_logging();
+        let identity = Identity::load(&identity_dir).map_err(to_py)?;
+        let policy = policy(
+            &enclave_measurements,
+            allow_software_attestation,
+            max_report_age_secs,
+        )?;
+        // The client's transport belongs to the runtime it is used on.
+        let client = runtime()?
+            .block_on(async { RoundClient::new(identity, policy) })
+            .map_err(to_py)?;
+        Ok(Self {
+            device_id: client.device_id(),
+            inner: Arc::new(tokio::sync::Mutex::new(client)),
+        })
+    }
+
+    /// This device's id.
+    #[getter]
+    fn device_id(&self) -> String {
+        self.device_id.clone()
+    }
+
+    /// Polls until a round selects this device; `None` once the server has
+    /// finished training. Raises `TimeoutError` after `timeout_secs`.
+    #[pyo3(signature = (timeout_secs = None))]
+    fn wait_for_round(
+        &self,
+        py: Python<'_>,
+        timeout_secs: Option<f64>,
+    ) -> PyResult<Option<PyRound>> {
+        let timeout = timeout_secs
+            .map(Duration::try_from_secs_f64)
+            .transpose()
+            .map_err(|e| PyValueError::new_err(format!("timeout_secs: {e}")))?;
+        let inner = self.inner.clone();
+        let answer = block_on_interruptible(py, async move {
+            inner.lock().await.wait_for_round(timeout).await
+        })?
+        .map_err(to_py)?;
+        match answer {
+            Ok(round) => Ok(Some(PyRound {
+                round: Arc::new(round),
+            })),
+            Err(NoRound::Finished) => Ok(None),
+            Err(NoRound::TimedOut) => Err(pyo3::exceptions::PyTimeoutError::new_err(
+                "no round selected this device in time",
+            )),
+        }
+    }
+
+    /// Seals `trained − global` (from `weights`, safetensors bytes) to the
+    /// round's attested enclave and submits it; the receipt as a dict.
+    fn submit<'py>(
+        &self,
+        py: Python<'py>,
+        round: &PyRound,
+        weights: Vec<u8>,
+        examples: u64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let trained = TensorMap::from_safetensors(&weights, limits::TENSORS)
+            .map_err(|e| ShapeMismatch::new_err(e.to_string()))?;
+        let (inner, round) = (self.inner.clone(), round.round.clone());
+        let receipt = block_on_interruptible(py, async move {
+            inner.lock().await.submit(&round, &trained, examples).await
+        })?
+        .map_err(to_py)?;
+        let out = PyDict::new(py);
+        out.set_item("round_id", receipt.round_id)?;
+        out.set_item("status", receipt.status)?;
+        out.set_item("code", receipt.code)?;
+        Ok(out)
+    }
+
+    /// Reports this device's evaluation of the round's global model.
+    fn evaluate(
+        &self,
+        py: Python<'_>,
+        round: &PyRound,
+        examples: u64,
+        metrics: BTreeMap<String, f64>,
+    ) -> PyResult<()> {
+        let (inner, round) = (self.inner.clone(), round.round.clone());
+        block_on_interruptible(py, async move {
+            inner.lock().await.evaluate(&round, examples, metrics).await
+        })?
+        .map_err(to_py)?;
+        Ok(())
+    }
+}
+
 /// The native half of the `qflare` package.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(enroll, m)?)?;
     m.add_function(wrap_pyfunction!(run_device, m)?)?;
+    m.add_class::<PyClient>()?;
+    m.add_class::<PyRound>()?;
     let py = m.py();
     m.add("QflareError", py.get_type::<QflareError>())?;
     m.add("ServerUnreachable", py.get_type::<ServerUnreachable>())?;

@@ -57,7 +57,7 @@ def test_a_torch_model_federates_and_loads_back(start_server, tmp_path, mnist):
                     net(x[start:start + config["batch_size"]]), y[start:start + config["batch_size"]])
                 loss.backward()
                 opt.step()
-            return qflare.torch.state_dict_to_weights(net), len(y), {"loss": float(loss)}
+            return qflare.torch.state_dict_to_weights(net), len(y), {"loss": loss.item()}
 
         return qflare.run_device(fit, identity_dir=str(tmp_path / f"d{k}"),
                                  enclave_measurements=[server.measurement],
@@ -69,6 +69,13 @@ def test_a_torch_model_federates_and_loads_back(start_server, tmp_path, mnist):
     exported = tmp_path / "global.safetensors"
     server.admin("model", "export", "--out", str(exported))
     fresh = Net()
-    missing, unexpected = fresh.load_state_dict(load_file(str(exported)), strict=False)
-    # Only the integer buffer stays out of the federated model.
-    assert missing == ["bn.num_batches_tracked"] and unexpected == []
+    exported_tensors = load_file(str(exported))
+    # Strict: every floating tensor is there; BatchNorm itself fills in the
+    # integer num_batches_tracked the federation leaves out.
+    fresh.load_state_dict(exported_tensors)
+    assert "bn.num_batches_tracked" not in exported_tensors
+    for name, tensor in qflare.torch.state_dict_to_weights(fresh).items():
+        assert (torch.from_numpy(tensor) == exported_tensors[name]).all(), name
+    # Federated training moved the weights away from the initial model.
+    initial_tensors = load_file(str(initial))
+    assert not torch.equal(initial_tensors["fc.weight"], exported_tensors["fc.weight"])

@@ -48,6 +48,10 @@ pub enum EdgeError {
     #[error(transparent)]
     #[cfg(feature = "burn")]
     Ml(#[from] MlError),
+    /// Trained weights that cannot become an update (another layout, a NaN),
+    /// refused before anything was sealed.
+    #[error(transparent)]
+    UpdateRefused(#[from] crate::rounds::UpdateRefusal),
     /// The [`LocalTrainer`](crate::LocalTrainer) produced no update (its
     /// message is the error's, unprefixed).
     #[error(transparent)]

@@ -14,6 +14,9 @@
 //!   the enclave's report and the global model, train locally, seal the
 //!   update to the attested enclave, submit — with back-off, session
 //!   renewal, re-sealing after an enclave restart, and progress events.
+//! * [`rounds`]: the same steps one call at a time ([`RoundClient`]: wait
+//!   for a round with its verified model, submit trained weights, report an
+//!   evaluation), for hosts that drive training themselves.
 //! * [`trainer`]: local training as the [`LocalTrainer`] trait the loop is
 //!   given, so the loop's networking and security code does not depend on
 //!   how an update is trained; `BurnTrainer` trains the built-in
@@ -33,6 +36,7 @@ pub mod client;
 pub mod error;
 pub mod identity;
 mod response;
+pub mod rounds;
 pub mod run;
 #[cfg(feature = "burn")]
 pub mod shard;
@@ -42,6 +46,7 @@ pub mod transport;
 pub use client::{EnrollOptions, Session, enroll, open_session, rotate_keys, transport_for};
 pub use error::{EdgeError, ModelRefusal};
 pub use identity::Identity;
+pub use rounds::{NoRound, RoundClient, TrainingRound, UpdateRefusal, checked_delta};
 pub use run::{
     Backoff, DeviceConfig, DeviceEvent, Events, RoundRecord, RoundTimings, RunSummary, StopOutcome,
     StopReason, TamperFn, run_device,

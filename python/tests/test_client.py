@@ -1,0 +1,81 @@
+"""The SDK's low-level `Client` (one step per call) and its exceptions:
+devices driving their own loop, a revoked device, a wrong server key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import qflare
+from conftest import SoftmaxDevice, run_in_threads, shards
+
+
+def test_a_hand_written_loop_federates_and_reports_evaluations(start_server, tmp_path, mnist):
+    server = start_server(
+        architecture="custom", auto_start=True, clients_per_round=2, min_updates=2,
+        max_rounds=2, round_timeout_secs=120, poll_interval_secs=1,
+        training={"learning_rate": 0.5, "batch_size": 32, "epochs": 1},
+    )
+    safetensors.numpy.save_file(SoftmaxDevice.initial(), str(tmp_path / "m.safetensors"))
+    server.admin("model", "init", "--from", str(tmp_path / "m.safetensors"), "--name", "softmax")
+    devices = shards(mnist, 2, train_per_device=1000, test_per_device=300)
+    for k in range(2):
+        server.enroll(tmp_path / f"d{k}")
+
+    def loop(k):
+        client = qflare.Client(str(tmp_path / f"d{k}"), enclave_measurements=[server.measurement],
+                               allow_software_attestation=True)
+        receipts = []
+        while (round := client.wait_for_round(timeout=120)) is not None:
+            assert round.model == "softmax" and round.config["learning_rate"] == 0.5
+            loss, n_test, metrics = devices[k].evaluate(round.weights, round.config)
+            client.evaluate(round, n_test, {"loss": loss, **metrics})
+            config = {**round.config, "seed": k}
+            weights, n, _ = devices[k].fit(round.weights, config)
+            receipts.append(client.submit(round, weights, n))
+        return receipts
+
+    results = run_in_threads({f"d{k}": (lambda k=k: loop(k)) for k in range(2)})
+    for name, receipts in results.items():
+        assert isinstance(receipts, list), f"{name}: {receipts!r}\n{server.log()}"
+        assert [r["round_id"] for r in receipts] == [1, 2], receipts
+    models = {m["version"]: m for m in server.status()["models"]}
+    assert models[1]["federated"]["devices"] == 2
+    assert models[1]["federated"]["examples"] == 600
+    assert models[1]["federated"]["metrics"]["accuracy"] > models[0]["federated"]["metrics"]["accuracy"]
+
+
+def test_shape_checks_come_before_sealing(start_server, tmp_path):
+    server = start_server(
+        architecture="custom", auto_start=True, clients_per_round=1, min_updates=1,
+        max_rounds=1, round_timeout_secs=60, poll_interval_secs=1,
+    )
+    safetensors.numpy.save_file(SoftmaxDevice.initial(), str(tmp_path / "m.safetensors"))
+    server.admin("model", "init", "--from", str(tmp_path / "m.safetensors"), "--name", "softmax")
+    server.enroll(tmp_path / "d")
+    client = qflare.Client(str(tmp_path / "d"), enclave_measurements=[server.measurement],
+                           allow_software_attestation=True)
+    round = client.wait_for_round(timeout=60)
+    weights = round.weights
+    weights["linear.weight"] = np.ones((784, 10), np.float32)
+    with pytest.raises(qflare.ShapeMismatch, match=r"tensor linear.weight has shape \[784, 10\]"):
+        client.submit(round, weights, 10)
+    # The refused update was never sent: the device may still submit a good one.
+    receipt = client.submit(round, round.weights, 10)
+    assert receipt["round_id"] == 1
+
+
+def test_a_revoked_device_and_a_wrong_server_key_are_named(start_server, tmp_path):
+    server = start_server(architecture="custom", auto_start=True)
+    device_id = server.enroll(tmp_path / "d")
+    server.admin("device", "revoke", device_id)
+    client = qflare.Client(str(tmp_path / "d"), enclave_measurements=[server.measurement],
+                           allow_software_attestation=True)
+    with pytest.raises(qflare.DeviceRevoked):
+        client.wait_for_round(timeout=10)
+    wrong = "0" * len(server.fingerprint)
+    with pytest.raises(qflare.ServerKeyMismatch):
+        qflare.enroll(server.url, server.token(), wrong, str(tmp_path / "other"))
+    with pytest.raises(qflare.EnrollmentRefused):
+        qflare.enroll(server.url, "A" * 43, server.fingerprint, str(tmp_path / "third"))
