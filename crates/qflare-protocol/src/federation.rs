@@ -172,14 +172,16 @@ pub const MAX_METRICS: usize = 32;
 pub const MAX_METRIC_NAME_LEN: usize = 64;
 
 /// `POST /v1/evaluations` body: a device's evaluation of the global model of
-/// `model_version`, which it was sent for round `round_id`.
+/// `model_version`: the one round `round_id` started from, or, once that
+/// round completed, the one it produced (how the last model of a federation
+/// is evaluated).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EvaluationReport {
     /// The round the model was distributed for.
     pub round_id: u64,
-    /// The evaluated model version (the round's base model).
+    /// The evaluated model version (the round's base model or its result).
     pub model_version: u64,
     /// Held-out examples evaluated on: the metrics' weight.
     pub examples: u64,

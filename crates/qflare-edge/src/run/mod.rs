@@ -127,6 +127,8 @@ async fn drive_inner<L: Link>(
         pending: None,
         clock: None,
         working_round: None,
+        last_plan: None,
+        final_evaluated: false,
         done_rounds: BTreeSet::new(),
         handshakes: Duration::ZERO,
         failures: 0,

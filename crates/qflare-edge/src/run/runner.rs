@@ -73,6 +73,11 @@ pub(super) struct Runner<'a, L> {
     pub(super) clock: Option<RoundClock>,
     /// The round the last `train` answer named (what a skip code refers to).
     pub(super) working_round: Option<u64>,
+    /// The training plan of the last round trained (what the final
+    /// evaluation's task carries).
+    pub(super) last_plan: Option<qflare_protocol::federation::TrainingPlan>,
+    /// The final model's evaluation was attempted (once per run).
+    pub(super) final_evaluated: bool,
     /// Rounds submitted to or skipped: never worked on again.
     pub(super) done_rounds: BTreeSet<u64>,
     /// Handshake time not yet charged to a round.
@@ -262,6 +267,7 @@ impl<L: Link> Runner<'_, L> {
             RoundStatus::Finished => {
                 self.pending = None;
                 self.clock = None;
+                self.evaluate_final_model(&info, &nonce).await;
                 if self.config.stop_when_finished {
                     Ok(Next::Stop(StopReason::Finished))
                 } else {

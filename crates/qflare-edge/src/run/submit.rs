@@ -74,7 +74,12 @@ impl<L: Link> Runner<'_, L> {
 
     /// Sends the trainer's evaluation of the round's model. Best effort: a
     /// refusal is logged, and the round's update stands either way.
-    async fn report_evaluation(&mut self, round_id: u64, model_version: u64, result: EvalResult) {
+    pub(super) async fn report_evaluation(
+        &mut self,
+        round_id: u64,
+        model_version: u64,
+        result: EvalResult,
+    ) {
         let report = EvaluationReport {
             round_id,
             model_version,

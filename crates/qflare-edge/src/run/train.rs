@@ -103,6 +103,7 @@ impl<L: Link> Runner<'_, L> {
             let global = self
                 .global_model(round_id, model_version, &architecture, &enclave)
                 .await?;
+            self.last_plan = Some(plan.clone());
             let seed = round_seed(self.identity, round_id, self.config.train_seed);
             self.pending = Some(
                 self.train(round_id, model_version, &architecture, global, plan, seed)
@@ -254,5 +255,73 @@ impl<L: Link> Runner<'_, L> {
             bytes,
             awaiting_reseal: false,
         })
+    }
+}
+
+impl<L: Link> Runner<'_, L> {
+    /// When training has finished, evaluates the final model — the one the
+    /// last round this device took part in produced — with the trainer's
+    /// `evaluate`, and reports it under that round. Best effort and once per
+    /// run: the model's certificate is checked against a fresh report as for
+    /// training, and any failure is logged, never fatal.
+    pub(super) async fn evaluate_final_model(
+        &mut self,
+        info: &RoundInfo,
+        nonce: &[u8; ATTESTATION_NONCE_LEN],
+    ) {
+        if std::mem::replace(&mut self.final_evaluated, true) {
+            return;
+        }
+        let Some(last) = self.summary.rounds.last() else {
+            return;
+        };
+        let (round_id, version) = (last.round_id, last.model_version + 1);
+        match self.final_evaluation(info, nonce, round_id, version).await {
+            Ok(Some(result)) => self.report_evaluation(round_id, version, result).await,
+            Ok(None) => {}
+            Err(err) => {
+                tracing::info!(round_id, version, %err, "the final model was not evaluated");
+            }
+        }
+    }
+
+    async fn final_evaluation(
+        &mut self,
+        info: &RoundInfo,
+        nonce: &[u8; ATTESTATION_NONCE_LEN],
+        round_id: u64,
+        version: u64,
+    ) -> Result<Option<crate::trainer::EvalResult>, EdgeError> {
+        let (Some(report), Some(architecture), Some(plan)) = (
+            &info.report,
+            info.architecture.clone(),
+            self.last_plan.clone(),
+        ) else {
+            return Ok(None);
+        };
+        let enclave = verify_round_report(report, &self.config.policy, nonce, unix_now())?;
+        // Only the model the device's last round produced: if later rounds
+        // ran without this device, the certificate's version differs and the
+        // download is refused here.
+        let global = self
+            .global_model(round_id, version, &architecture, &enclave)
+            .await?;
+        let trainer = self.config.trainer.clone();
+        let seed = round_seed(self.identity, round_id, self.config.train_seed);
+        let job = move || {
+            trainer.evaluate(&FitTask {
+                round_id,
+                model_version: version,
+                architecture: &architecture,
+                global: &global,
+                plan: &plan,
+                seed,
+            })
+        };
+        match tokio::task::spawn_blocking(job).await {
+            Ok(result) => Ok(result?),
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(err) => Err(TrainError::Failed(err.to_string()).into()),
+        }
     }
 }

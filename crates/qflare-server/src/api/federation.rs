@@ -262,11 +262,16 @@ async fn record_evaluation(
     if !selected {
         return Err(ApiError::new(ErrorCode::NotSelected));
     }
-    if report.model_version != round.base_model_version {
+    // The model the round started from, or (once it completed) the one it
+    // produced: the last model of a federation has no round of its own.
+    let produced = round.state == RoundState::Completed
+        && report.model_version == round.base_model_version + 1;
+    if report.model_version != round.base_model_version && !produced {
         return Err(ApiError::malformed(
-            "the evaluated model is not the round's base model",
+            "the evaluated model is neither the round's base model nor the one it produced",
         ));
     }
+    let report_version = report.model_version;
     state
         .store
         .record_evaluation(&EvaluationRecord {
@@ -279,7 +284,7 @@ async fn record_evaluation(
         })
         .await?;
     Ok(EvaluationReceipt {
-        model_version: round.base_model_version,
+        model_version: report_version,
     })
 }
 

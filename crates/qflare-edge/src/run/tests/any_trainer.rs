@@ -11,7 +11,7 @@ use super::super::train::round_seed;
 use super::super::*;
 use super::loop_behaviour::{config, identity};
 use super::scripted::{RoundReply, Script, ScriptedLink};
-use crate::trainer::{FitResult, FitTask, LOSS_METRIC, LocalTrainer, TrainError};
+use crate::trainer::{EvalResult, FitResult, FitTask, LOSS_METRIC, LocalTrainer, TrainError};
 
 /// What the trainer was asked.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +36,8 @@ enum Answer {
 struct FakeTrainer {
     answer: Answer,
     asked: Mutex<Vec<Asked>>,
+    /// (round, model version) of each evaluation asked for.
+    evaluated: Mutex<Vec<(u64, u64)>>,
 }
 
 impl LocalTrainer for FakeTrainer {
@@ -73,6 +75,17 @@ impl LocalTrainer for FakeTrainer {
             metrics: BTreeMap::from([(LOSS_METRIC.to_owned(), 1.5)]),
         })
     }
+
+    fn evaluate(&self, task: &FitTask<'_>) -> Result<Option<EvalResult>, TrainError> {
+        self.evaluated
+            .lock()
+            .unwrap()
+            .push((task.round_id, task.model_version));
+        Ok(Some(EvalResult {
+            examples: 3,
+            metrics: BTreeMap::from([("accuracy".to_owned(), task.model_version as f64)]),
+        }))
+    }
 }
 
 struct Outcome {
@@ -84,17 +97,27 @@ struct Outcome {
 }
 
 async fn run(rounds: &[RoundReply], answer: Answer, strict: bool) -> Outcome {
+    run_until(rounds, answer, strict, Some(2)).await
+}
+
+async fn run_until(
+    rounds: &[RoundReply],
+    answer: Answer,
+    strict: bool,
+    max_rounds: Option<u64>,
+) -> Outcome {
     let identity = identity();
     let script = Script::new(identity.keys.signing.verifying_key().clone(), rounds);
     let script = Arc::new(Mutex::new(script));
     let trainer = Arc::new(FakeTrainer {
         answer,
         asked: Mutex::new(Vec::new()),
+        evaluated: Mutex::new(Vec::new()),
     });
     let mut config = config();
     config.trainer = trainer.clone();
     config.train_seed = 42;
-    config.max_rounds = Some(2);
+    config.max_rounds = max_rounds;
     config.fail_on_refusal = strict;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
@@ -159,6 +182,47 @@ async fn the_loop_seals_what_any_trainer_returns_and_tells_it_the_round() {
         .filter(|e| matches!(e, DeviceEvent::Training { round_id: 1, .. }))
         .count();
     assert_eq!(progress, 2, "one event per percent reported");
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_model_is_evaluated_and_reported_the_final_one_when_training_ends() {
+    let rounds = [
+        train(1, 0),
+        train(2, 1),
+        RoundReply::FinishedAt { model_version: 2 },
+    ];
+    let run = run_until(&rounds, Answer::Fixed, false, None).await;
+    let summary = run.result.as_ref().unwrap();
+    assert_eq!(summary.stop, StopReason::Finished);
+    // Before each round's training, then the model round 2 produced.
+    assert_eq!(
+        *run.trainer.evaluated.lock().unwrap(),
+        [(1, 0), (2, 1), (2, 2)]
+    );
+    let script = run.script.lock().unwrap();
+    let reported: Vec<(u64, u64, u64, f64)> = script
+        .evaluations
+        .iter()
+        .map(|r| {
+            (
+                r.round_id,
+                r.model_version,
+                r.examples,
+                r.metrics["accuracy"],
+            )
+        })
+        .collect();
+    assert_eq!(reported, [(1, 0, 3, 0.0), (2, 1, 3, 1.0), (2, 2, 3, 2.0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_final_model_from_rounds_without_this_device_is_not_evaluated() {
+    // The device's last round (1) produced version 1; the server finished at 3.
+    let rounds = [train(1, 0), RoundReply::FinishedAt { model_version: 3 }];
+    let run = run_until(&rounds, Answer::Fixed, false, None).await;
+    assert_eq!(run.result.as_ref().unwrap().stop, StopReason::Finished);
+    assert_eq!(*run.trainer.evaluated.lock().unwrap(), [(1, 0)]);
+    assert_eq!(run.script.lock().unwrap().evaluations.len(), 1);
 }
 
 #[tokio::test(start_paused = true)]

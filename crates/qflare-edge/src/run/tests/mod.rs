@@ -34,7 +34,14 @@ mod scripted {
     #[derive(Clone, Copy, Debug)]
     pub enum RoundReply {
         Status(RoundStatus, Option<u64>),
-        Train { round_id: u64, model_version: u64 },
+        Train {
+            round_id: u64,
+            model_version: u64,
+        },
+        /// Training has finished; the latest model is `model_version`.
+        FinishedAt {
+            model_version: u64,
+        },
         Error(u16, &'static str),
     }
 
@@ -181,6 +188,11 @@ mod scripted {
                 RoundReply::Status(status, round_id) => {
                     info.status = status;
                     info.round_id = round_id;
+                }
+                RoundReply::FinishedAt { model_version } => {
+                    script.current_version = model_version;
+                    info.status = RoundStatus::Finished;
+                    info.architecture = Some("mnist-2nn".into());
                 }
                 RoundReply::Train {
                     round_id,
