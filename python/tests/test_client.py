@@ -79,3 +79,35 @@ def test_a_revoked_device_and_a_wrong_server_key_are_named(start_server, tmp_pat
         qflare.enroll(server.url, server.token(), wrong, str(tmp_path / "other"))
     with pytest.raises(qflare.EnrollmentRefused):
         qflare.enroll(server.url, "A" * 43, server.fingerprint, str(tmp_path / "third"))
+
+
+def test_ctrl_c_stops_a_waiting_device_cleanly(start_server, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # No model is registered, so the device waits for a round until interrupted.
+    server = start_server(architecture="custom", auto_start=True)
+    server.enroll(tmp_path / "d")
+    script = (
+        "import sys, qflare\n"
+        "try:\n"
+        "    qflare.run_device(lambda w, c: (w, 1, {}), identity_dir=sys.argv[1],\n"
+        "                      enclave_measurements=[sys.argv[2]], allow_software_attestation=True)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "    sys.exit(130)\n"
+    )
+    device = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "d"), server.measurement],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(3)  # the device is polling: a session is open, a poll is scheduled
+    assert device.poll() is None, device.communicate()
+    started = time.monotonic()
+    device.send_signal(signal.SIGINT)
+    out, err = device.communicate(timeout=30)
+    assert device.returncode == 130, (out, err)
+    assert "interrupted" in out
+    assert time.monotonic() - started < 5, "Ctrl-C is honoured within the 100 ms check, not at the next poll"
