@@ -46,6 +46,8 @@ impl From<FederationError> for ApiError {
                 ApiError::new(ErrorCode::InvalidModel).explain(why)
             }
             FederationError::ModelExists(why) => ApiError::new(ErrorCode::ModelExists).explain(why),
+            // Reachable from a device route: no detail for the client.
+            FederationError::NoModel => ApiError::not_found("no model is registered yet"),
             other => ApiError::internal(other),
         }
     }

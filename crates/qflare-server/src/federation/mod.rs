@@ -82,6 +82,9 @@ pub enum FederationError {
     /// Registration was asked of a federation that already has a model.
     #[error("{0}")]
     ModelExists(String),
+    /// A custom model's federation has no model until an admin registers one.
+    #[error("no model is registered yet: run `qflare model init --from FILE`")]
+    NoModel,
 }
 
 /// Everything the controller works with, and nothing of the HTTP layer.

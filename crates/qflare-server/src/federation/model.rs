@@ -70,11 +70,7 @@ impl Federation {
         };
         let (version, bytes, certificate) = match stored {
             None => {
-                let preset = self.preset.ok_or_else(|| {
-                    FederationError::ModelRefused(
-                        "no model is registered yet: run `qflare model init --from FILE`".into(),
-                    )
-                })?;
+                let preset = self.preset.ok_or(FederationError::NoModel)?;
                 let request = InitModelRequest {
                     architecture: preset.to_string(),
                     seed: self.ctx.config.federation.model_seed,
