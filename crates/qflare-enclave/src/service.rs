@@ -249,6 +249,17 @@ impl<B: EnclaveBackend> EnclaveService<B> {
 
     fn import_model(&mut self, request: &Frame) -> Result<Frame, ServiceError> {
         request.expect_blobs(1)?;
+        // A federation starts once: a host that could have a second
+        // "version 0" certified mid-federation could swap the model devices
+        // train on. (Across an enclave restart this boot cannot know; see
+        // docs/enclave.md §10.)
+        if !self.certified.is_empty() {
+            return Err(ServiceError::Refused(
+                "this enclave has certified a model already; an initial model is imported \
+                 once, before anything else"
+                    .into(),
+            ));
+        }
         let meta: ImportModelRequest = request.meta()?;
         let map = decode_model(&meta.name, &request.blobs[0])?;
         if let Some((name, _)) = map

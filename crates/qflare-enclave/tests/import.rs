@@ -171,4 +171,11 @@ fn models_that_cannot_be_federated_are_refused_by_name() {
         .kind,
         Kind::Model
     );
+    // Once a model is certified, no second initial model is.
+    let message = refusal(&import(
+        &mut service,
+        "two-floats",
+        file("fc.bias", "F32", &[2], &ok),
+    ));
+    assert!(message.contains("once"), "{message}");
 }
