@@ -16,6 +16,7 @@ use qflare_protocol::wire::limits;
 use crate::errors::{ShapeMismatch, to_py};
 use crate::policy;
 use crate::runtime::{block_on_interruptible, init_logging, runtime};
+use crate::trainer::round_config;
 
 /// A round that selected this device, with its verified global model.
 #[pyclass(name = "Round", module = "qflare", frozen)]
@@ -46,14 +47,15 @@ impl PyRound {
     /// The round's training settings, as `fit`'s `config` gets them.
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let config = PyDict::new(py);
-        config.set_item("round_id", self.round.round_id)?;
-        config.set_item("model_version", self.round.model_version)?;
-        config.set_item("model", &self.round.model)?;
-        config.set_item("learning_rate", self.round.plan.learning_rate)?;
-        config.set_item("batch_size", self.round.plan.batch_size)?;
-        config.set_item("epochs", self.round.plan.epochs)?;
-        config.set_item("deadline", self.round.deadline)?;
+        let round = &self.round;
+        let config = round_config(
+            py,
+            round.round_id,
+            round.model_version,
+            &round.model,
+            &round.plan,
+        )?;
+        config.set_item("deadline", round.deadline)?;
         Ok(config)
     }
 

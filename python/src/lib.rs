@@ -39,7 +39,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use qflare_edge::{DeviceConfig, EnrollOptions, Events, Identity, RunSummary};
-use qflare_protocol::attestation::{AttestationMode, AttestationPolicy, MEASUREMENT_LEN};
+use qflare_protocol::attestation::{AttestationMode, AttestationPolicy, parse_measurement};
 use qflare_protocol::identity::{EnrollmentToken, ServerFingerprint};
 use qflare_protocol::{KemSuite, SignatureSuite};
 
@@ -97,25 +97,6 @@ fn enroll(
     Ok(identity.device_id.to_string())
 }
 
-fn parse_measurement(text: &str) -> PyResult<[u8; MEASUREMENT_LEN]> {
-    let mut out = [0u8; MEASUREMENT_LEN];
-    let bytes = text.as_bytes();
-    if bytes.len() != 2 * MEASUREMENT_LEN {
-        return Err(PyValueError::new_err(format!(
-            "an enclave measurement is {} hex characters (SHA-384), got {}",
-            2 * MEASUREMENT_LEN,
-            bytes.len()
-        )));
-    }
-    for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        let hex = std::str::from_utf8(pair).ok();
-        out[i] = hex
-            .and_then(|h| u8::from_str_radix(h, 16).ok())
-            .ok_or_else(|| PyValueError::new_err("an enclave measurement is hex"))?;
-    }
-    Ok(out)
-}
-
 /// The enclaves a device trusts: these measurements, in software mode only
 /// when allowed, with reports at most `max_age_secs` old.
 pub(crate) fn policy(
@@ -125,7 +106,7 @@ pub(crate) fn policy(
 ) -> PyResult<AttestationPolicy> {
     let allowed_measurements = measurements
         .iter()
-        .map(|m| parse_measurement(m))
+        .map(|m| parse_measurement(m).map_err(|e| PyValueError::new_err(e.to_string())))
         .collect::<PyResult<Vec<_>>>()?;
     Ok(AttestationPolicy {
         allowed_measurements,

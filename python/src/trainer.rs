@@ -9,6 +9,7 @@ use pyo3::types::{PyBytes, PyDict};
 use qflare_edge::{
     EvalResult, FitResult, FitTask, LOSS_METRIC, LocalTrainer, TrainError, checked_delta,
 };
+use qflare_protocol::federation::TrainingPlan;
 use qflare_protocol::tensor::TensorMap;
 use qflare_protocol::wire::limits;
 
@@ -38,16 +39,35 @@ impl PythonTrainer {
         task: &FitTask<'_>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyDict>)> {
         let model = PyBytes::new(py, &task.global.to_safetensors());
-        let config = PyDict::new(py);
-        config.set_item("round_id", task.round_id)?;
-        config.set_item("model_version", task.model_version)?;
-        config.set_item("model", task.architecture)?;
-        config.set_item("learning_rate", task.plan.learning_rate)?;
-        config.set_item("batch_size", task.plan.batch_size)?;
-        config.set_item("epochs", task.plan.epochs)?;
+        let config = round_config(
+            py,
+            task.round_id,
+            task.model_version,
+            task.architecture,
+            task.plan,
+        )?;
         config.set_item("seed", task.seed)?;
         Ok((model, config))
     }
+}
+
+/// A round's `config` dict as Python code sees it, in `fit` and on
+/// `qflare.Round`: the round, the model and the training plan.
+pub(crate) fn round_config<'py>(
+    py: Python<'py>,
+    round_id: u64,
+    model_version: u64,
+    model: &str,
+    plan: &TrainingPlan,
+) -> PyResult<Bound<'py, PyDict>> {
+    let config = PyDict::new(py);
+    config.set_item("round_id", round_id)?;
+    config.set_item("model_version", model_version)?;
+    config.set_item("model", model)?;
+    config.set_item("learning_rate", plan.learning_rate)?;
+    config.set_item("batch_size", plan.batch_size)?;
+    config.set_item("epochs", plan.epochs)?;
+    Ok(config)
 }
 
 /// Trained weights minus the global model, after the edge library's checks

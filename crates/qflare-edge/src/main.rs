@@ -122,15 +122,7 @@ struct RunArgs {
 }
 
 fn parse_measurement(text: &str) -> anyhow::Result<[u8; MEASUREMENT_LEN]> {
-    let bytes = hex::decode(text.trim())
-        .with_context(|| format!("--enclave-measurement {text:?} is not hex"))?;
-    <[u8; MEASUREMENT_LEN]>::try_from(bytes.as_slice()).map_err(|_| {
-        anyhow::anyhow!(
-            "--enclave-measurement must be {} hex characters (SHA-384), got {}",
-            MEASUREMENT_LEN * 2,
-            text.trim().len()
-        )
-    })
+    qflare_protocol::attestation::parse_measurement(text).context("--enclave-measurement")
 }
 
 #[tokio::main]

@@ -277,13 +277,13 @@ pub fn checked_delta(trained: &TensorMap, global: &TensorMap) -> Result<TensorMa
             mismatch,
         )));
     }
+    if let Some(name) = trained.first_non_finite() {
+        return Err(EdgeError::UpdateRefused(UpdateRefusal::NonFinite(
+            name.to_owned(),
+        )));
+    }
     let mut delta = TensorMap::new();
     for ((name, new), (_, old)) in trained.iter().zip(global.iter()) {
-        if new.data().iter().any(|v| !v.is_finite()) {
-            return Err(EdgeError::UpdateRefused(UpdateRefusal::NonFinite(
-                name.to_owned(),
-            )));
-        }
         let values = new
             .data()
             .iter()

@@ -262,10 +262,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
         }
         let meta: ImportModelRequest = request.meta()?;
         let map = decode_model(&meta.name, &request.blobs[0])?;
-        if let Some((name, _)) = map
-            .iter()
-            .find(|(_, tensor)| tensor.data().iter().any(|v| !v.is_finite()))
-        {
+        if let Some(name) = map.first_non_finite() {
             return Err(ServiceError::Refused(format!(
                 "tensor {name} of the initial model holds a NaN or an infinity"
             )));

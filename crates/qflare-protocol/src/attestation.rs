@@ -22,6 +22,24 @@ use crate::wire::{b64, b64_array, hex_array};
 
 /// Length of a measurement (SHA-384).
 pub const MEASUREMENT_LEN: usize = 48;
+
+/// Parses a measurement as operators write it: 96 hex characters (either
+/// case, surrounding whitespace ignored).
+pub fn parse_measurement(text: &str) -> Result<[u8; MEASUREMENT_LEN]> {
+    let text = text.trim();
+    let mut out = [0u8; MEASUREMENT_LEN];
+    hex::decode_to_slice(text, &mut out).map_err(|_| {
+        ProtocolError::malformed(
+            "enclave measurement",
+            format!(
+                "expected {} hex characters (SHA-384), got {:?}",
+                2 * MEASUREMENT_LEN,
+                text
+            ),
+        )
+    })?;
+    Ok(out)
+}
 /// Length of an attestation nonce.
 pub const ATTESTATION_NONCE_LEN: usize = 32;
 
@@ -250,6 +268,14 @@ mod tests {
     use super::*;
     use crate::kem::KemKeyPair;
     use rand::SeedableRng;
+
+    #[test]
+    fn measurements_parse_from_hex() {
+        let hex = "Ab".repeat(MEASUREMENT_LEN);
+        assert_eq!(parse_measurement(&format!(" {hex}\n")).unwrap(), [0xab; 48]);
+        assert!(parse_measurement(&hex[2..]).is_err());
+        assert!(parse_measurement(&"zz".repeat(MEASUREMENT_LEN)).is_err());
+    }
 
     fn report(nonce: [u8; 32], issued_at: u64) -> (AttestationReport, AttestationPolicy) {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(31);

@@ -241,6 +241,15 @@ impl TensorMap {
         self.tensors.is_empty()
     }
 
+    /// The name of the first tensor (in name order) holding a NaN or an
+    /// infinity, if any: what every check of a model or update names.
+    pub fn first_non_finite(&self) -> Option<&str> {
+        self.tensors
+            .iter()
+            .find(|(_, t)| t.data.iter().any(|v| !v.is_finite()))
+            .map(|(name, _)| name.as_str())
+    }
+
     /// Total number of scalar parameters.
     pub fn num_parameters(&self) -> usize {
         self.tensors.values().map(|t| t.data.len()).sum()
@@ -442,6 +451,10 @@ mod tests {
         assert_eq!(back, map);
         assert_eq!(back.to_safetensors(), bytes, "encoding is canonical");
         assert_eq!(map.num_parameters(), 9);
+        assert_eq!(map.first_non_finite(), None);
+        let mut poisoned = map.clone();
+        poisoned.get_mut("scalar").unwrap().data_mut()[0] = f32::INFINITY;
+        assert_eq!(poisoned.first_non_finite(), Some("scalar"));
         assert_eq!(map.with_flat(&map.to_flat()).unwrap(), map);
         assert!(map.same_layout(&back));
     }

@@ -190,14 +190,10 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let allowed_measurements = if args.measurements.is_empty() {
         vec![report.measurement]
     } else {
-        let mut pinned = Vec::with_capacity(args.measurements.len());
-        for text in &args.measurements {
-            let mut measurement = [0u8; 48];
-            hex::decode_to_slice(text, &mut measurement)
-                .with_context(|| format!("--measurement {text}: 96 hex characters"))?;
-            pinned.push(measurement);
-        }
-        pinned
+        args.measurements
+            .iter()
+            .map(|text| attestation::parse_measurement(text).context("--measurement"))
+            .collect::<anyhow::Result<Vec<_>>>()?
     };
     let mode = report.mode;
     if args.require_hardware && mode == attestation::AttestationMode::Software {

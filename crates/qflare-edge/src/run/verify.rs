@@ -65,10 +65,7 @@ pub fn decode_model(model: &[u8]) -> Result<TensorMap, EdgeError> {
     let refuse = |reason: String| EdgeError::ModelRefused(ModelRefusal::Layout(reason));
     let weights =
         TensorMap::from_safetensors(model, limits::TENSORS).map_err(|e| refuse(e.to_string()))?;
-    if let Some((name, _)) = weights
-        .iter()
-        .find(|(_, t)| t.data().iter().any(|v| !v.is_finite()))
-    {
+    if let Some(name) = weights.first_non_finite() {
         return Err(refuse(format!("tensor {name} holds a NaN or an infinity")));
     }
     Ok(weights)
