@@ -129,11 +129,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
     /// Revokes a device and closes all its sessions. `false` if unknown or already revoked.
     async fn revoke_device(&self, id: &str, now: i64) -> Result<bool, StoreError>;
-    /// Replaces a device's public keys and increments its key version; the rotation counts as the
-    /// device being seen at `now`. `false` if the device is unknown or revoked.
+    /// Replaces a device's public keys and increments its key version, and closes every session
+    /// of the device, in one transaction; the rotation counts as the device being seen at `now`.
+    /// Compare-and-set on the key version: of two rotations authorised by the same old key
+    /// (`expected_key_version`), at most one succeeds, also at two replicas. `false` if the device
+    /// is unknown, revoked, or no longer at `expected_key_version`.
     async fn rotate_device_keys(
         &self,
         id: &str,
+        expected_key_version: u32,
         keys: &DeviceKeys,
         now: i64,
     ) -> Result<bool, StoreError>;
@@ -211,6 +215,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// update (each as large as the model) per request.
     async fn participant_states(&self, round_id: u64)
     -> Result<Vec<ParticipantRecord>, StoreError>;
+    /// One participant of the round without its envelope, if the device was selected: one
+    /// indexed row, so a device's poll and the check before an upload cost the same whatever
+    /// the round's size.
+    async fn participant_state(
+        &self,
+        round_id: u64,
+        device_id: &str,
+    ) -> Result<Option<ParticipantRecord>, StoreError>;
     /// Stores a sealed update envelope, atomically with respect to round transitions: only if the
     /// round is `Open`, `now < deadline`, the device is a selected participant and has not submitted
     /// yet. The outcome says which condition failed first, in that order.
@@ -239,6 +251,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn get_model(&self, version: u64) -> Result<Option<ModelRecord>, StoreError>;
     /// The model with the highest version.
     async fn latest_model(&self) -> Result<Option<ModelRecord>, StoreError>;
+    /// The model with the highest version, without its bytes and certificate: what a device's
+    /// poll needs to know, without reading the model.
+    async fn latest_model_summary(&self) -> Result<Option<ModelSummary>, StoreError>;
     /// Every model without its bytes and certificate, ascending by version.
     async fn model_history(&self) -> Result<Vec<ModelSummary>, StoreError>;
     /// Records a model's evaluation. `false` if the version is unknown.

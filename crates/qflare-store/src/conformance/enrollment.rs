@@ -206,14 +206,29 @@ pub async fn devices(store: Arc<dyn Store>) -> Result<(), StoreError> {
         Err(StoreError::NotFound(_))
     ));
 
-    assert!(store.rotate_device_keys("dev-a", &keys(9), 300).await?);
+    store
+        .insert_pending_session(&session("a-0", "dev-a", 9, 250))
+        .await?;
+    assert!(store.establish_session("a-0", b"sealed", 251).await?);
+    assert!(store.rotate_device_keys("dev-a", 1, &keys(9), 300).await?);
     let rotated = store.get_device("dev-a").await?.expect("dev-a exists");
     assert_eq!((rotated.key_version, rotated.keys), (2, keys(9)));
     assert_eq!(rotated.last_seen_at, Some(300));
-    assert!(store.rotate_device_keys("dev-a", &keys(10), 301).await?);
+    assert_eq!(
+        store.get_session("a-0").await?.map(|s| s.state),
+        Some(SessionState::Closed),
+        "the rotation closed the sessions of the old keys"
+    );
+    // A second rotation authorised by the same old key (version 1) loses.
+    assert!(!store.rotate_device_keys("dev-a", 1, &keys(12), 301).await?);
+    assert_eq!(
+        store.get_device("dev-a").await?.map(|d| d.keys),
+        Some(keys(9))
+    );
+    assert!(store.rotate_device_keys("dev-a", 2, &keys(10), 301).await?);
     let rotated = store.get_device("dev-a").await?.expect("dev-a exists");
     assert_eq!(rotated.key_version, 3);
-    assert!(!store.rotate_device_keys("nobody", &keys(9), 300).await?);
+    assert!(!store.rotate_device_keys("nobody", 1, &keys(9), 300).await?);
 
     store
         .insert_pending_session(&session("a-1", "dev-a", 1, 350))
@@ -246,7 +261,7 @@ pub async fn devices(store: Arc<dyn Store>) -> Result<(), StoreError> {
         "other devices' sessions untouched"
     );
     assert!(
-        !store.rotate_device_keys("dev-a", &keys(11), 500).await?,
+        !store.rotate_device_keys("dev-a", 3, &keys(11), 500).await?,
         "revoked"
     );
     assert_eq!(

@@ -9,6 +9,7 @@ use crate::{EvaluationRecord, EvaluationSummary, ModelSummary, Store, StoreError
 /// Model insertion, lookup, history order and metrics.
 pub async fn models(store: Arc<dyn Store>) -> Result<(), StoreError> {
     assert_eq!(store.latest_model().await?, None);
+    assert_eq!(store.latest_model_summary().await?, None);
     assert!(store.model_history().await?.is_empty());
     let mut second = model(2, 200);
     second.accuracy = Some(0.91);
@@ -27,6 +28,7 @@ pub async fn models(store: Arc<dyn Store>) -> Result<(), StoreError> {
     let history = store.model_history().await?;
     let versions: Vec<u64> = history.iter().map(|m| m.version).collect();
     assert_eq!(versions, [1, 2, 3, 5]);
+    assert_eq!(store.latest_model_summary().await?.as_ref(), history.last());
     assert_eq!(
         history[1],
         ModelSummary {

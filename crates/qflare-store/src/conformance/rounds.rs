@@ -142,6 +142,20 @@ pub async fn rounds(store: Arc<dyn Store>) -> Result<(), StoreError> {
         .collect();
     assert_eq!(states, expected);
     assert!(participants.iter().any(|p| p.envelope.is_some()));
+    for participant in &expected {
+        assert_eq!(
+            store
+                .participant_state(1, &participant.device_id)
+                .await?
+                .as_ref(),
+            Some(participant)
+        );
+    }
+    assert_eq!(store.participant_state(1, "not-selected").await?, None);
+    assert_eq!(
+        store.participant_state(99, &expected[0].device_id).await?,
+        None
+    );
 
     let outcome = r#"{"error":"enclave died"}"#;
     assert!(

@@ -159,14 +159,16 @@ pub(super) async fn revoke_device(
 pub(super) async fn rotate_device_keys(
     store: &SqliteStore,
     id: &str,
+    expected_key_version: u32,
     keys: &DeviceKeys,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let done = sqlx::query(
+    let mut tx = store.write_tx().await?;
+    let rotated = sqlx::query(
         "UPDATE devices
          SET kem_suite = $1, kem_public_key = $2, signature_suite = $3, verifying_key = $4,
              key_version = key_version + 1, last_seen_at = MAX(COALESCE(last_seen_at, $5), $5)
-         WHERE id = $6 AND revoked_at IS NULL",
+         WHERE id = $6 AND revoked_at IS NULL AND key_version = $7",
     )
     .bind(&keys.kem_suite)
     .bind(&keys.kem_public_key)
@@ -174,10 +176,24 @@ pub(super) async fn rotate_device_keys(
     .bind(&keys.verifying_key)
     .bind(now)
     .bind(id)
-    .execute(&store.pool)
+    .bind(i64::from(expected_key_version))
+    .execute(&mut *tx)
     .await
-    .map_err(backend)?;
-    Ok(done.rows_affected() == 1)
+    .map_err(backend)?
+    .rows_affected();
+    if rotated == 0 {
+        return Ok(false);
+    }
+    // Sessions established under the old keys end with them, in the same
+    // transaction: no request can be admitted under a session the rotation
+    // was meant to end.
+    sqlx::query("UPDATE sessions SET state = 'closed' WHERE device_id = $1 AND state <> 'closed'")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+    tx.commit().await.map_err(backend)?;
+    Ok(true)
 }
 
 pub(super) async fn touch_device(

@@ -209,10 +209,11 @@ impl Store for SqliteStore {
     async fn rotate_device_keys(
         &self,
         id: &str,
+        expected_key_version: u32,
         keys: &DeviceKeys,
         now: i64,
     ) -> Result<bool, StoreError> {
-        devices::rotate_device_keys(self, id, keys, now).await
+        devices::rotate_device_keys(self, id, expected_key_version, keys, now).await
     }
 
     async fn touch_device(&self, id: &str, now: i64) -> Result<(), StoreError> {
@@ -299,6 +300,14 @@ impl Store for SqliteStore {
         rounds::participant_states(self, round_id).await
     }
 
+    async fn participant_state(
+        &self,
+        round_id: u64,
+        device_id: &str,
+    ) -> Result<Option<ParticipantRecord>, StoreError> {
+        rounds::participant_state(self, round_id, device_id).await
+    }
+
     async fn record_submission(
         &self,
         round_id: u64,
@@ -331,6 +340,10 @@ impl Store for SqliteStore {
 
     async fn latest_model(&self) -> Result<Option<ModelRecord>, StoreError> {
         models::latest_model(self).await
+    }
+
+    async fn latest_model_summary(&self) -> Result<Option<ModelSummary>, StoreError> {
+        models::latest_model_summary(self).await
     }
 
     async fn model_history(&self) -> Result<Vec<ModelSummary>, StoreError> {

@@ -49,6 +49,19 @@ pub(super) async fn latest_model(store: &SqliteStore) -> Result<Option<ModelReco
     found.as_ref().map(row::model).transpose()
 }
 
+pub(super) async fn latest_model_summary(
+    store: &SqliteStore,
+) -> Result<Option<ModelSummary>, StoreError> {
+    let row = sqlx::query(
+        "SELECT version, round_id, architecture, created_at, accuracy, loss
+         FROM models ORDER BY version DESC LIMIT 1",
+    )
+    .fetch_optional(&store.pool)
+    .await
+    .map_err(backend)?;
+    row.as_ref().map(row::model_summary).transpose()
+}
+
 pub(super) async fn model_history(store: &SqliteStore) -> Result<Vec<ModelSummary>, StoreError> {
     let rows = sqlx::query(
         "SELECT version, round_id, architecture, created_at, accuracy, loss

@@ -160,6 +160,23 @@ pub(super) async fn participant_states(
     row::all(&rows, row::participant)
 }
 
+pub(super) async fn participant_state(
+    store: &SqliteStore,
+    round_id: u64,
+    device_id: &str,
+) -> Result<Option<ParticipantRecord>, StoreError> {
+    let row = sqlx::query(
+        "SELECT round_id, device_id, submitted_at, NULL AS envelope, verdict, reason
+         FROM participants WHERE round_id = $1 AND device_id = $2",
+    )
+    .bind(db_int(round_id, "round id")?)
+    .bind(device_id)
+    .fetch_optional(&store.pool)
+    .await
+    .map_err(backend)?;
+    row.as_ref().map(row::participant).transpose()
+}
+
 pub(super) async fn record_submission(
     store: &SqliteStore,
     round_id: u64,
