@@ -226,6 +226,8 @@ error_codes! {
     Timeout = ("timeout", 503, "the request took too long"),
     /// A backing service (database, Redis) is unavailable.
     Unavailable = ("unavailable", 503, "a backing service is unavailable; retry later"),
+    /// The server is at a capacity limit (memory for uploads); `Retry-After` says when to come back.
+    Busy = ("busy", 503, "the server is at capacity; retry later"),
     /// A server fault; the detail is in the server's log.
     InternalError = ("internal_error", 500, "internal error"),
     // Federation.

@@ -244,12 +244,27 @@ impl ClientChannel {
 
     /// Rebuilds the device's end from exported secrets (for example in a test
     /// harness, or a device that persists its session across a restart).
+    ///
+    /// `last_sent` is the highest sequence number this end already sealed
+    /// under these keys (0 for a session never used). It is required, not
+    /// defaulted: the sequence number is the AEAD nonce, and a restored
+    /// channel that started again from 0 would seal two different requests
+    /// under one nonce.
     pub fn from_secrets(
         session_id: SessionId,
         expires_at: u64,
         secrets: &SessionSecrets,
+        last_sent: u64,
     ) -> Result<Self> {
-        Self::new(session_id, expires_at, secrets)
+        let mut channel = Self::new(session_id, expires_at, secrets)?;
+        channel.last_sent = last_sent;
+        Ok(channel)
+    }
+
+    /// The highest sequence number sealed so far: what to persist with the
+    /// secrets, and to pass back to [`Self::from_secrets`].
+    pub fn last_sent(&self) -> u64 {
+        self.last_sent
     }
 
     /// The session's id (sent in the clear so the server can find its keys).

@@ -110,7 +110,8 @@ pub struct RoundInfo {
     pub training: Option<TrainingPlan>,
     /// Unix seconds after which submissions are refused.
     pub deadline: Option<u64>,
-    /// The enclave's report for the device's nonce (or the latest one).
+    /// The enclave's report for the device's nonce when the answer needs one (`train`,
+    /// `finished`); none otherwise; the boot's report when the query carries no nonce.
     pub report: Option<AttestationReport>,
     /// Seconds the device should wait before asking again.
     pub poll_after_secs: u64,

@@ -64,6 +64,7 @@ fn channels(index: usize) -> (ClientChannel, ServerChannel) {
         id(client_blob),
         NOW + 3600,
         &SessionSecrets::import(&client_blob[16..]).unwrap(),
+        0,
     )
     .unwrap();
     let server = ServerChannel::from_secrets(
@@ -73,6 +74,34 @@ fn channels(index: usize) -> (ClientChannel, ServerChannel) {
     )
     .unwrap();
     (client, server)
+}
+
+/// A restored channel continues the sequence instead of reusing nonces.
+#[test]
+fn a_restored_client_channel_continues_its_sequence() {
+    use qflare_protocol::channel::SessionSecrets;
+    use qflare_protocol::identity::SessionId;
+    let (mut client, server) = channels(1);
+    let (first, _) = seal(&mut client, "/v1/session/ping", b"{}");
+    let (second, _) = seal(&mut client, "/v1/session/ping", b"{}");
+    assert_eq!((first, second), (1, 2));
+    assert_eq!(client.last_sent(), 2);
+    let (client_blob, _) = &sessions()[1];
+    let mut restored = ClientChannel::from_secrets(
+        SessionId::from_bytes(client_blob[..16].try_into().unwrap()),
+        NOW + 3600,
+        &SessionSecrets::import(&client_blob[16..]).unwrap(),
+        client.last_sent(),
+    )
+    .unwrap();
+    let (third, mut record) = seal(&mut restored, "/v1/session/ping", b"{}");
+    assert_eq!(third, 3);
+    assert_eq!(
+        server
+            .open_request("POST", "/v1/session/ping", &mut record, 2, NOW)
+            .unwrap(),
+        3
+    );
 }
 
 fn seal(client: &mut ClientChannel, path: &str, body: &[u8]) -> (u64, Vec<u8>) {
