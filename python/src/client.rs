@@ -9,7 +9,7 @@ use std::time::Duration;
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
-use qflare_edge::{Identity, NoRound, RoundClient, TrainingRound};
+use qflare_edge::{NoRound, RoundClient, TrainingRound};
 use qflare_protocol::tensor::TensorMap;
 use qflare_protocol::wire::limits;
 
@@ -84,13 +84,18 @@ impl PyClient {
     #[new]
     #[pyo3(signature = (identity_dir, *, enclave_measurements, allow_software_attestation = false, max_report_age_secs = 300))]
     fn new(
+        py: Python<'_>,
         identity_dir: PathBuf,
         enclave_measurements: Vec<String>,
         allow_software_attestation: bool,
         max_report_age_secs: u64,
     ) -> PyResult<Self> {
         init_logging();
-        let identity = Identity::load(&identity_dir).map_err(to_py)?;
+        // Settles a key rotation whose answer was lost (see load_identity).
+        let identity = block_on_interruptible(py, async move {
+            qflare_edge::load_identity(&identity_dir).await
+        })?
+        .map_err(to_py)?;
         let policy = policy(
             &enclave_measurements,
             allow_software_attestation,

@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use qflare_edge::{DeviceConfig, EnrollOptions, Events, Identity, RunSummary};
+use qflare_edge::{DeviceConfig, EnrollOptions, Events, RunSummary};
 use qflare_protocol::attestation::{AttestationMode, AttestationPolicy, parse_measurement};
 use qflare_protocol::identity::{EnrollmentToken, ServerFingerprint};
 use qflare_protocol::{KemSuite, SignatureSuite};
@@ -166,7 +166,11 @@ fn run_device<'py>(
     stop_when_finished: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     init_logging();
-    let identity = Identity::load(&identity_dir).map_err(to_py)?;
+    // Settles a key rotation whose answer was lost (see load_identity).
+    let dir = identity_dir.clone();
+    let identity =
+        block_on_interruptible(py, async move { qflare_edge::load_identity(&dir).await })?
+            .map_err(to_py)?;
     let policy = policy(
         &enclave_measurements,
         allow_software_attestation,

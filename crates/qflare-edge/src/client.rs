@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use qflare_protocol::api::{SEALED_CONTENT_TYPE, SESSION_HEADER, routes};
+use qflare_protocol::api::{ErrorCode, SEALED_CONTENT_TYPE, SESSION_HEADER, routes};
 use qflare_protocol::channel::ClientChannel;
 use qflare_protocol::enrollment::{self, EnrollResponse};
 use qflare_protocol::handshake::{ClientHello, ClientIdentity, ClientStart, ServerHello};
@@ -122,6 +122,7 @@ pub async fn enroll(options: EnrollOptions, dir: &Path) -> Result<Identity, Edge
         server_key: server.verifying_key,
         keys,
         key_version: 1,
+        pending_keys: None,
     };
     identity.create(dir)?;
     tracing::info!(device_id = %device_id, kem = %kem_suite, signature = %signature_suite, "enrolled");
@@ -262,7 +263,12 @@ impl Session {
 }
 
 /// Replaces the device's keys through `session`, then rewrites the identity
-/// file in `dir`. The server ends the device's sessions afterwards.
+/// file in `dir`. The server ends the device's sessions in the same step.
+///
+/// The new keys are written to the file (as pending) before the request
+/// leaves: if the answer is lost, the device holds both sets and
+/// [`load_identity`] finds out at the next start which one the server has.
+/// An answer refusing the rotation (4xx) drops the pending keys.
 pub async fn rotate_keys(
     identity: &mut Identity,
     session: &mut Session,
@@ -279,7 +285,25 @@ pub async fn rotate_keys(
         &new_keys,
         unix_now(),
     )?;
-    let answer: serde_json::Value = session.call(routes::ROTATE_KEYS, &request, 4096).await?;
+    identity.pending_keys = Some(new_keys);
+    identity.replace(dir)?;
+    let answer: Result<serde_json::Value, EdgeError> =
+        session.call(routes::ROTATE_KEYS, &request, 4096).await;
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(err @ EdgeError::Server { status, .. }) if status < 500 => {
+            identity.pending_keys = None;
+            identity.replace(dir)?;
+            return Err(err);
+        }
+        Err(err) => {
+            tracing::warn!(
+                %err,
+                "the rotation's answer did not arrive; both key sets are kept and the next start settles which one the server holds"
+            );
+            return Err(err);
+        }
+    };
     let key_version = answer
         .get("key_version")
         .and_then(serde_json::Value::as_u64)
@@ -290,9 +314,74 @@ pub async fn rotate_keys(
                 "no key_version",
             ))
         })?;
-    identity.keys = new_keys;
+    if let Some(keys) = identity.pending_keys.take() {
+        identity.keys = keys;
+    }
     identity.key_version = key_version;
     identity.replace(dir)?;
     tracing::info!(key_version, "rotated keys");
     Ok(key_version)
+}
+
+/// Whether a failed handshake says the server holds other keys for this
+/// device: the server's signed hello binds the keys it has registered, so
+/// with other keys its signature does not verify here; or the server refuses
+/// the confirmation (`authentication_failed`).
+fn holds_other_keys(err: &EdgeError) -> bool {
+    matches!(
+        err,
+        EdgeError::Protocol(qflare_protocol::ProtocolError::BadSignature(_))
+    ) || err.error_code() == Some(ErrorCode::AuthenticationFailed)
+}
+
+/// Loads the identity in `dir`, settling a rotation whose answer was lost:
+/// a handshake with the current keys tells whether the server still holds
+/// them (the rotation never took effect) or holds others (its signed hello
+/// does not verify, or it refuses the confirmation), and then one with the
+/// pending keys confirms they are the server's now. The file is
+/// rewritten with the winning keys. Without a pending rotation this is
+/// [`Identity::load`]; when the server cannot be reached the identity is
+/// returned as it is, pending keys kept, for the next start to settle.
+pub async fn load_identity(dir: &Path) -> Result<Identity, EdgeError> {
+    let mut identity = Identity::load(dir)?;
+    let Some(pending) = identity.pending_keys.take() else {
+        return Ok(identity);
+    };
+    let transport = transport_for(&identity)?;
+    match open_session(&identity, &transport).await {
+        Ok(_) => {
+            tracing::info!(
+                "the unanswered key rotation did not take effect; keeping the current keys"
+            );
+            identity.replace(dir)?;
+            Ok(identity)
+        }
+        Err(err) if holds_other_keys(&err) => {
+            let previous = std::mem::replace(&mut identity.keys, pending);
+            // The store's compare-and-set moves the version by exactly one.
+            identity.key_version += 1;
+            match open_session(&identity, &transport).await {
+                Ok(_) => {
+                    tracing::info!(
+                        key_version = identity.key_version,
+                        "the unanswered key rotation took effect; now using the new keys"
+                    );
+                    identity.replace(dir)?;
+                    Ok(identity)
+                }
+                Err(second) => {
+                    identity.pending_keys = Some(std::mem::replace(&mut identity.keys, previous));
+                    identity.key_version -= 1;
+                    Err(EdgeError::Identity(format!(
+                        "the server accepts neither the current keys ({err}) nor those of the unanswered rotation ({second})"
+                    )))
+                }
+            }
+        }
+        Err(err) => {
+            tracing::warn!(%err, "cannot settle the unanswered key rotation now; trying again at the next start");
+            identity.pending_keys = Some(pending);
+            Ok(identity)
+        }
+    }
 }

@@ -1,7 +1,11 @@
 //! The device's identity file: who it is, which server it trusts, and its
 //! private keys. Written at enrollment into a 0700 directory as a 0600 file
 //! that enrollment never overwrites (key rotation replaces it atomically);
-//! refused at load if others can read it.
+//! always written whole (temporary file, sync, link or rename), so a crash
+//! never leaves a torn key file; refused at load if others can read it. A
+//! rotation's new keys are in the file before the request leaves the device
+//! (`pending_keys`), so a lost answer cannot strand the device with keys
+//! only the server knows.
 
 use std::fs;
 use std::io::Write;
@@ -18,6 +22,15 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::error::EdgeError;
+
+/// How a write puts the identity file in place.
+#[derive(Clone, Copy)]
+enum Placement {
+    /// Only where there is none yet.
+    New,
+    /// Over the existing one, atomically.
+    Replace,
+}
 
 /// The file name inside the identity directory.
 pub const IDENTITY_FILE: &str = "identity.json";
@@ -46,6 +59,9 @@ struct IdentityFile {
     #[serde(with = "b64")]
     signing_seed: Vec<u8>,
     key_version: u32,
+    /// Keys of a rotation sent but not (yet) known to have taken effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_keys: Option<KeysFile>,
 }
 
 impl Drop for IdentityFile {
@@ -53,6 +69,54 @@ impl Drop for IdentityFile {
         use zeroize::Zeroize;
         self.kem_secret_key.zeroize();
         self.signing_seed.zeroize();
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    kem_suite: KemSuite,
+    #[serde(with = "b64")]
+    kem_public_key: Vec<u8>,
+    #[serde(with = "b64")]
+    kem_secret_key: Vec<u8>,
+    signature_suite: SignatureSuite,
+    #[serde(with = "b64")]
+    signing_seed: Vec<u8>,
+}
+
+impl Drop for KeysFile {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.kem_secret_key.zeroize();
+        self.signing_seed.zeroize();
+    }
+}
+
+impl KeysFile {
+    fn from_keys(keys: &DeviceKeys) -> Self {
+        Self {
+            kem_suite: keys.kem.public.suite(),
+            kem_public_key: keys.kem.public.as_bytes().to_vec(),
+            kem_secret_key: keys.kem.secret.to_secret_bytes().expose().to_vec(),
+            signature_suite: keys.signing.suite(),
+            signing_seed: keys.signing.seed().expose().to_vec(),
+        }
+    }
+
+    fn to_keys(&self) -> Result<DeviceKeys, EdgeError> {
+        let kem = KemKeyPair {
+            secret: KemSecretKey::from_bytes(
+                self.kem_suite,
+                SecretBytes::from_slice(&self.kem_secret_key),
+            )?,
+            public: KemPublicKey::from_bytes(self.kem_suite, self.kem_public_key.clone())?,
+        };
+        let signing = SigningKey::from_seed(
+            self.signature_suite,
+            SecretBytes::from_slice(&self.signing_seed),
+        )?;
+        Ok(DeviceKeys { kem, signing })
     }
 }
 
@@ -75,10 +139,16 @@ pub struct Identity {
     pub keys: DeviceKeys,
     /// 1 at enrollment, +1 per rotation.
     pub key_version: u32,
+    /// New keys of a rotation that was sent but whose answer never came:
+    /// written to the file before the request goes out, so that whichever
+    /// keys the server ended up with, the device still holds them
+    /// (`client::load_identity` finds out which at the next start).
+    pub pending_keys: Option<DeviceKeys>,
 }
 
 impl Identity {
     fn to_file(&self) -> IdentityFile {
+        let keys = KeysFile::from_keys(&self.keys);
         IdentityFile {
             format: 1,
             device_id: self.device_id,
@@ -88,12 +158,13 @@ impl Identity {
             server_certificate_sha256: self.server_certificate_sha256,
             server_signature_suite: self.server_key.suite(),
             server_verifying_key: self.server_key.as_bytes().to_vec(),
-            kem_suite: self.keys.kem.public.suite(),
-            kem_public_key: self.keys.kem.public.as_bytes().to_vec(),
-            kem_secret_key: self.keys.kem.secret.to_secret_bytes().expose().to_vec(),
-            signature_suite: self.keys.signing.suite(),
-            signing_seed: self.keys.signing.seed().expose().to_vec(),
+            kem_suite: keys.kem_suite,
+            kem_public_key: keys.kem_public_key.clone(),
+            kem_secret_key: keys.kem_secret_key.clone(),
+            signature_suite: keys.signature_suite,
+            signing_seed: keys.signing_seed.clone(),
             key_version: self.key_version,
+            pending_keys: self.pending_keys.as_ref().map(KeysFile::from_keys),
         }
     }
 
@@ -104,17 +175,19 @@ impl Identity {
                 file.format
             )));
         }
-        let kem = KemKeyPair {
-            secret: KemSecretKey::from_bytes(
-                file.kem_suite,
-                SecretBytes::from_slice(&file.kem_secret_key),
-            )?,
-            public: KemPublicKey::from_bytes(file.kem_suite, file.kem_public_key.clone())?,
-        };
-        let signing = SigningKey::from_seed(
-            file.signature_suite,
-            SecretBytes::from_slice(&file.signing_seed),
-        )?;
+        let keys = KeysFile {
+            kem_suite: file.kem_suite,
+            kem_public_key: file.kem_public_key.clone(),
+            kem_secret_key: file.kem_secret_key.clone(),
+            signature_suite: file.signature_suite,
+            signing_seed: file.signing_seed.clone(),
+        }
+        .to_keys()?;
+        let pending_keys = file
+            .pending_keys
+            .as_ref()
+            .map(KeysFile::to_keys)
+            .transpose()?;
         Ok(Self {
             device_id: file.device_id,
             device_name: file.device_name.clone(),
@@ -125,8 +198,9 @@ impl Identity {
                 file.server_signature_suite,
                 file.server_verifying_key.clone(),
             )?,
-            keys: DeviceKeys { kem, signing },
+            keys,
             key_version: file.key_version,
+            pending_keys,
         })
     }
 
@@ -150,33 +224,49 @@ impl Identity {
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
                 .map_err(|e| EdgeError::Identity(format!("{}: {e}", dir.display())))?;
         }
-        self.write(&path)
+        self.write(dir, Placement::New)
     }
 
-    /// Replaces the identity after a key rotation (atomically: write, then rename).
+    /// Replaces the identity (after a key rotation, or to record keys about
+    /// to be rotated to).
     pub fn replace(&self, dir: &Path) -> Result<(), EdgeError> {
-        let path = Self::path(dir);
-        let temporary = dir.join(format!("{IDENTITY_FILE}.new"));
-        let _ = fs::remove_file(&temporary);
-        self.write(&temporary)?;
-        fs::rename(&temporary, &path)
-            .map_err(|e| EdgeError::Identity(format!("{}: {e}", path.display())))
+        self.write(dir, Placement::Replace)
     }
 
-    fn write(&self, path: &Path) -> Result<(), EdgeError> {
+    /// Writes the file whole or not at all: to a temporary file (0600) in
+    /// `dir`, synced, then linked (a new identity: never over an existing
+    /// one) or renamed (a replacement) into place, and the directory synced.
+    /// A crash leaves the old file or the new one, never a torn key file.
+    fn write(&self, dir: &Path, placement: Placement) -> Result<(), EdgeError> {
+        let path = Self::path(dir);
+        let fail =
+            |p: &Path, e: std::io::Error| EdgeError::Identity(format!("{}: {e}", p.display()));
         let text = Zeroizing::new(
             serde_json::to_vec_pretty(&self.to_file())
                 .map_err(|e| EdgeError::Identity(e.to_string()))?,
         );
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| EdgeError::Identity(format!("{}: {e}", path.display())))?;
-        file.write_all(&text)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| EdgeError::Identity(format!("{}: {e}", path.display())))
+        let temporary = dir.join(format!(".{IDENTITY_FILE}.{}.tmp", std::process::id()));
+        let _ = fs::remove_file(&temporary);
+        let written = (|| {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&temporary)
+                .map_err(|e| fail(&temporary, e))?;
+            file.write_all(&text)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| fail(&temporary, e))?;
+            match placement {
+                Placement::New => fs::hard_link(&temporary, &path).map_err(|e| fail(&path, e)),
+                Placement::Replace => fs::rename(&temporary, &path).map_err(|e| fail(&path, e)),
+            }
+        })();
+        let _ = fs::remove_file(&temporary);
+        written?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| fail(dir, e))
     }
 
     /// Loads the identity from `dir`.

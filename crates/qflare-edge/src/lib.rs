@@ -43,7 +43,9 @@ pub mod shard;
 pub mod trainer;
 pub mod transport;
 
-pub use client::{EnrollOptions, Session, enroll, open_session, rotate_keys, transport_for};
+pub use client::{
+    EnrollOptions, Session, enroll, load_identity, open_session, rotate_keys, transport_for,
+};
 pub use error::{EdgeError, ModelRefusal};
 pub use identity::Identity;
 pub use rounds::{NoRound, RoundClient, TrainingRound, UpdateRefusal, checked_delta};

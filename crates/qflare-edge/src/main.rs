@@ -176,7 +176,7 @@ async fn run(cli: Cli, interactive: bool) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Session => {
-            let identity = Identity::load(&cli.identity)?;
+            let identity = qflare_edge::load_identity(&cli.identity).await?;
             let transport = qflare_edge::transport_for(&identity)?;
             let mut session = qflare_edge::open_session(&identity, &transport).await?;
             let pong = session.ping().await?;
@@ -187,7 +187,7 @@ async fn run(cli: Cli, interactive: bool) -> anyhow::Result<ExitCode> {
             );
         }
         Command::RotateKeys => {
-            let mut identity = Identity::load(&cli.identity)?;
+            let mut identity = qflare_edge::load_identity(&cli.identity).await?;
             let transport = qflare_edge::transport_for(&identity)?;
             let mut session = qflare_edge::open_session(&identity, &transport).await?;
             let version =
@@ -204,7 +204,7 @@ async fn run_device(
     args: RunArgs,
     interactive: bool,
 ) -> anyhow::Result<ExitCode> {
-    let identity = Identity::load(identity_dir)?;
+    let identity = qflare_edge::load_identity(identity_dir).await?;
     let allowed_measurements = args
         .enclave_measurements
         .iter()
@@ -398,8 +398,15 @@ impl Reporter {
             DeviceEvent::EnclaveAttested {
                 round_id,
                 measurement,
+                mode,
             } => self.line(format!(
-                "round {round_id}: enclave attested (measurement {}…)",
+                "round {round_id}: enclave attested, {} (measurement {}…)",
+                if mode == AttestationMode::Software {
+                    "software mode: self-signed by a hardened process, no hardware vouches for it"
+                        .to_owned()
+                } else {
+                    format!("{} mode", mode.as_str())
+                },
                 measurement.get(..16).unwrap_or(&measurement)
             )),
             DeviceEvent::ModelVerified {

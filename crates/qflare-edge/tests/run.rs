@@ -410,6 +410,7 @@ fn identity(server_url: &str) -> Identity {
         server_key: server.verifying_key().clone(),
         keys: DeviceKeys::generate(KemSuite::MlKem768, SignatureSuite::MlDsa65, &mut rng).unwrap(),
         key_version: 1,
+        pending_keys: None,
     }
 }
 

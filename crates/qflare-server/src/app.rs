@@ -21,6 +21,13 @@ use crate::ratelimit::{Decision, RateLimit, RateLimiter};
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
+impl ClientAddr {
+    /// The key this client's per-address rate limits use.
+    pub fn rate_limit_key(&self) -> String {
+        crate::ratelimit::address_key(self.0.ip())
+    }
+}
+
 /// Everything a handler needs.
 #[derive(Debug)]
 pub struct AppState {
@@ -40,6 +47,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// The round controller and its enclave, when this server coordinates training.
     pub federation: Option<Arc<crate::federation::Federation>>,
+    /// Who may send an update body now, and the memory all of them may use.
+    pub uploads: crate::uploads::UploadGate,
     admin_token_hash: [u8; 32],
 }
 
@@ -58,6 +67,7 @@ impl AppState {
         admin_token: &[u8],
     ) -> Self {
         Self {
+            uploads: crate::uploads::UploadGate::new(config.limits.uploads_in_memory_bytes),
             config,
             store,
             identity,
@@ -81,9 +91,12 @@ impl AppState {
     }
 
     /// Constant-time check of a presented admin token (hashes first, so the
-    /// comparison is also independent of the presented length).
+    /// comparison is also independent of the presented length). Nothing
+    /// shorter than a valid token can match, whatever the stored hash: an
+    /// empty Basic-auth password or bearer token is refused outright.
     pub fn admin_token_matches(&self, presented: &[u8]) -> bool {
-        ct_eq(&sha256(presented), &self.admin_token_hash)
+        presented.len() >= crate::identity::MIN_ADMIN_TOKEN_LEN
+            && ct_eq(&sha256(presented), &self.admin_token_hash)
     }
 
     /// Counts a request against `limit`; 429 when over it, 503 when the limiter is down.

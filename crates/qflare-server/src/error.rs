@@ -113,7 +113,12 @@ impl ApiError {
         if self.status().is_server_error() {
             tracing::error!(code = %self.code, status, detail, "request failed");
         } else {
-            tracing::info!(code = %self.code, status, detail, "request refused");
+            // Refusals are what a flood is made of: at info level every one
+            // of them would be a log line an attacker writes at will. The
+            // ones that matter for security (forged signatures, replays,
+            // refused updates) go to the audit ledger; the counts are in the
+            // metrics.
+            tracing::debug!(code = %self.code, status, detail, "request refused");
         }
     }
 }

@@ -8,9 +8,11 @@
 //! | `storage.key` | 32 bytes wrapping session secrets at rest | 0600 |
 //! | `admin-token` | the admin bearer token when `QFLARE_ADMIN_TOKEN` is unset | 0600 |
 //!
-//! Secret files are created with `O_EXCL` and mode 0600 inside a 0700
-//! directory, and a secret file that others can read is refused at start-up,
-//! as ssh does. Several replicas share one identity by sharing these files.
+//! Secret files are written whole to a temporary file (mode 0600, inside a
+//! 0700 directory), synced, and linked into place, so a crash never leaves an
+//! empty or torn secret; a secret file that others can read is refused at
+//! start-up, as ssh does, and an admin-token file is held to the same rule as
+//! `QFLARE_ADMIN_TOKEN`. Several replicas share one identity by sharing these files.
 //!
 //! The TLS certificate is ECDSA so that browsers can open the web pages; the
 //! key exchange is still hybrid post-quantum (X25519MLKEM768), which is what
@@ -90,15 +92,42 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), IdentityError> {
 }
 
 /// Writes a new file with `mode`, failing if it exists.
+///
+/// The bytes go to a temporary file in the same directory, are synced, and
+/// the temporary is then hard-linked to `path`: a crash at any point leaves
+/// either no file at `path` or the whole one, never an empty or torn secret
+/// (which a later start would take for the real thing). Linking, unlike
+/// rename, refuses to replace a file that appeared meanwhile.
 pub fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io(path))?;
-    file.write_all(contents).map_err(io(path))?;
-    file.sync_all().map_err(io(path))
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut suffix = [0u8; 8];
+    rand::Rng::fill_bytes(&mut rand::rng(), &mut suffix);
+    let file_name = path.file_name().map_or_else(
+        || "secret".into(),
+        |name| name.to_string_lossy().into_owned(),
+    );
+    let temporary = dir.join(format!(".{file_name}.{}.tmp", hex::encode(suffix)));
+    let written = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&temporary)
+            .map_err(io(&temporary))?;
+        file.write_all(contents).map_err(io(&temporary))?;
+        file.sync_all().map_err(io(&temporary))?;
+        fs::hard_link(&temporary, path).map_err(io(path))
+    })();
+    // The temporary name is ours alone; whatever happened above, it goes.
+    let _ = fs::remove_file(&temporary);
+    written?;
+    // The new directory entry is durable only once the directory is synced.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
 
 /// Reads a secret file, refusing it if group or others can read it.
@@ -296,6 +325,22 @@ fn load_or_create_tls(
     load_tls(&cert_path, &key_path)
 }
 
+/// The one rule for an admin token, whether it comes from the environment
+/// or the state directory: long enough to resist guessing, and made of
+/// visible ASCII so that it survives a Basic-auth header and a shell.
+fn check_admin_token(token: &str) -> Result<(), &'static str> {
+    if token.len() < MIN_ADMIN_TOKEN_LEN {
+        return Err("the admin token must be at least 32 characters");
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the admin token must be visible ASCII characters without spaces");
+    }
+    Ok(())
+}
+
+/// The shortest admin token accepted.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 32;
+
 /// The admin token: from the environment when given, else from (or newly
 /// into) the state directory. Returned as the token itself so the caller can
 /// hash it; never logged.
@@ -304,19 +349,23 @@ pub fn admin_token(
     from_env: Option<String>,
 ) -> Result<SecretBytes, IdentityError> {
     if let Some(token) = from_env.filter(|t| !t.is_empty()) {
-        if token.len() < 32 {
-            return Err(invalid(
-                Path::new("QFLARE_ADMIN_TOKEN"),
-                "the admin token must be at least 32 characters",
-            ));
-        }
+        check_admin_token(&token)
+            .map_err(|reason| invalid(Path::new("QFLARE_ADMIN_TOKEN"), reason))?;
         return Ok(SecretBytes::new(token.into_bytes()));
     }
     let path = state_dir.join("admin-token");
     if path.exists() {
         let bytes = read_secret_file(&path)?;
-        let text = String::from_utf8_lossy(&bytes).trim().to_owned();
-        return Ok(SecretBytes::new(text.into_bytes()));
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| invalid(&path, "the admin token file is not UTF-8"))?
+            .trim();
+        check_admin_token(text).map_err(|reason| {
+            invalid(
+                &path,
+                format!("{reason}; write a longer token into it, or delete it to have a new one generated"),
+            )
+        })?;
+        return Ok(SecretBytes::new(text.as_bytes().to_vec()));
     }
     let mut raw = Zeroizing::new([0u8; 32]);
     rand::Rng::fill_bytes(&mut rand::rng(), raw.as_mut());
@@ -381,5 +430,61 @@ mod tests {
         let generated = admin_token(dir.path(), None).unwrap();
         assert_eq!(admin_token(dir.path(), None).unwrap(), generated);
         assert_eq!(generated.len(), 43);
+    }
+
+    /// A crash between creating and writing the file used to leave an empty
+    /// token, and Basic auth with an empty password then opened the pages.
+    #[test]
+    fn admin_token_file_is_validated_like_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin-token");
+        for bad in [
+            "",
+            "  \n",
+            "short-token",
+            &format!("{} {}", "a".repeat(20), "b".repeat(20)),
+        ] {
+            let _ = fs::remove_file(&path);
+            fs::write(&path, bad).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+            let err = admin_token(dir.path(), None).unwrap_err().to_string();
+            assert!(err.contains("admin-token"), "{bad:?}: {err}");
+        }
+        assert!(
+            admin_token(
+                dir.path(),
+                Some("tab\tinside-a-token-that-is-long-enough".into())
+            )
+            .is_err()
+        );
+        let good = "g".repeat(32);
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, format!("{good}\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            admin_token(dir.path(), None).unwrap().expose(),
+            good.as_bytes()
+        );
+    }
+
+    #[test]
+    fn secret_files_appear_whole_and_are_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        write_new_file(&path, b"first", 0o600).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"first");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let err = write_new_file(&path, b"second", 0o600).unwrap_err();
+        assert!(matches!(err, IdentityError::Io { .. }), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), b"first");
+        // No temporary is left behind, whether the write succeeded or not.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("secret")]);
     }
 }

@@ -43,6 +43,7 @@ pub mod app;
 pub mod body;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod devices;
 pub mod error;
 pub mod federation;
@@ -53,6 +54,7 @@ pub mod openapi;
 pub mod ratelimit;
 pub mod routes;
 pub mod sealed;
+pub mod uploads;
 pub mod web;
 
 use std::future::Future;
@@ -102,6 +104,14 @@ pub enum ServerError {
     #[error("federation: {0}")]
     Federation(String),
 }
+
+/// Concurrent streams one HTTP/2 connection may carry (hyper's default is
+/// 200; a device needs one or two at a time).
+const HTTP2_MAX_STREAMS: u32 = 32;
+
+/// Header bytes one HTTP/2 request may carry (HTTP/1.1 is bounded by hyper's
+/// header buffer).
+const HTTP2_MAX_HEADER_BYTES: u32 = 64 * 1024;
 
 /// Start-up choices that are not configuration.
 #[derive(Debug, Default)]
@@ -206,6 +216,12 @@ impl Server {
         let handshake_timeout =
             Duration::from_secs(self.state.config.server.tls_handshake_timeout_secs.max(1));
         let grace = Duration::from_secs(self.state.config.server.shutdown_grace_secs);
+        let idle_timeout = Duration::from_secs(self.state.config.server.idle_timeout_secs.max(1));
+        let connections = Arc::new(connections::ConnectionLimiter::new(
+            self.state.config.server.max_connections,
+            self.state.config.server.max_connections_per_address,
+            self.state.metrics.connections_open.clone(),
+        ));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         if let Some(metrics_listener) = metrics {
             tokio::spawn(serve_metrics(
@@ -241,11 +257,36 @@ impl Server {
                     }
                 },
             };
+            let address = ratelimit::address_key(peer.ip());
+            let permit = match connections.admit(address.clone()) {
+                Ok(permit) => permit,
+                Err(refusal) => {
+                    Metrics::count(&self.state.metrics.connections_refused, refusal.as_str());
+                    tracing::debug!(%peer, reason = refusal.as_str(), "connection refused");
+                    continue;
+                }
+            };
             let acceptor = acceptor.clone();
             let router = router.clone();
             let state = self.state.clone();
             let watcher = graceful.watcher();
             tokio::spawn(async move {
+                // Held for the life of the connection.
+                let _permit = permit;
+                // New connections from one address are rate limited before
+                // the handshake, the part that costs the server CPU. If the
+                // limiter is unreachable the connection goes on: every
+                // request it carries is still checked (and refused with 503
+                // while the limiter is down).
+                let limit = state.config.rate_limits.connections;
+                if let Ok(ratelimit::Decision::Limited { .. }) =
+                    state.limiter.check("connections", &address, &limit).await
+                {
+                    Metrics::count(&state.metrics.connections_refused, "rate");
+                    tracing::debug!(%peer, "connection refused: rate limit");
+                    return;
+                }
+                let tcp = connections::IdleIo::new(tcp, idle_timeout);
                 let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
                 {
                     Ok(Ok(tls)) => tls,
@@ -280,6 +321,14 @@ impl Server {
                     .http1()
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(10));
+                // HTTP/2 is offered by ALPN too: the same idle rule holds
+                // (IdleIo, below the TLS layer), and a connection carries a
+                // bounded number of concurrent streams and header bytes.
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(HTTP2_MAX_STREAMS)
+                    .max_header_list_size(HTTP2_MAX_HEADER_BYTES);
                 let connection = builder.serve_connection_with_upgrades(
                     TokioIo::new(tls),
                     TowerToHyperService::new(service),

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub tls_handshakes: Family<TlsLabels, Counter>,
     /// Failed TLS handshakes.
     pub tls_failures: Counter,
+    /// Connections closed on accept, by reason (`total`, `per_address`, `rate`).
+    pub connections_refused: Family<OutcomeLabels, Counter>,
+    /// Connections open now.
+    pub connections_open: Gauge,
     /// Enrollments by outcome.
     pub enrollments: Family<OutcomeLabels, Counter>,
     /// Handshakes by outcome.
@@ -68,6 +72,8 @@ impl Metrics {
             requests: Family::default(),
             tls_handshakes: Family::default(),
             tls_failures: Counter::default(),
+            connections_refused: Family::default(),
+            connections_open: Gauge::default(),
             enrollments: Family::default(),
             sessions: Family::default(),
             rate_limited: Family::default(),
@@ -91,6 +97,16 @@ impl Metrics {
             "tls_handshake_failures",
             "Failed TLS handshakes",
             metrics.tls_failures.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed on accept, by reason",
+            metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Connections open now",
+            metrics.connections_open.clone(),
         );
         registry.register(
             "enrollments",

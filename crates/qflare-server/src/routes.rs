@@ -29,15 +29,17 @@
 //! | GET | `/v1/admin/models/{version}` | admin token | [`models::export_model`] |
 //! | GET | `/v1/admin/models/{version}/certificate` | admin token | [`models::model_certificate`] |
 //!
-//! Layers, outermost first: request metrics and timeout, then a per-address
-//! rate limit chosen by route group, then (admin) the bearer check. Per-device
+//! Layers, outermost first: request metrics, timeout and the headers every
+//! answer carries (`Cache-Control: no-store`, `X-Content-Type-Options:
+//! nosniff`), then a per-address rate limit chosen by route group (unmatched
+//! paths and methods included), then (admin) the bearer check. Per-device
 //! limits apply inside the handshake handlers and the sealed extractor.
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
+use axum::http::{HeaderValue, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -110,6 +112,7 @@ pub fn router(state: SharedState) -> Router {
                 async move { ([(header::CONTENT_TYPE, "application/json")], document) }
             }),
         )
+        .route(routes::STYLESHEET, get(crate::web::stylesheet))
         .route_layer(from_fn_with_state(state.clone(), limit_public));
     let pages = Router::new()
         .route(routes::PAGE_DASHBOARD, get(crate::web::dashboard))
@@ -119,8 +122,7 @@ pub fn router(state: SharedState) -> Router {
             state.clone(),
             crate::web::require_admin_page,
         ))
-        .route_layer(from_fn_with_state(state.clone(), limit_admin))
-        .route(routes::STYLESHEET, get(crate::web::stylesheet));
+        .route_layer(from_fn_with_state(state.clone(), limit_admin));
     Router::new()
         .merge(pages)
         .merge(spec)
@@ -131,12 +133,28 @@ pub fn router(state: SharedState) -> Router {
         .with_state(state)
 }
 
-async fn not_found() -> ApiError {
-    ApiError::not_found("route")
+/// Unmatched paths and methods spend the public per-address budget like any
+/// route, so probing for routes is not a way around the limits.
+async fn not_found(State(state): State<SharedState>, request: Request) -> ApiError {
+    let limit = state.config.rate_limits.public;
+    match state
+        .rate_limit("public", &client_key(&request), &limit)
+        .await
+    {
+        Ok(()) => ApiError::not_found("route"),
+        Err(err) => err,
+    }
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(ErrorCode::MethodNotAllowed)
+async fn method_not_allowed(State(state): State<SharedState>, request: Request) -> ApiError {
+    let limit = state.config.rate_limits.public;
+    match state
+        .rate_limit("public", &client_key(&request), &limit)
+        .await
+    {
+        Ok(()) => ApiError::new(ErrorCode::MethodNotAllowed),
+        Err(err) => err,
+    }
 }
 
 /// Metrics and the request timeout, around everything.
@@ -160,6 +178,22 @@ async fn observe(State(state): State<SharedState>, request: Request, next: Next)
             status: response.status().as_u16(),
         })
         .inc();
+    protect(response)
+}
+
+/// Headers every answer carries. Answers hold secrets (a new enrollment
+/// token, session material, the admin's views), so no cache, shared or
+/// private, may keep one; and no browser may guess a type other than the one
+/// declared (a sealed body or a JSON error rendered as HTML).
+fn protect(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     response
 }
 
@@ -167,7 +201,7 @@ fn client_key(request: &Request) -> String {
     request
         .extensions()
         .get::<ClientAddr>()
-        .map_or_else(|| "unknown".to_owned(), |addr| addr.0.ip().to_string())
+        .map_or_else(|| "unknown".to_owned(), ClientAddr::rate_limit_key)
 }
 
 async fn limit_by_address(

@@ -28,7 +28,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::app::SharedState;
-use crate::body::{discard, read_limited};
+use crate::body::{declared_length, discard, read_limited};
 use crate::error::{ApiError, ErrorCode};
 
 /// Context under which stored session secrets are wrapped.
@@ -60,6 +60,8 @@ pub struct SealedRequest {
     method: String,
     path: String,
     channel: Arc<ServerChannel>,
+    /// An update's place and memory, held until the request is answered.
+    _upload: Option<crate::uploads::UploadTicket>,
 }
 
 impl std::fmt::Debug for SealedRequest {
@@ -84,25 +86,37 @@ impl FromRequest<SharedState> for SealedRequest {
         // Everything that can be checked without the body is checked first,
         // so an unauthenticated client cannot make the server buffer a
         // large body (up to the update limit) for nothing. A refused body is
-        // still drained (up to a cap), or an HTTP/1.1 client still writing it
-        // would see a broken pipe instead of the answer.
+        // still drained in the background (up to a cap), or an HTTP/1.1
+        // client still writing it would see a broken pipe, not the answer.
         let (session_id, session, device) = match admit(&parts.headers, state, now).await {
             Ok(admitted) => admitted,
             Err(err) => {
-                discard(&parts.headers, body).await;
+                discard(&parts.headers, body);
                 return Err(err);
             }
         };
         let device_id = DeviceId::parse(&device.id).map_err(ApiError::internal)?;
         // The one route whose body may be as large as an update envelope:
-        // as large as an update of the current model needs, no larger.
-        let limit = if path == routes::UPDATES {
-            match &state.federation {
-                Some(federation) => federation.update_body_limit().await,
-                None => state.config.limits.sealed_bytes,
+        // as large as an update of the current model needs, no larger, and
+        // read only for a device the round is waiting for, one upload per
+        // device at a time, within the memory budget of all uploads.
+        let (limit, upload) = match &state.federation {
+            Some(federation) if path == routes::UPDATES => {
+                let limit = federation.update_body_limit().await;
+                let charged = declared_length(&parts.headers).map_or(limit, |n| n.min(limit));
+                match state
+                    .uploads
+                    .admit(state.store.as_ref(), &device.id, charged)
+                    .await
+                {
+                    Ok(ticket) => (limit, Some(ticket)),
+                    Err(err) => {
+                        discard(&parts.headers, body);
+                        return Err(err);
+                    }
+                }
             }
-        } else {
-            state.config.limits.sealed_bytes
+            _ => (state.config.limits.sealed_bytes, None),
         };
         // Taken over without a copy when the buffer is not shared (an
         // update's record is as large as a model).
@@ -143,6 +157,7 @@ impl FromRequest<SharedState> for SealedRequest {
             method,
             path,
             channel: Arc::new(channel),
+            _upload: upload,
         })
     }
 }

@@ -1,10 +1,13 @@
-//! `qflare bench`: benchmarks against a real server started in-process, one
-//! module per family: [`fedavg`] (the FedAvg paper's experiments over the
-//! whole stack) and [`sessions`] (handshakes and enrollments per second).
+//! `qflare bench`: benchmarks against a real server, one module per family:
+//! [`fedavg`] (the FedAvg paper's experiments over the whole stack) and
+//! [`sessions`] (handshakes and enrollments per second) in-process, and
+//! [`uploads`] (the server's memory under an upload flood) against a server
+//! process.
 //! Results go to stdout, progress to stderr.
 
 pub mod fedavg;
 pub mod sessions;
+pub mod uploads;
 
 use std::path::PathBuf;
 
@@ -69,12 +72,21 @@ pub enum BenchCommand {
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
     },
+    /// The server's peak memory while one device sends many uploads at once.
+    ///
+    /// Starts `--server-bin` (default: this executable) as a child process
+    /// with its enclave, enrolls one device, waits until it is selected, then
+    /// sends --uploads update bodies as large as the update limit at once,
+    /// each on its own session, and reports the answers and the server's
+    /// peak RSS (VmHWM) before and during the flood. Linux only.
+    Uploads(uploads::UploadsArgs),
 }
 
 /// Runs one benchmark.
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Fedavg(args) => fedavg::run(args).await,
+        BenchCommand::Uploads(args) => uploads::run(args).await,
         BenchCommand::Sessions {
             devices,
             seconds,

@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use qflare_protocol::attestation::AttestationMode;
 use qflare_protocol::federation::RoundStatus;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -125,6 +126,9 @@ pub enum DeviceEvent {
         round_id: u64,
         /// The enclave's measurement, hex.
         measurement: String,
+        /// How the report is vouched for: `software` means self-signed by a
+        /// hardened process, with no hardware behind it.
+        mode: AttestationMode,
     },
     /// The global model verified (or was taken from the cache).
     ModelVerified {

@@ -77,6 +77,7 @@ impl<L: Link> Runner<'_, L> {
         self.events.emit(DeviceEvent::EnclaveAttested {
             round_id,
             measurement: hex::encode(enclave.measurement),
+            mode: enclave.mode,
         });
 
         // An update refused only because the enclave restarted is re-sealed,

@@ -42,9 +42,29 @@ pub async fn require_admin(
     }
 }
 
+/// Characters a label may not hold although they are not control
+/// characters: bidirectional overrides and isolates (they reorder what the
+/// admin reads on the pages and in `qflare token list`, "Trojan Source",
+/// CVE-2021-42574) and invisible ones (zero-width, soft hyphen, BOM), with
+/// which two labels that look alike differ.
+fn is_deceptive(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
 fn validate_label(label: &str) -> ApiResult<()> {
-    let ok =
-        !label.is_empty() && label.chars().count() <= 64 && !label.chars().any(char::is_control);
+    let ok = !label.is_empty()
+        && label.chars().count() <= 64
+        && !label.chars().any(|c| c.is_control() || is_deceptive(c));
     if ok {
         Ok(())
     } else {

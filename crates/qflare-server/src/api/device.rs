@@ -32,8 +32,9 @@ pub async fn ping(State(state): State<SharedState>, request: SealedRequest) -> R
 }
 
 /// `POST /v1/devices/self/rotate-keys`: replace the device's keys. Signed by
-/// the old key and the new one; ends every session of the device afterwards,
-/// so the next one is established with the new keys.
+/// the old key and the new one; ends every session of the device in the same
+/// transaction, so the next one is established with the new keys (this answer
+/// is still sealed with the session it came in on).
 #[utoipa::path(
     post, path = routes::ROTATE_KEYS, tag = "device",
     request_body(content = SealedRecord, content_type = "application/vnd.qflare.sealed", description = "A sealed `RotationRequest`: the new public keys, signed by old and new keys."),
@@ -41,13 +42,7 @@ pub async fn ping(State(state): State<SharedState>, request: SealedRequest) -> R
 )]
 pub async fn rotate_keys(State(state): State<SharedState>, request: SealedRequest) -> Response {
     let result = rotate(&state, &request).await;
-    let response = request.respond(result);
-    if response.status().is_success()
-        && let Err(err) = state.store.close_device_sessions(&request.device.id).await
-    {
-        tracing::warn!(%err, "could not close sessions after key rotation");
-    }
-    response
+    request.respond(result)
 }
 
 async fn rotate(state: &SharedState, request: &SealedRequest) -> ApiResult<KeysRotated> {
@@ -74,12 +69,28 @@ async fn rotate(state: &SharedState, request: &SealedRequest) -> ApiResult<KeysR
         signature_suite: verified.verifying_key.suite().as_str().to_owned(),
         verifying_key: verified.verifying_key.as_bytes().to_vec(),
     };
+    // Conditioned on the key version this session was admitted under: two
+    // rotations signed by the same old key cannot both win.
     if !state
         .store
-        .rotate_device_keys(&request.device.id, &keys, state.now_i64())
+        .rotate_device_keys(
+            &request.device.id,
+            request.device.key_version,
+            &keys,
+            state.now_i64(),
+        )
         .await?
     {
-        return Err(ApiError::new(ErrorCode::DeviceRevoked));
+        let revoked = state
+            .store
+            .get_device(&request.device.id)
+            .await?
+            .is_none_or(|device| device.revoked_at.is_some());
+        return Err(if revoked {
+            ApiError::new(ErrorCode::DeviceRevoked)
+        } else {
+            ApiError::new(ErrorCode::Conflict).detail("the keys were rotated by another request")
+        });
     }
     let key_version = request.device.key_version + 1;
     state

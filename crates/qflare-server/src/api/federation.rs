@@ -64,16 +64,17 @@ pub async fn current_round(State(state): State<SharedState>, request: SealedRequ
     request.respond(result)
 }
 
+/// A device's poll. It costs the same whatever the round's size and the
+/// model's: one indexed participant row and the newest model's summary are
+/// read, never an envelope or the model, and the enclave is asked for a
+/// fresh report (behind its one lock) only when the answer sends the device
+/// to work that needs one: training, or evaluating the final model.
 async fn round_info(state: &SharedState, request: &SealedRequest) -> ApiResult<RoundInfo> {
     let fed = federation(state)?;
     let query: RoundQuery = request.json("round query", 1024)?;
     let poll = state.config.federation.poll_interval_secs;
-    let report = match query.nonce {
-        Some(nonce) => Some(fed.attest(nonce).await?),
-        None => fed.enclave().info().await.map(|info| info.report),
-    };
     let latest = state.store.latest_round().await?;
-    let model = state.store.latest_model().await?;
+    let model = state.store.latest_model_summary().await?;
     let finished = state.config.federation.max_rounds > 0
         && model
             .as_ref()
@@ -89,17 +90,14 @@ async fn round_info(state: &SharedState, request: &SealedRequest) -> ApiResult<R
         architecture: model.as_ref().map(|m| m.architecture.clone()),
         training: None,
         deadline: None,
-        report,
+        report: None,
         poll_after_secs: poll,
     };
     if let Some(round) = latest.filter(|r| r.state == RoundState::Open) {
-        let me = request.device.id.as_str();
         let participant = state
             .store
-            .participant_states(round.id)
-            .await?
-            .into_iter()
-            .find(|p| p.device_id == me);
+            .participant_state(round.id, &request.device.id)
+            .await?;
         info.status = match participant {
             None => RoundStatus::NotSelected,
             Some(p) if p.submitted_at.is_some() => RoundStatus::Submitted,
@@ -110,6 +108,14 @@ async fn round_info(state: &SharedState, request: &SealedRequest) -> ApiResult<R
         info.training = Some(state.config.federation.training.clone());
         info.deadline = u64::try_from(round.deadline).ok();
     }
+    let needs_report = matches!(info.status, RoundStatus::Train | RoundStatus::Finished);
+    info.report = match query.nonce {
+        Some(nonce) if needs_report => Some(fed.attest(nonce).await?),
+        // Nothing to verify now: the enclave is not disturbed.
+        Some(_) => None,
+        // A client that sends no nonce gets the boot's report, from memory.
+        None => fed.enclave().info().await.map(|info| info.report),
+    };
     Ok(info)
 }
 
@@ -254,13 +260,11 @@ async fn record_evaluation(
         .get_round(report.round_id)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::UnknownRound))?;
-    let me = request.device.id.as_str();
     let selected = state
         .store
-        .participant_states(round.id)
+        .participant_state(round.id, &request.device.id)
         .await?
-        .iter()
-        .any(|p| p.device_id == me);
+        .is_some();
     if !selected {
         return Err(ApiError::new(ErrorCode::NotSelected));
     }
@@ -378,13 +382,8 @@ pub async fn view(state: &SharedState, limit: u32) -> ApiResult<FederationView> 
     let fed = federation(state)?;
     let mut rounds = Vec::new();
     for round in state.store.list_rounds(limit).await? {
-        let submitted = state
-            .store
-            .participant_states(round.id)
-            .await?
-            .iter()
-            .filter(|p| p.submitted_at.is_some())
-            .count();
+        let submitted =
+            usize::try_from(state.store.submission_count(round.id).await?).unwrap_or(usize::MAX);
         rounds.push(RoundView {
             id: round.id,
             state: round.state.as_str().to_owned(),

@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use qflare_protocol::PROTOCOL_VERSION;
@@ -19,7 +19,7 @@ use qflare_store::{
 use serde_json::json;
 
 use super::{Health, SessionEstablished};
-use crate::app::SharedState;
+use crate::app::{ClientAddr, SharedState};
 use crate::body::read_json;
 use crate::devices::registered_keys;
 use crate::error::{ApiError, ApiResult, ErrorCode};
@@ -184,6 +184,22 @@ async fn active_device(state: &SharedState, id: &DeviceId) -> ApiResult<DeviceRe
     }
 }
 
+/// How the ledger names a session. The ledger is permanent and readable by
+/// every admin (and shown on the audit page); a live session id there would
+/// let a reader address sealed requests to the session, so the ledger
+/// records a hash of it: enough to correlate entries, useless as a handle.
+fn session_reference(session_id: &SessionId) -> String {
+    let digest = qflare_protocol::crypto::sha256(
+        [
+            b"qflare-ledger-session-v1:".as_slice(),
+            session_id.to_hex().as_bytes(),
+        ]
+        .concat()
+        .as_slice(),
+    );
+    format!("sha256:{}", hex::encode(&digest[..16]))
+}
+
 /// `POST /v1/sessions`: answer a client hello.
 #[utoipa::path(
     post, path = routes::SESSIONS, tag = "public",
@@ -192,16 +208,26 @@ async fn active_device(state: &SharedState, id: &DeviceId) -> ApiResult<DeviceRe
 )]
 pub async fn open_session(
     State(state): State<SharedState>,
+    client: Option<Extension<ClientAddr>>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<impl IntoResponse> {
     let limit = state.config.limits.session_bytes.min(limits::CLIENT_HELLO);
     let hello: ClientHello = read_json("client hello", &headers, body, limit).await?;
     let device = active_device(&state, &hello.device_id).await?;
-    // Per-device budgets exist only for enrolled devices, so random ids
-    // cannot fill the limiter's table.
+    // A hello is unauthenticated and device ids are public (dashboard,
+    // ledger): charged to the device's own budget, a stranger naming the id
+    // could keep the device from ever opening a session. So a hello spends a
+    // budget of its own per (device, client address); the device's budget is
+    // spent once the confirmation proves who is asking. Budgets exist only
+    // for enrolled ids, so random ids cannot fill the limiter's table.
+    let address = client.map_or_else(|| "unknown".to_owned(), |c| c.rate_limit_key());
     state
-        .rate_limit("device", &device.id, &state.config.rate_limits.device)
+        .rate_limit(
+            "hello",
+            &format!("{}@{address}", device.id),
+            &state.config.rate_limits.device,
+        )
         .await?;
     let (kem_key, _) = registered_keys(&device).map_err(ApiError::internal)?;
     let now = state.now();
@@ -287,13 +313,6 @@ pub async fn confirm_session(
         )
         .await);
     }
-    state
-        .rate_limit(
-            "device",
-            &record.device_id,
-            &state.config.rate_limits.device,
-        )
-        .await?;
     let device = active_device(&state, &device_id).await?;
     let (_, verifying_key) = registered_keys(&device).map_err(ApiError::internal)?;
     let pending = state
@@ -309,6 +328,10 @@ pub async fn confirm_session(
             return Err(refuse_session(&state, &device.id, &reason, ApiError::from(err)).await);
         }
     };
+    // Only now, with the device's signature checked, is its own budget spent.
+    state
+        .rate_limit("device", &device.id, &state.config.rate_limits.device)
+        .await?;
     let wrapped = state.identity.storage_key.wrap(
         &established_context(&session_id),
         &established.secrets().export(),
@@ -331,7 +354,7 @@ pub async fn confirm_session(
         .audit(
             AuditKind::SessionOpened,
             &format!("device:{}", device.id),
-            &session_id.to_hex(),
+            &session_reference(&session_id),
             json!({ "expires_at": established.expires_at, "kem_suite": device.keys.kem_suite }),
         )
         .await;

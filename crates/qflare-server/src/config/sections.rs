@@ -62,6 +62,13 @@ pub struct ServerSection {
     pub tls_handshake_timeout_secs: u64,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace_secs: u64,
+    /// Open connections the server holds at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Open connections one client address (an IPv6 /64) may hold at once.
+    pub max_connections_per_address: usize,
+    /// A connection that moves no byte either way for this long is closed,
+    /// over HTTP/1.1 and HTTP/2 alike. Longer than `request_timeout_secs`.
+    pub idle_timeout_secs: u64,
 }
 
 impl std::fmt::Debug for ServerSection {
@@ -79,27 +86,56 @@ impl std::fmt::Debug for ServerSection {
             .field("tls_certificate", &self.tls_certificate)
             .field("tls_private_key", &self.tls_private_key)
             .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("max_connections", &self.max_connections)
+            .field(
+                "max_connections_per_address",
+                &self.max_connections_per_address,
+            )
+            .field("idle_timeout_secs", &self.idle_timeout_secs)
             .finish_non_exhaustive()
     }
 }
 
-/// Replaces a URL's password with `***`.
+/// Replaces a URL's password with `***`: the one in the userinfo
+/// (`postgres://user:pw@host`) and any in the query, where libpq and the
+/// Redis client also take one (`?password=`, `?sslpassword=`).
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (rest, query) = match url.split_once('?') {
+        Some((rest, query)) => (rest, Some(query)),
+        None => (url, None),
+    };
+    let mut redacted = match (rest.find("://"), rest.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
+            let userinfo = &rest[scheme_end + 3..at];
             match userinfo.find(':') {
                 Some(colon) => format!(
                     "{}{}:***{}",
-                    &url[..scheme_end + 3],
+                    &rest[..scheme_end + 3],
                     &userinfo[..colon],
-                    &url[at..]
+                    &rest[at..]
                 ),
-                None => url.to_owned(),
+                None => rest.to_owned(),
             }
         }
-        _ => url.to_owned(),
+        _ => rest.to_owned(),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if is_password_parameter(key) => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        redacted.push('?');
+        redacted.push_str(&pairs.join("&"));
     }
+    redacted
+}
+
+fn is_password_parameter(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password") || key == "passwd" || key == "pwd"
 }
 
 impl Default for ServerSection {
@@ -116,6 +152,9 @@ impl Default for ServerSection {
             request_timeout_secs: 60,
             tls_handshake_timeout_secs: 10,
             shutdown_grace_secs: 10,
+            max_connections: 16_384,
+            max_connections_per_address: 256,
+            idle_timeout_secs: 120,
         }
     }
 }
@@ -205,6 +244,11 @@ pub struct LimitSection {
     pub update_bytes: usize,
     /// Admin API requests.
     pub admin_bytes: usize,
+    /// Update bodies the server holds in memory at once, over all devices
+    /// (each upload is charged its declared length, or the update limit).
+    /// An upload over the budget is answered `503 busy` before its body is
+    /// read; the device retries.
+    pub uploads_in_memory_bytes: usize,
 }
 
 impl Default for LimitSection {
@@ -215,6 +259,7 @@ impl Default for LimitSection {
             sealed_bytes: 256 * 1024,
             update_bytes: qflare_protocol::wire::limits::SEALED_RECORD,
             admin_bytes: 16 * 1024,
+            uploads_in_memory_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -233,6 +278,8 @@ pub struct RateLimitSection {
     pub admin: RateLimit,
     /// Everything else (health, server info), per client address.
     pub public: RateLimit,
+    /// New connections (TLS handshakes, the costly part of a connection), per client address.
+    pub connections: RateLimit,
 }
 
 impl Default for RateLimitSection {
@@ -257,6 +304,10 @@ impl Default for RateLimitSection {
             public: RateLimit {
                 per_minute: 600,
                 burst: 100,
+            },
+            connections: RateLimit {
+                per_minute: 600,
+                burst: 200,
             },
         }
     }
@@ -415,6 +466,22 @@ impl Config {
         {
             return fail("sessions.lifetime_secs must be between 1 and 86400");
         }
+        if self.server.max_connections == 0
+            || self.server.max_connections_per_address == 0
+            || self.server.max_connections_per_address > self.server.max_connections
+        {
+            return fail(
+                "server.max_connections and server.max_connections_per_address must be positive, the second at most the first",
+            );
+        }
+        if self.limits.uploads_in_memory_bytes == 0 {
+            return fail("limits.uploads_in_memory_bytes must be positive");
+        }
+        if self.server.idle_timeout_secs <= self.server.request_timeout_secs {
+            return fail(
+                "server.idle_timeout_secs must be longer than server.request_timeout_secs (a request in progress is not idle)",
+            );
+        }
         if self.tokens.default_ttl_secs == 0
             || self.tokens.default_ttl_secs > self.tokens.max_ttl_secs
         {
@@ -471,6 +538,7 @@ impl Config {
             &self.rate_limits.device,
             &self.rate_limits.admin,
             &self.rate_limits.public,
+            &self.rate_limits.connections,
         ] {
             if limit.per_minute == 0 || limit.burst == 0 {
                 return fail("every rate limit needs per_minute and burst above zero");
@@ -504,6 +572,14 @@ mod tests {
         assert_eq!(
             redact_url("redis://127.0.0.1:6379"),
             "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redact_url("postgres://h/db?user=u&password=secret&sslmode=require"),
+            "postgres://h/db?user=u&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://u:a@h/db?sslpassword=k&PASSWORD=p"),
+            "postgres://u:***@h/db?sslpassword=***&PASSWORD=***"
         );
     }
 }

@@ -321,7 +321,7 @@ impl Federation {
 
     async fn publish(&self) {
         let round = self.ctx.store.latest_round().await.ok().flatten();
-        let model = self.ctx.store.latest_model().await.ok().flatten();
+        let model = self.ctx.store.latest_model_summary().await.ok().flatten();
         let finished = is_finished(&self.ctx.config, model.as_ref().map(|m| m.version));
         if let Some(round) = &round {
             self.ctx.metrics.current_round.set(store_time(round.id));
@@ -411,7 +411,7 @@ impl Federation {
                     let inner = self.inner.lock().await;
                     (inner.started, inner.paused)
                 };
-                if self.preset.is_none() && self.ctx.store.latest_model().await?.is_none() {
+                if self.preset.is_none() && self.ctx.store.latest_model_summary().await?.is_none() {
                     let mut inner = self.inner.lock().await;
                     if !inner.waiting_for_model_logged {
                         inner.waiting_for_model_logged = true;

@@ -44,7 +44,8 @@
 //!   expire just after its TAT passes. It talks through a
 //!   [`redis::aio::ConnectionManager`], which reconnects after a dropped
 //!   connection; every check is bounded by [`REDIS_CHECK_TIMEOUT`].
-//! * [`connect`] picks the backend from configuration.
+//! * [`connect`] picks the backend from configuration, and [`address_key`]
+//!   turns a client address into the key its per-address budgets use.
 //!
 //! This module does not decide what happens when Redis is down: `check` returns
 //! [`RateLimitError::Unavailable`] or [`RateLimitError::Timeout`] and the caller
@@ -64,6 +65,7 @@
 //!   Redis as the Lua script `gcra.lua`.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +80,36 @@ pub use gcra::MAX_TOLERANCE;
 pub use memory_backend::{DEFAULT_MAX_KEYS, MemoryRateLimiter};
 pub use redis_backend::{REDIS_CHECK_TIMEOUT, REDIS_CONNECT_TIMEOUT, RedisRateLimiter};
 pub use settings::RateLimit;
+
+/// The rate-limit key for a client address.
+///
+/// An IPv4 address is its own key. An IPv6 client normally holds a whole /64
+/// (SLAAC, privacy addresses) and can change the low 64 bits at will, so a
+/// per-address budget keyed on the full address would be one budget per
+/// request for it: IPv6 is keyed by its /64 prefix. An IPv4-mapped IPv6
+/// address (a dual-stack listener) is keyed as the IPv4 address it is.
+pub fn address_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let segments = v6.segments();
+                let prefix = Ipv6Addr::new(
+                    segments[0],
+                    segments[1],
+                    segments[2],
+                    segments[3],
+                    0,
+                    0,
+                    0,
+                    0,
+                );
+                format!("{prefix}/64")
+            }
+        },
+    }
+}
 
 /// Key prefix [`connect`] uses for the Redis backend.
 pub const DEFAULT_KEY_PREFIX: &str = "qflare:rl:";
@@ -175,5 +207,24 @@ fn validate_class(class: &str) -> Result<(), RateLimitError> {
 fn limited(retry_us: u64) -> Decision {
     Decision::Limited {
         retry_after: Duration::from_micros(retry_us.max(1)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_share_a_budget_per_64_and_ipv4_is_exact() {
+        let key = |s: &str| address_key(s.parse().expect("test address"));
+        assert_eq!(key("203.0.113.9"), "203.0.113.9");
+        assert_ne!(key("203.0.113.9"), key("203.0.113.10"));
+        assert_eq!(key("2001:db8:1:2::1"), "2001:db8:1:2::/64");
+        assert_eq!(
+            key("2001:db8:1:2:ffff:1234:5678:9abc"),
+            key("2001:db8:1:2::1")
+        );
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        assert_eq!(key("::ffff:203.0.113.9"), "203.0.113.9");
     }
 }

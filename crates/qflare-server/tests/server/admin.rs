@@ -56,6 +56,29 @@ async fn tokens_devices_and_audit_through_the_admin_api() {
     )
     .await;
     assert_eq!((status, error.code.as_str()), (400, "invalid_label"));
+    // Labels that read differently from what they hold: a right-to-left
+    // override, a zero-width space, a BOM.
+    for deceptive in ["invoice\u{202E}fdp.exe", "edge\u{200B}01", "\u{FEFF}lab"] {
+        let response = server
+            .admin_post(
+                "/v1/admin/tokens",
+                serde_json::json!({ "label": deceptive }),
+            )
+            .await;
+        let (status, error) = error_of(response).await;
+        assert_eq!(
+            (status, error.code.as_str()),
+            (400, "invalid_label"),
+            "{deceptive:?}"
+        );
+    }
+    // An answer carrying a fresh token must not be cached, nor its type guessed.
+    let response = server
+        .admin_post("/v1/admin/tokens", serde_json::json!({ "label": "café 7" }))
+        .await;
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff");
     let (status, error) = error_of(
         server
             .admin_post(
@@ -86,7 +109,8 @@ async fn tokens_devices_and_audit_through_the_admin_api() {
         .json()
         .await
         .unwrap();
-    assert_eq!(tokens.len(), 2);
+    // The two above and the one whose answer's headers were checked.
+    assert_eq!(tokens.len(), 3);
     let listed = serde_json::to_string(&tokens).unwrap();
     assert!(
         !listed.contains(&unused.token),

@@ -18,8 +18,112 @@ use qflare_server::ratelimit::{
 };
 use qflare_server::{Config, ManualClock, Server, ServerOptions, SharedState};
 use qflare_store::Store;
+use rustls::pki_types::ServerName;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+/// A verifier that accepts exactly the test server's certificate.
+#[derive(Debug)]
+pub struct Exactly {
+    certificate: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Exactly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        assert_eq!(sha256(end_entity.as_ref()), self.certificate);
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("no TLS 1.2".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+pub fn client_config(
+    server: &TestServer,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Exactly {
+            certificate: sha256(server.state.identity.certificate_chain[0].as_ref()),
+            provider,
+        }))
+        .with_no_client_auth()
+}
+
+/// A raw TLS 1.3 connection to the test server from `local` (any 127.0.0.0/8
+/// address), offering `alpn`: for tests that must control every byte.
+pub async fn raw_tls(
+    server: &TestServer,
+    local: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut config = client_config(server, &[&rustls::version::TLS13]);
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = connect_from(local, server.addr).await;
+    connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// A TCP connection to `to` from the loopback address `local`.
+pub async fn connect_from(local: &str, to: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(local.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// An HTTPS client from `local` that trusts whatever certificate the test
+/// server shows, speaking HTTP/2 only when `http2` is set.
+pub fn reqwest_from(local: &str, http2: bool) -> reqwest::Client {
+    let builder = reqwest::Client::builder()
+        .local_address(local.parse::<std::net::IpAddr>().unwrap())
+        .tls_danger_accept_invalid_certs(true);
+    let builder = if http2 {
+        builder.http2_prior_knowledge()
+    } else {
+        builder.http1_only()
+    };
+    builder.build().unwrap()
+}
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdefghijklmnop";
 /// Wall-clock seconds now: the server's manual clock starts here, so edge
@@ -82,6 +186,7 @@ pub fn config(state_dir: &Path) -> Config {
     config.rate_limits.device = generous();
     config.rate_limits.admin = generous();
     config.rate_limits.public = generous();
+    config.rate_limits.connections = generous();
     config
 }
 

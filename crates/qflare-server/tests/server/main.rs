@@ -7,6 +7,7 @@
 mod harness;
 
 mod admin;
+mod connections;
 mod enrollment;
 mod limits;
 mod openapi;

@@ -11,7 +11,7 @@ use qflare_protocol::{KemSuite, SignatureSuite};
 
 use qflare_server::Clock;
 
-use crate::harness::{Setup, TestServer, error_of, tempdir};
+use crate::harness::{Setup, TestServer, error_of, reqwest_from, tempdir};
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 
@@ -321,5 +321,206 @@ async fn key_rotation_replaces_the_keys_and_ends_sessions() {
     assert_eq!(stored.key_version, 2);
     let rotated = server.state.store.audit_entries(0, 100).await.unwrap();
     assert!(rotated.iter().any(|e| e.kind == "key_rotated"));
+    server.stop().await;
+}
+
+/// Device ids are public (dashboard, ledger) and a hello is unauthenticated:
+/// hellos naming a device from a stranger's address must not spend the
+/// budget the device itself needs to open a session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_naming_a_device_cannot_spend_its_handshake_budget() {
+    let dir = tempdir();
+    let mut setup = Setup::new(&dir.path().join("state"));
+    setup.config.rate_limits.device = qflare_server::ratelimit::RateLimit {
+        per_minute: 1,
+        burst: 3,
+    };
+    let server = TestServer::start(setup).await;
+    let identity = server.enrolled(&dir.path().join("device")).await;
+
+    let stranger_keys = DeviceKeys::generate(
+        KemSuite::MlKem768,
+        SignatureSuite::MlDsa65,
+        &mut rand::rng(),
+    )
+    .unwrap();
+    let stranger = reqwest_from("127.0.0.2", false);
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let impostor = ClientIdentity {
+            device_id: identity.device_id,
+            kem_public_key: &stranger_keys.kem.public,
+            kem_secret_key: &stranger_keys.kem.secret,
+            signing_key: &stranger_keys.signing,
+        };
+        let (_, hello) = ClientStart::new(impostor, &identity.server_key)
+            .hello(&mut rand::rng())
+            .unwrap();
+        let response = stranger
+            .post(format!("{}/v1/sessions", server.url))
+            .header(JSON.0, JSON.1)
+            .body(serde_json::to_vec(&hello).unwrap())
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    // The stranger exhausts its own budget for this device...
+    assert_eq!(statuses, [201, 201, 201, 429, 429, 429]);
+    // ...and the device, from its own address, still opens a session.
+    let (_, _, mut channel) = handshake(&server, &identity).await;
+    // The permanent ledger names the live session only by a hash.
+    let live = channel.session_id().to_hex();
+    let entries = server.state.store.audit_entries(0, 1000).await.unwrap();
+    let opened: Vec<_> = entries
+        .iter()
+        .filter(|e| e.kind == "session_opened")
+        .collect();
+    assert_eq!(opened.len(), 1);
+    assert!(
+        opened[0].subject.starts_with("sha256:"),
+        "{}",
+        opened[0].subject
+    );
+    assert!(
+        entries
+            .iter()
+            .all(|e| !e.subject.contains(&live) && !e.detail_json.contains(&live)),
+        "a live session id is in the ledger"
+    );
+    let (_, record) = seal(&mut channel, "/v1/session/ping");
+    assert_eq!(
+        send_sealed(&server, &channel, "/v1/session/ping", record)
+            .await
+            .status(),
+        200
+    );
+}
+
+/// A confirmation that does not verify must not spend the device's budget
+/// either: only a proven device pays for its own handshakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_confirmations_do_not_spend_the_device_budget() {
+    let dir = tempdir();
+    let mut setup = Setup::new(&dir.path().join("state"));
+    setup.config.rate_limits.device = qflare_server::ratelimit::RateLimit {
+        per_minute: 1,
+        burst: 3,
+    };
+    let server = TestServer::start(setup).await;
+    let identity = server.enrolled(&dir.path().join("device")).await;
+    let stranger = reqwest_from("127.0.0.3", false);
+    let stranger_keys = DeviceKeys::generate(
+        KemSuite::MlKem768,
+        SignatureSuite::MlDsa65,
+        &mut rand::rng(),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let impostor = ClientIdentity {
+            device_id: identity.device_id,
+            kem_public_key: &stranger_keys.kem.public,
+            kem_secret_key: &stranger_keys.kem.secret,
+            signing_key: &stranger_keys.signing,
+        };
+        let (_, hello) = ClientStart::new(impostor, &identity.server_key)
+            .hello(&mut rand::rng())
+            .unwrap();
+        let response = stranger
+            .post(format!("{}/v1/sessions", server.url))
+            .header(JSON.0, JSON.1)
+            .body(serde_json::to_vec(&hello).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let server_hello: ServerHello = response.json().await.unwrap();
+        let session_id = server_hello.session_id;
+        // The stranger cannot verify the server's hello (it binds the
+        // device's registered keys) nor sign for the device: it answers
+        // with a confirmation of the right shape and nothing behind it.
+        let confirm = ClientConfirm {
+            version: server_hello.version,
+            session_id,
+            signature: vec![0x42; 3309],
+            key_confirmation: [0x24; 32],
+        };
+        let response = stranger
+            .post(format!("{}/v1/sessions/{session_id}/confirm", server.url))
+            .header(JSON.0, JSON.1)
+            .body(serde_json::to_vec(&confirm).unwrap())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        assert!(status == 401 || status == 400, "{status}");
+    }
+    let (_, _, _channel) = handshake(&server, &identity).await;
+}
+
+/// A rotation whose answer is lost leaves the device with both key sets on
+/// disk; the next start finds out which the server holds, either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_rotation_answer_is_settled_at_the_next_start() {
+    let dir = tempdir();
+    let server = TestServer::start(Setup::new(&dir.path().join("state"))).await;
+    let device_dir = dir.path().join("device");
+    let mut identity = server.enrolled(&device_dir).await;
+    let transport = qflare_edge::transport_for(&identity).unwrap();
+
+    // 1. The device recorded new keys but the request never left: the
+    //    server still holds the old keys, which stay.
+    identity.pending_keys = Some(
+        DeviceKeys::generate(
+            KemSuite::MlKem768,
+            SignatureSuite::MlDsa65,
+            &mut rand::rng(),
+        )
+        .unwrap(),
+    );
+    identity.replace(&device_dir).unwrap();
+    let settled = qflare_edge::load_identity(&device_dir).await.unwrap();
+    assert_eq!(settled.key_version, 1);
+    assert!(settled.pending_keys.is_none());
+    assert!(Identity::load(&device_dir).unwrap().pending_keys.is_none());
+
+    // 2. The request reached the server, which rotated, but the answer was
+    //    lost: the pending keys are the server's now.
+    let mut identity = settled;
+    let new_keys = DeviceKeys::generate(
+        KemSuite::MlKem768,
+        SignatureSuite::MlDsa65,
+        &mut rand::rng(),
+    )
+    .unwrap();
+    let request = qflare_protocol::rotation::build_request(
+        identity.device_id,
+        &identity.keys.signing,
+        &new_keys,
+        server.clock.now(),
+    )
+    .unwrap();
+    let new_kem = new_keys.kem.public.as_bytes().to_vec();
+    identity.pending_keys = Some(new_keys);
+    identity.replace(&device_dir).unwrap();
+    let mut session = qflare_edge::open_session(&identity, &transport)
+        .await
+        .unwrap();
+    let _lost: serde_json::Value = session
+        .call("/v1/devices/self/rotate-keys", &request, 4096)
+        .await
+        .unwrap();
+    let settled = qflare_edge::load_identity(&device_dir).await.unwrap();
+    assert_eq!(settled.key_version, 2);
+    assert_eq!(settled.keys.kem.public.as_bytes(), new_kem.as_slice());
+    let reloaded = Identity::load(&device_dir).unwrap();
+    assert!(reloaded.pending_keys.is_none());
+    assert_eq!(reloaded.key_version, 2);
+    let mut fresh = qflare_edge::open_session(&reloaded, &transport)
+        .await
+        .unwrap();
+    fresh.ping().await.unwrap();
+    // The session the rotation came in on was closed with the old keys.
+    assert!(session.ping().await.is_err());
     server.stop().await;
 }

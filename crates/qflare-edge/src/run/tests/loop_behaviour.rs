@@ -31,6 +31,7 @@ pub(super) fn identity() -> Identity {
         server_key: server.verifying_key().clone(),
         keys: DeviceKeys::generate(KemSuite::MlKem768, SignatureSuite::MlDsa65, &mut rng).unwrap(),
         key_version: 1,
+        pending_keys: None,
     }
 }
 

@@ -1,0 +1,239 @@
+//! Who may send an update body, and how much memory all of them may hold.
+//!
+//! An update body is as large as the model (hundreds of megabytes for a big
+//! one), and the server reads it whole before it can check anything inside.
+//! So everything that can be decided before the body is read is, in
+//! [`UploadGate::admit`], called by the sealed-request extractor once the
+//! session is authenticated and before a byte of the body is read:
+//!
+//! 1. a round is open and this device is one of its participants that has
+//!    not submitted yet (one indexed row; otherwise the answer is the code
+//!    the submission itself would have got: `round_closed`, `not_selected`,
+//!    `duplicate`);
+//! 2. this device has no other upload in flight (`429`, with `Retry-After`:
+//!    a device retrying before its first attempt was answered waits);
+//! 3. the upload's bytes fit the global budget
+//!    (`limits.uploads_in_memory_bytes`), charged at its declared length or,
+//!    without one, the route's limit (`503 busy`, with `Retry-After`).
+//!
+//! The [`UploadTicket`] holds the device's place and the bytes until the
+//! request is answered.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use qflare_store::{RoundState, Store};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{ApiError, ErrorCode};
+
+/// The budget is counted in units of this many bytes, so that the largest
+/// update (1.4 GB) is a permit count a semaphore takes at once (`u32`).
+const UNIT: usize = 1024;
+
+/// Seconds a refused upload is told to wait before trying again.
+const RETRY_AFTER_SECS: u64 = 2;
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct UploadGate {
+    in_flight: Arc<Mutex<HashSet<String>>>,
+    budget: Arc<Semaphore>,
+    budget_units: u32,
+}
+
+/// One admitted upload: its device's place and its share of the budget,
+/// both released when dropped.
+#[derive(Debug)]
+pub struct UploadTicket {
+    device_id: String,
+    in_flight: Arc<Mutex<HashSet<String>>>,
+    /// Held, never read: dropping it returns the bytes to the budget.
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for UploadTicket {
+    fn drop(&mut self) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.device_id);
+    }
+}
+
+impl UploadGate {
+    /// A gate holding at most `budget_bytes` of update bodies at once.
+    pub fn new(budget_bytes: usize) -> Self {
+        let budget_units = u32::try_from(budget_bytes.div_ceil(UNIT).max(1)).unwrap_or(u32::MAX);
+        Self {
+            in_flight: Arc::default(),
+            budget: Arc::new(Semaphore::new(budget_units as usize)),
+            budget_units,
+        }
+    }
+
+    /// Admits an upload of `bytes` (its declared length, or the route's
+    /// limit) from `device_id`, or says why not; see the module
+    /// documentation for the order of the checks.
+    pub async fn admit(
+        &self,
+        store: &dyn Store,
+        device_id: &str,
+        bytes: usize,
+    ) -> Result<UploadTicket, ApiError> {
+        let round = store
+            .latest_round()
+            .await?
+            .filter(|round| round.state == RoundState::Open)
+            .ok_or_else(|| ApiError::new(ErrorCode::RoundClosed))?;
+        match store.participant_state(round.id, device_id).await? {
+            None => return Err(ApiError::new(ErrorCode::NotSelected)),
+            Some(participant) if participant.submitted_at.is_some() => {
+                return Err(ApiError::new(ErrorCode::Duplicate));
+            }
+            Some(_) => {}
+        }
+        // A body larger than the whole budget is charged the whole budget:
+        // it is admitted alone rather than never.
+        let units = u32::try_from(bytes.div_ceil(UNIT).max(1))
+            .unwrap_or(u32::MAX)
+            .min(self.budget_units);
+        {
+            let mut in_flight = self
+                .in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !in_flight.insert(device_id.to_owned()) {
+                return Err(ApiError::rate_limited(RETRY_AFTER_SECS)
+                    .detail("an upload from this device is already in progress"));
+            }
+        }
+        // From here the device's place is held by the ticket, which gives it
+        // back when dropped, also when the budget refuses below.
+        let mut ticket = UploadTicket {
+            device_id: device_id.to_owned(),
+            in_flight: self.in_flight.clone(),
+            _bytes: None,
+        };
+        let Ok(bytes) = self.budget.clone().try_acquire_many_owned(units) else {
+            return Err(ApiError::new(ErrorCode::Busy)
+                .detail("update uploads are using the memory budget")
+                .retry_after(RETRY_AFTER_SECS));
+        };
+        ticket._bytes = Some(bytes);
+        Ok(ticket)
+    }
+
+    /// Devices with an upload in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use qflare_store::{DeviceKeys, NewDevice, RoundRecord, TokenRecord};
+
+    use super::*;
+
+    async fn enrolled(store: &Arc<dyn Store>, id: &str) {
+        let hash = format!("hash-{id}");
+        store
+            .create_token(&TokenRecord {
+                id: format!("token-{id}"),
+                hash: hash.clone(),
+                label: "test".into(),
+                created_at: 0,
+                expires_at: 1_000_000,
+                used_at: None,
+                used_by: None,
+                revoked_at: None,
+            })
+            .await
+            .unwrap();
+        let keys = DeviceKeys {
+            kem_suite: "ML-KEM-768".into(),
+            kem_public_key: vec![1; 1184],
+            signature_suite: "ML-DSA-65".into(),
+            verifying_key: vec![2; 1952],
+        };
+        let device = NewDevice {
+            id: id.into(),
+            name: id.into(),
+            keys,
+        };
+        store.enroll_with_token(&hash, 1, &device).await.unwrap();
+    }
+
+    fn code(result: Result<UploadTicket, ApiError>) -> &'static str {
+        result.unwrap_err().code.as_str()
+    }
+
+    /// Every refusal an upload can get before its body is read, and that
+    /// places and bytes come back when an upload ends.
+    #[tokio::test]
+    async fn uploads_are_admitted_only_for_awaited_devices_one_at_a_time_within_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("db").display());
+        let store = qflare_store::open(&url).await.unwrap();
+        for id in ["a", "b", "outsider"] {
+            enrolled(&store, id).await;
+        }
+        let gate = UploadGate::new(10 * UNIT);
+        assert_eq!(
+            code(gate.admit(store.as_ref(), "a", 1).await),
+            "round_closed"
+        );
+
+        let round = RoundRecord {
+            id: 1,
+            state: RoundState::Open,
+            base_model_version: 0,
+            config_json: "{}".into(),
+            min_updates: 1,
+            target_updates: 2,
+            opened_at: 1,
+            deadline: 1_000_000,
+            closed_at: None,
+            attempt: 1,
+            outcome_json: None,
+        };
+        store
+            .create_round(&round, &["a".into(), "b".into()])
+            .await
+            .unwrap();
+        assert_eq!(
+            code(gate.admit(store.as_ref(), "outsider", 1).await),
+            "not_selected"
+        );
+
+        let first = gate.admit(store.as_ref(), "a", 8 * UNIT).await.unwrap();
+        // The same device again while its first upload is in flight.
+        let second = gate.admit(store.as_ref(), "a", 1).await.unwrap_err();
+        assert_eq!(second.code.as_str(), "rate_limited");
+        // Another device, over what is left of the budget.
+        let busy = gate.admit(store.as_ref(), "b", 8 * UNIT).await.unwrap_err();
+        assert_eq!((busy.code.as_str(), busy.status().as_u16()), ("busy", 503));
+        assert_eq!(gate.in_flight(), 1, "a refused upload holds no place");
+        drop(first);
+        assert_eq!(gate.in_flight(), 0);
+        // Bytes and places are back; a body larger than the whole budget is
+        // admitted alone rather than never.
+        let whole = gate.admit(store.as_ref(), "b", 100 * UNIT).await.unwrap();
+        assert_eq!(code(gate.admit(store.as_ref(), "a", 1).await), "busy");
+        drop(whole);
+
+        assert!(matches!(
+            store.record_submission(1, "a", b"sealed", 2).await.unwrap(),
+            qflare_store::SubmissionOutcome::Stored
+        ));
+        assert_eq!(code(gate.admit(store.as_ref(), "a", 1).await), "duplicate");
+        assert!(gate.admit(store.as_ref(), "b", 1).await.is_ok());
+    }
+}
