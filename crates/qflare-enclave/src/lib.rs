@@ -65,6 +65,7 @@ pub mod config;
 pub mod defense;
 pub mod error;
 pub mod frame;
+pub mod history;
 #[cfg(feature = "host")]
 pub mod host;
 mod kernels;

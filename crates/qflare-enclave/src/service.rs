@@ -8,7 +8,9 @@
 //! certified, so the host cannot make the enclave sign an update of a model
 //! it never produced; updates are accepted only from the round's selected
 //! devices, under the keys the host registered for them, for this round and
-//! this model version.
+//! this model version. Round ids only move forward and a version names one
+//! model ([`crate::history`]), so a host cannot re-run a round to replay a
+//! device's envelope.
 
 use std::collections::{HashMap, HashSet};
 
@@ -25,6 +27,7 @@ use zeroize::Zeroizing;
 
 use crate::backend::EnclaveBackend;
 use crate::frame::{Frame, FrameError, Kind};
+use crate::history::BootHistory;
 use crate::messages::{
     AckAnswer, AttestRequest, BeginRoundRequest, CertifyRequest, Hardening, ImportModelRequest,
     InitModelRequest, LedgerVerdict, ModelAnswer, OutcomeAnswer, ReportAnswer, SubmitRequest,
@@ -51,6 +54,9 @@ pub enum ServiceError {
     /// A protocol operation failed.
     #[error(transparent)]
     Protocol(#[from] qflare_protocol::ProtocolError),
+    /// The boot's history forbids it (an old round id, a second model for a version).
+    #[error(transparent)]
+    History(#[from] crate::history::HistoryError),
     /// The aggregation settings are invalid.
     #[error(transparent)]
     Config(#[from] crate::error::ConfigError),
@@ -64,7 +70,7 @@ impl ServiceError {
         match self {
             Self::Frame(e) => e.code(),
             Self::State(_) => "bad_state",
-            Self::Refused(_) => "refused",
+            Self::Refused(_) | Self::History(_) => "refused",
             Self::Ml(_) => "ml_error",
             Self::Protocol(_) => "protocol_error",
             Self::Config(_) => "bad_config",
@@ -116,6 +122,7 @@ pub struct EnclaveService<B> {
     hardening: Hardening,
     certified: HashMap<[u8; 32], CertifiedModel>,
     round: Option<ActiveRound>,
+    history: BootHistory,
     root_data: Option<Dataset>,
 }
 
@@ -181,6 +188,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             hardening,
             certified: HashMap::new(),
             round: None,
+            history: BootHistory::default(),
             root_data,
         }
     }
@@ -223,14 +231,29 @@ impl<B: EnclaveBackend> EnclaveService<B> {
         ))
     }
 
-    fn remember(&mut self, model: &[u8], architecture: &str, model_version: u64) {
+    /// Certifies `model` as `model_version` of `architecture` and remembers
+    /// it, unless this boot certified another model as that version.
+    fn certify_and_remember(
+        &mut self,
+        architecture: &str,
+        model_version: u64,
+        round_id: u64,
+        model: &[u8],
+    ) -> Result<model::ModelCertificate, ServiceError> {
+        let digest = sha256(model);
+        self.history.check_version(model_version, &digest)?;
+        let certificate = self
+            .backend
+            .certify(architecture, model_version, round_id, model)?;
+        self.history.certified(model_version, digest);
         self.certified.insert(
-            sha256(model),
+            digest,
             CertifiedModel {
                 architecture: architecture.to_owned(),
                 model_version,
             },
         );
+        Ok(certificate)
     }
 
     fn init_model(&mut self, request: &Frame) -> Result<Frame, ServiceError> {
@@ -238,8 +261,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
         let meta: InitModelRequest = request.meta()?;
         let architecture: Architecture = meta.architecture.parse()?;
         let model = qflare_ml::initial_model(architecture, meta.seed)?.to_safetensors();
-        let certificate = self.backend.certify(&meta.architecture, 0, 0, &model)?;
-        self.remember(&model, &meta.architecture, 0);
+        let certificate = self.certify_and_remember(&meta.architecture, 0, 0, &model)?;
         Ok(Frame::new(
             Kind::Model,
             &ModelAnswer { certificate },
@@ -268,8 +290,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             )));
         }
         let model = map.to_safetensors();
-        let certificate = self.backend.certify(&meta.name, 0, 0, &model)?;
-        self.remember(&model, &meta.name, 0);
+        let certificate = self.certify_and_remember(&meta.name, 0, 0, &model)?;
         tracing::info!(
             name = %meta.name,
             tensors = map.len(),
@@ -301,17 +322,12 @@ impl<B: EnclaveBackend> EnclaveService<B> {
         )?;
         model::verify(&meta.certificate, model_bytes, &previous.verifying_key)?;
         decode_model(&meta.certificate.architecture, model_bytes)?;
-        let certificate = self.backend.certify(
+        let certificate = self.certify_and_remember(
             &meta.certificate.architecture,
             meta.certificate.model_version,
             meta.certificate.round_id,
             model_bytes,
         )?;
-        self.remember(
-            model_bytes,
-            &meta.certificate.architecture,
-            meta.certificate.model_version,
-        );
         Ok(Frame::new(
             Kind::Model,
             &ModelAnswer { certificate },
@@ -328,6 +344,8 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             .into());
         }
         let meta: BeginRoundRequest = request.meta()?;
+        self.history
+            .check_begin(meta.round_id, meta.model_version)?;
         meta.config.validate()?;
         let global_bytes = &request.blobs[0];
         let known = self.certified.get(&sha256(global_bytes)).ok_or_else(|| {
@@ -396,6 +414,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
                 "a new round replaces an unfinished one"
             );
         }
+        self.history.begun(meta.round_id);
         self.round = Some(ActiveRound {
             round_id: meta.round_id,
             model_version: meta.model_version,
@@ -428,6 +447,8 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             .round
             .as_mut()
             .ok_or(ServiceError::State("no round is open in the enclave"))?;
+        // Whatever the verdict, the round has seen an envelope: its id is spent.
+        self.history.used();
         let first = !round.seen.contains(&meta.device_id);
         let verdict = Self::judge(&self.backend, round, meta.device_id, &request.blobs[0]);
         // The aggregator keeps its own verdicts (including rejections on
@@ -510,16 +531,19 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             .round
             .take()
             .ok_or(ServiceError::State("no round is open in the enclave"))?;
+        self.history.used();
         let mut verdicts = round.refused;
         match round.aggregator.finalize() {
             Ok(result) => {
                 verdicts.extend(result.verdicts.iter().map(ledger));
                 let model = result.new_global.to_safetensors();
                 let version = round.model_version + 1;
-                let certificate =
-                    self.backend
-                        .certify(&round.architecture, version, round.round_id, &model)?;
-                self.remember(&model, &round.architecture, version);
+                let certificate = self.certify_and_remember(
+                    &round.architecture,
+                    version,
+                    round.round_id,
+                    &model,
+                )?;
                 drop(round.global);
                 tracing::info!(
                     round = round.round_id,

@@ -1,6 +1,6 @@
 //! The real `qflare-enclave` process: attested, sandboxed, robust to bad
 //! frames, and survivable — killed mid-round with SIGKILL, restarted by the
-//! host, and the retried round completes.
+//! host, and the retried round completes (once: its id is then spent).
 
 // A test fails loudly on any unexpected error; unwrap says so most plainly.
 #![allow(clippy::unwrap_used)]
@@ -425,5 +425,29 @@ async fn killed_mid_round_restarted_and_the_retried_round_completes() {
     )
     .unwrap();
     assert_eq!(outcome.certificate.unwrap().model_version, 1);
+
+    // Finished, round 1 cannot be begun again in this boot: a host keeping
+    // the envelopes cannot re-run it with fewer devices to single one out.
+    let again = client
+        .call(&Frame::new(
+            Kind::BeginRound,
+            &BeginRoundRequest {
+                round_id: 1,
+                model_version: 0,
+                architecture: "mnist-2nn".into(),
+                config: AggregationConfig::default(),
+                devices: vec![],
+                reference_training: None,
+            },
+            vec![model_bytes.clone()],
+        ))
+        .await
+        .unwrap_err();
+    match &again {
+        EnclaveError::Refused { message, .. } => {
+            assert!(message.contains("round 1 received updates"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other}"),
+    }
     client.shutdown().await;
 }

@@ -59,6 +59,9 @@ pub enum AuditKind {
     RoundAggregated,
     /// A round failed and will be retried or abandoned.
     RoundFailed,
+    /// An open round was begun again in a new enclave boot (after the
+    /// server or the enclave restarted); its devices submit again.
+    RoundResumed,
     /// The enclave process was (re)started and attested.
     EnclaveAttested,
     /// A restarted enclave endorsed a model a previous boot certified.
@@ -86,6 +89,7 @@ impl AuditKind {
             Self::UpdateRejected => "update_rejected",
             Self::RoundAggregated => "round_aggregated",
             Self::RoundFailed => "round_failed",
+            Self::RoundResumed => "round_resumed",
             Self::EnclaveAttested => "enclave_attested",
             Self::ModelRecertified => "model_recertified",
         }

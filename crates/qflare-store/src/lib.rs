@@ -203,11 +203,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: i64,
         outcome_json: Option<&str>,
     ) -> Result<bool, StoreError>;
-    /// Re-opens a `Failed` or `Aggregating` round for a retry: state `Open`, `attempt + 1`,
-    /// `opened_at = now`, the new `deadline`, `closed_at` and `outcome_json` cleared, every
-    /// participant's verdict cleared — but the stored envelopes are kept, so devices need not
-    /// resubmit. `false` if the round is in any other state or unknown.
+    /// Re-opens an `Open` or `Aggregating` round for a retry in a new enclave boot: state `Open`,
+    /// `attempt + 1`, `opened_at = now`, the new `deadline`, `closed_at` and `outcome_json`
+    /// cleared, and every participant's submission cleared with its envelope and verdict — the
+    /// envelopes were sealed to the keys of an enclave boot that is gone, so the devices submit
+    /// again. The selected devices stay. `false` if the round is closed (completed, failed,
+    /// cancelled) or unknown.
     async fn reopen_round(&self, id: u64, deadline: i64, now: i64) -> Result<bool, StoreError>;
+    /// Deletes the stored envelope of every participant of every closed (completed, failed or
+    /// cancelled) round, keeping the rest of the row (when it submitted, its verdict); returns
+    /// how many envelopes went. A closed round's envelopes serve nothing, and kept they are
+    /// what a host would replay to re-run an old round; idempotent, so a caller that crashed
+    /// between closing a round and this call catches up at the next.
+    async fn discard_closed_envelopes(&self) -> Result<u64, StoreError>;
     /// The round's participants, ordered by device id.
     async fn participants(&self, round_id: u64) -> Result<Vec<ParticipantRecord>, StoreError>;
     /// The round's participants without their envelopes (`envelope` is `None`), ordered by

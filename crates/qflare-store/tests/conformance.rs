@@ -75,6 +75,7 @@ single_store_checks!(
     concurrent_sequence_advance,
     rounds,
     submissions,
+    closed_envelopes,
     models,
     evaluations,
     audit_chain,

@@ -23,8 +23,12 @@
 //!
 //! Failures are sorted by what they mean (`Disposition` in the source):
 //! a revoked device stops cleanly; a closed, duplicate or late round is
-//! skipped; a restarted enclave gets the *same* trained update re-sealed to
-//! its new key (no retraining); an expired session is replaced; network
+//! skipped; a restarted enclave, or a round the server resumes after its own
+//! restart, gets the *same* trained update re-sealed to the new enclave key
+//! (no retraining) — once per round: asked to seal it to yet another key, the
+//! device drops it and waits for the next round, so a host that keeps
+//! restarting the enclave gets no more envelopes of one update than a single
+//! crash needs; an expired session is replaced; network
 //! errors, 429, 5xx and a restarting enclave back off exponentially with
 //! jitter ([`Backoff`]); refusals (a report, model or round that fails a
 //! check) skip the round, or end the run when [`DeviceConfig::fail_on_refusal`]
@@ -58,7 +62,7 @@ pub use events::{
     DeviceEvent, Events, RoundRecord, RoundTimings, RunSummary, StopOutcome, StopReason,
 };
 pub use link::{MODEL_DOWNLOAD_LIMIT, RECEIPT_LIMIT, ROUND_INFO_LIMIT};
-pub use submit::{CODE_RECEIPT_LOST, STATUS_SUBMITTED};
+pub use submit::{CODE_RECEIPT_LOST, CODE_RESEAL_LIMIT, STATUS_SUBMITTED};
 pub use verify::{
     decode_model, verify_model_certificate, verify_model_download, verify_round_report,
 };

@@ -44,6 +44,30 @@ pub(super) struct PendingUpdate {
     /// holds nothing the new enclave can open, whatever the round status
     /// says, so the update waits for the next `train` answer to be re-sealed.
     pub(super) awaiting_reseal: bool,
+    /// A receipt (or the server's word) says the update arrived. It is
+    /// kept until the round is over all the same: a server or enclave that
+    /// restarts resumes the round and asks for it again, to be re-sealed
+    /// to the new enclave boot instead of trained again.
+    pub(super) delivered: bool,
+    /// SHA-256 of the enclave KEM key the update was last sealed to.
+    pub(super) sealed_to: Option<[u8; 32]>,
+    /// How often it was sealed to a key other than the one before.
+    pub(super) rekeys: u32,
+}
+
+/// How often one round's update may be sealed to a new enclave key. Each
+/// re-seal hands the host a fresh envelope it can have an enclave open in a
+/// round of its choosing; one is what a single crash of the server or the
+/// enclave needs, and a host that restarts the enclave again and again gets
+/// no more than that.
+pub(super) const MAX_REKEYS: u32 = 1;
+
+impl PendingUpdate {
+    /// Whether sealing to the enclave key with this digest is allowed: the
+    /// key it was last sealed to, or a new one while re-keys are left.
+    pub(super) fn may_seal_to(&self, key: &[u8; 32]) -> bool {
+        self.sealed_to.is_none_or(|before| before == *key) || self.rekeys < MAX_REKEYS
+    }
 }
 
 /// Timing of the round being worked on.
@@ -263,6 +287,14 @@ impl<L: Link> Runner<'_, L> {
         let poll = info
             .poll_after_secs
             .clamp(1, self.config.max_poll_secs.max(1));
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.delivered && info.round_id.is_some_and(|id| id != p.round_id))
+        {
+            // Another round: the delivered update will not be asked for again.
+            self.pending = None;
+        }
         match info.status {
             RoundStatus::Finished => {
                 self.pending = None;

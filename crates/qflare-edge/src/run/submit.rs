@@ -6,12 +6,13 @@ use std::time::Instant;
 
 use qflare_protocol::ProtocolError;
 use qflare_protocol::attestation::VerifiedEnclave;
+use qflare_protocol::crypto::sha256;
 use qflare_protocol::envelope::{self, UpdateMetadata};
 use qflare_protocol::federation::{EvaluationReport, SubmitReceipt};
 
 use super::events::{DeviceEvent, RoundRecord, RoundTimings, StopReason};
 use super::link::Link;
-use super::runner::{Next, PendingUpdate, Runner};
+use super::runner::{MAX_REKEYS, Next, PendingUpdate, Runner};
 use crate::error::EdgeError;
 use crate::trainer::EvalResult;
 
@@ -21,6 +22,9 @@ use crate::trainer::EvalResult;
 pub const STATUS_SUBMITTED: &str = "submitted";
 /// The code recorded with [`STATUS_SUBMITTED`].
 pub const CODE_RECEIPT_LOST: &str = "receipt_lost";
+/// The code of the [`DeviceEvent::Skipped`] event when a round's update was
+/// dropped rather than sealed to yet another enclave key.
+pub const CODE_RESEAL_LIMIT: &str = "reseal_limit";
 
 impl<L: Link> Runner<'_, L> {
     /// Seals the pending update to the attested enclave and submits it.
@@ -29,10 +33,18 @@ impl<L: Link> Runner<'_, L> {
         round_id: u64,
         enclave: &VerifiedEnclave,
     ) -> Result<Next, EdgeError> {
+        let key = sha256(enclave.kem_public_key.as_bytes());
         let pending = self
             .pending
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| EdgeError::Config("internal: submit without a trained update".into()))?;
+        if !pending.may_seal_to(&key) {
+            return Ok(self.drop_rekeyed(round_id));
+        }
+        if pending.sealed_to.is_some_and(|before| before != key) {
+            pending.rekeys += 1;
+        }
+        pending.sealed_to = Some(key);
         let metadata = UpdateMetadata {
             round_id,
             device_id: self.identity.device_id,
@@ -58,10 +70,15 @@ impl<L: Link> Runner<'_, L> {
                 "the receipt's round",
             )));
         }
-        if let Some(pending) = self.pending.take() {
+        if let Some(mut pending) = self.pending.take() {
             self.record(&pending, receipt);
-            if let Some(evaluation) = pending.evaluation {
-                self.report_evaluation(round_id, pending.model_version, evaluation)
+            let evaluation = pending.evaluation.take();
+            let model_version = pending.model_version;
+            pending.delivered = true;
+            pending.awaiting_reseal = false;
+            self.pending = Some(pending);
+            if let Some(evaluation) = evaluation {
+                self.report_evaluation(round_id, model_version, evaluation)
                     .await;
             }
         }
@@ -70,6 +87,29 @@ impl<L: Link> Runner<'_, L> {
             return Ok(Next::Stop(StopReason::MaxRounds));
         }
         Ok(Next::Now)
+    }
+
+    /// The round's update was sealed to as many enclave keys as it may be:
+    /// the server asks for it under yet another key, which a host that keeps
+    /// restarting the enclave would, to open it in rounds of its choosing.
+    /// It is dropped, and the device waits for the next round.
+    pub(super) fn drop_rekeyed(&mut self, round_id: u64) -> Next {
+        tracing::warn!(
+            round_id,
+            limit = MAX_REKEYS,
+            "the enclave's key changed again while this round was open; dropping the update \
+             rather than sealing it to another enclave boot, and waiting for the next round"
+        );
+        self.pending = None;
+        self.clock = None;
+        self.working_round = None;
+        self.done_rounds.insert(round_id);
+        self.summary.skipped += 1;
+        self.events.emit(DeviceEvent::Skipped {
+            round_id: Some(round_id),
+            code: CODE_RESEAL_LIMIT.to_owned(),
+        });
+        Next::Now
     }
 
     /// Sends the trainer's evaluation of the round's model. Best effort: a
@@ -134,7 +174,7 @@ impl<L: Link> Runner<'_, L> {
             code: receipt.code.clone(),
             timings,
         });
-        self.summary.rounds.push(RoundRecord {
+        let record = RoundRecord {
             round_id,
             model_version: pending.model_version,
             examples: pending.examples,
@@ -142,7 +182,17 @@ impl<L: Link> Runner<'_, L> {
             status: receipt.status,
             code: receipt.code,
             timings,
-        });
+        };
+        // A resumed round's second receipt replaces the first: one round, one row.
+        match self
+            .summary
+            .rounds
+            .iter_mut()
+            .find(|r| r.round_id == round_id)
+        {
+            Some(earlier) => *earlier = record,
+            None => self.summary.rounds.push(record),
+        }
     }
 
     /// The server lists us as submitted to a round whose receipt we never
@@ -151,7 +201,10 @@ impl<L: Link> Runner<'_, L> {
     /// was sealed to the dead enclave's key, so the update is kept until the
     /// server asks for it again (or the round moves on).
     pub(super) fn receipt_lost(&mut self, round_id: Option<u64>) {
-        let Some(pending) = self
+        if self.pending.as_ref().is_some_and(|p| p.delivered) {
+            return;
+        }
+        let Some(mut pending) = self
             .pending
             .take_if(|p| Some(p.round_id) == round_id && !p.awaiting_reseal)
         else {
@@ -170,5 +223,7 @@ impl<L: Link> Runner<'_, L> {
             code: CODE_RECEIPT_LOST.to_owned(),
         };
         self.record(&pending, receipt);
+        pending.delivered = true;
+        self.pending = Some(pending);
     }
 }

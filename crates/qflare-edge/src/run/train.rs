@@ -53,15 +53,23 @@ impl<L: Link> Runner<'_, L> {
         let round_id = info
             .round_id
             .ok_or_else(|| EdgeError::RoundRefused("a train answer without a round id".into()))?;
-        if self.done_rounds.contains(&round_id) {
-            // Submitted or skipped already; the server has not caught up.
-            return Ok(Next::Poll(poll));
-        }
         let missing =
             |field: &str| EdgeError::RoundRefused(format!("a train answer without {field}"));
         let model_version = info
             .model_version
             .ok_or_else(|| missing("a model version"))?;
+        // The update kept for this very round and model version is sealed
+        // again, not retrained: after an enclave restart, a lost receipt, or
+        // a resumed round (the server or its enclave restarted and cleared
+        // what was sealed to the old boot; see `submit` for the limit).
+        let reusable = self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.model_version == model_version && p.round_id == round_id);
+        if !reusable && self.done_rounds.contains(&round_id) {
+            // Submitted or skipped already; the server has not caught up.
+            return Ok(Next::Poll(poll));
+        }
         let architecture = info.architecture.ok_or_else(|| missing("a model name"))?;
         qflare_protocol::model::validate_model_name(&architecture)
             .map_err(|e| EdgeError::RoundRefused(e.to_string()))?;
@@ -80,16 +88,10 @@ impl<L: Link> Runner<'_, L> {
             mode: enclave.mode,
         });
 
-        // An update refused only because the enclave restarted is re-sealed,
-        // not retrained, also when the server retries under a new round id:
-        // it was trained from the same model version, and the inner
-        // signature binds the round it is sealed for.
-        let reusable = self.pending.as_ref().is_some_and(|p| {
-            p.model_version == model_version && (p.round_id == round_id || p.awaiting_reseal)
-        });
         if reusable {
-            if let Some(pending) = self.pending.as_mut() {
-                pending.round_id = round_id;
+            let key = sha256(enclave.kem_public_key.as_bytes());
+            if self.pending.as_ref().is_some_and(|p| !p.may_seal_to(&key)) {
+                return Ok(self.drop_rekeyed(round_id));
             }
             self.summary.reseals += 1;
             self.events.emit(DeviceEvent::Resealing { round_id });
@@ -255,6 +257,9 @@ impl<L: Link> Runner<'_, L> {
             evaluation,
             bytes,
             awaiting_reseal: false,
+            delivered: false,
+            sealed_to: None,
+            rekeys: 0,
         })
     }
 }

@@ -41,6 +41,9 @@ impl From<FederationError> for ApiError {
                     .detail(err)
                     .retry_after(2)
             }
+            FederationError::Resuming(_) => ApiError::new(ErrorCode::EnclaveRestarting)
+                .detail(err)
+                .retry_after(2),
             FederationError::Store(store) => store.into(),
             FederationError::ModelRefused(why) => {
                 ApiError::new(ErrorCode::InvalidModel).explain(why)
@@ -191,6 +194,7 @@ async fn submit(state: &SharedState, request: &mut SealedRequest) -> ApiResult<S
     // Only the raw body travels on: the decoded copy of its payload goes now.
     drop(envelope);
     let _gate = fed.submission_gate().await;
+    fed.accepting(round_id).await?;
     let stored = state
         .store
         .record_submission(round_id, &request.device.id, &request.body, state.now_i64())

@@ -6,9 +6,13 @@
 //!            ┌──────────── enough active devices, not paused, rounds left ───┐
 //!            ▼                                                               │
 //!  (none / Completed / Failed) ──open──▶ Open ──target reached or deadline──▶ Aggregating
-//!                                         │  ▲                                 │
-//!     enclave restarted, server restarted │  │ submissions (POST /v1/updates)  ├─ model ──▶ Completed
-//!     or minimum missed at the deadline ──┴──┼──────────────▶ Failed ◀─────────┴─ no model
+//!                                        │ ▲ ▲                               │    │
+//!                                        │ │ └─ resumed: the enclave or the ─┘    ├─ model ──▶ Completed
+//!                                        │ │    server restarted (same id,        │
+//!                                        │ │    same devices, new boot)           │
+//!                                        │ └─ submissions (POST /v1/updates)      │
+//!     minimum missed at the deadline, ───┴──────────────▶ Failed ◀────────────────┴─ no model
+//!     or the resume refused
 //! ```
 //!
 //! * Opening: the enclave certifies the starting model (it creates version 0
@@ -19,9 +23,14 @@
 //!   with a provisional verdict.
 //! * Closing: the enclave aggregates and signs the new model; every verdict
 //!   goes to the ledger; the model is stored and evaluated on the held-out set.
-//! * A round whose enclave died, or that was open when the server stopped,
-//!   cannot be finished (its envelopes were sealed to keys that no longer
-//!   exist): it is marked failed and a new round starts from the same model.
+//! * A round whose enclave died, or that was open (or aggregating) when the
+//!   server stopped, is resumed: the same round id is begun again in the
+//!   running enclave boot with the same model version and devices, the
+//!   submissions sealed to the dead boot's keys are cleared (and their
+//!   envelopes deleted: nothing can open them), the deadline is renewed, and
+//!   the devices re-seal the updates they kept — each at most once per round
+//!   — without training again (`round::resume_round`).
+//! * Envelopes are deleted once their round closes, whatever the outcome.
 //!
 //! Only this server runs a controller; it is the deployment's coordinator.
 //!
@@ -85,6 +94,10 @@ pub enum FederationError {
     /// A custom model's federation has no model until an admin registers one.
     #[error("no model is registered yet: run `qflare model init --from FILE`")]
     NoModel,
+    /// The round is open but not yet begun in the running enclave boot
+    /// (it restarted, or the server did): it is being resumed.
+    #[error("round {0} is being resumed in a new enclave boot")]
+    Resuming(u64),
 }
 
 /// Everything the controller works with, and nothing of the HTTP layer.
@@ -304,6 +317,9 @@ impl Federation {
 
     /// The controller loop; returns when `shutdown` fires.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        // Envelopes an earlier version kept, or that a crash between closing
+        // a round and deleting them left behind.
+        self.discard_closed_envelopes().await;
         loop {
             if let Err(err) = self.step().await {
                 tracing::warn!(%err, "round controller step failed; retrying");
@@ -381,30 +397,21 @@ impl Federation {
                         }
                     }
                     Some(open) if open.round_id == round.id => {
-                        self.fail_round(
-                            &round,
-                            RoundState::Open,
-                            "the enclave restarted; its keys are gone",
-                        )
-                        .await?;
+                        self.resume_round(&round, &enclave, "the enclave restarted", now)
+                            .await?;
                     }
                     _ => {
-                        self.fail_round(
-                            &round,
-                            RoundState::Open,
-                            "the server restarted during the round",
-                        )
-                        .await?;
+                        self.resume_round(&round, &enclave, "the server restarted", now)
+                            .await?;
                     }
                 }
             }
             Some(round) if round.state == RoundState::Aggregating => {
-                self.fail_round(
-                    &round,
-                    RoundState::Aggregating,
-                    "interrupted during aggregation",
-                )
-                .await?;
+                // Only `close_round` moves a round to aggregating, and it
+                // runs inside this step: one found here was interrupted (the
+                // server died, or the enclave failed while aggregating).
+                self.resume_round(&round, &enclave, "the aggregation was interrupted", now)
+                    .await?;
             }
             latest => {
                 let (started, paused) = {

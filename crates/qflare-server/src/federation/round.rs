@@ -1,6 +1,7 @@
 //! A round's life: open it (select devices, begin the round in the
 //! enclave), forward submissions, close it (aggregate, store and evaluate the
-//! new model, ledger every verdict) or fail it.
+//! new model, ledger every verdict), resume it in a new enclave boot, or fail
+//! it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -66,14 +67,67 @@ impl Federation {
         };
         let mut devices = Vec::with_capacity(selected.len());
         for device in &selected {
-            let (_, key) = registered_keys(device)
-                .map_err(|e| FederationError::Inconsistent(e.to_string()))?;
-            devices.push(RoundDevice {
-                device_id: DeviceId::parse(&device.id)?,
-                signature_suite: key.suite(),
-                verifying_key: key.as_bytes().to_vec(),
-            });
+            devices.push(round_device(device)?);
         }
+        let training = &config.training;
+        // Known before the round is stored, so no submission to it can find
+        // the controller unaware of it (see `accepting`).
+        {
+            let mut inner = self.inner.lock().await;
+            inner.open = Some(OpenRound {
+                round_id,
+                generation: enclave.generation,
+                submitted: HashSet::new(),
+                not_rejected: 0,
+            });
+            inner.waiting_logged = false;
+        }
+        self.begin_in_enclave(round_id, model, devices).await?;
+        let deadline = now.saturating_add(config.round_timeout_secs);
+        let record = RoundRecord {
+            id: round_id,
+            state: RoundState::Open,
+            base_model_version: model.version,
+            config_json:
+                json!({ "architecture": model.certificate.architecture, "training": training })
+                    .to_string(),
+            min_updates: u32::try_from(config.min_updates).unwrap_or(u32::MAX),
+            target_updates: u32::try_from(selected.len()).unwrap_or(u32::MAX),
+            opened_at: self.now_i64(),
+            deadline: i64::try_from(deadline).unwrap_or(i64::MAX),
+            closed_at: None,
+            attempt: 1,
+            outcome_json: None,
+        };
+        let ids: Vec<String> = selected.iter().map(|d| d.id.clone()).collect();
+        self.ctx.store.create_round(&record, &ids).await?;
+        tracing::info!(
+            round_id,
+            model_version = model.version,
+            selected = ids.len(),
+            "round opened"
+        );
+        self.ctx
+            .auditor
+            .audit(
+                AuditKind::RoundOpened,
+                "server",
+                &round_id.to_string(),
+                json!({ "model_version": model.version, "selected": ids, "deadline": deadline }),
+            )
+            .await;
+        Ok(())
+    }
+
+    /// Begins round `round_id` on `model` with `devices` in the running
+    /// enclave boot.
+    async fn begin_in_enclave(
+        &self,
+        round_id: u64,
+        model: &CurrentModel,
+        devices: Vec<RoundDevice>,
+    ) -> Result<(), FederationError> {
+        let config = &self.ctx.config.federation;
         let mut aggregation = self.ctx.config.aggregation.clone();
         aggregation.min_accepted = aggregation.min_accepted.max(config.min_updates);
         let training = &config.training;
@@ -99,50 +153,180 @@ impl Federation {
         self.enclave
             .call_expecting(&Frame::new(Kind::BeginRound, &request, blobs), Kind::Ack)
             .await?;
-        let deadline = now.saturating_add(config.round_timeout_secs);
-        let record = RoundRecord {
-            id: round_id,
-            state: RoundState::Open,
-            base_model_version: model.version,
-            config_json:
-                json!({ "architecture": model.certificate.architecture, "training": training })
-                    .to_string(),
-            min_updates: u32::try_from(config.min_updates).unwrap_or(u32::MAX),
-            target_updates: u32::try_from(selected.len()).unwrap_or(u32::MAX),
-            opened_at: self.now_i64(),
-            deadline: i64::try_from(deadline).unwrap_or(i64::MAX),
-            closed_at: None,
-            attempt: 1,
-            outcome_json: None,
-        };
-        let ids: Vec<String> = selected.iter().map(|d| d.id.clone()).collect();
-        self.ctx.store.create_round(&record, &ids).await?;
+        Ok(())
+    }
+
+    /// Resumes an `Open` or `Aggregating` round the running enclave boot
+    /// has not begun (the enclave or the server restarted): the same id,
+    /// model version and devices, begun again; every submission cleared
+    /// (sealed to keys that are gone) so the devices re-seal what they kept;
+    /// the deadline a full round from now. A round whose model was stored
+    /// before the crash is completed instead, and one that cannot be resumed
+    /// (the model moved on, the enclave refuses) fails.
+    pub(super) async fn resume_round(
+        &self,
+        round: &RoundRecord,
+        enclave: &EnclaveInfo,
+        why: &str,
+        now: u64,
+    ) -> Result<(), FederationError> {
+        let next = round.base_model_version.saturating_add(1);
+        if round.state == RoundState::Aggregating
+            && let Some(made) = self.ctx.store.get_model(next).await?
+            && made.round_id == round.id
         {
-            let mut inner = self.inner.lock().await;
-            inner.open = Some(OpenRound {
-                round_id,
-                generation: enclave.generation,
-                submitted: HashSet::new(),
-                not_rejected: 0,
+            // The server died between storing the new model and closing the
+            // round; the verdicts were stored before the model.
+            let verdicts = self.ctx.store.participant_states(round.id).await?;
+            let accepted = verdicts
+                .iter()
+                .filter(|p| p.verdict.as_deref() == Some("accepted"))
+                .count();
+            let rejected = verdicts
+                .iter()
+                .filter(|p| p.verdict.as_deref() == Some("rejected"))
+                .count();
+            let summary = json!({
+                "model_version": next,
+                "accepted": accepted,
+                "rejected": rejected,
+                "recovered": true,
             });
-            inner.waiting_logged = false;
+            if self
+                .ctx
+                .store
+                .transition_round(
+                    round.id,
+                    RoundState::Aggregating,
+                    RoundState::Completed,
+                    self.now_i64(),
+                    Some(&summary.to_string()),
+                )
+                .await?
+            {
+                tracing::info!(round_id = round.id, "round completed before the restart");
+            }
+            self.inner.lock().await.open = None;
+            self.discard_closed_envelopes().await;
+            return Ok(());
         }
+        let model = self.current_model(enclave).await?;
+        if model.version != round.base_model_version {
+            let reason = format!(
+                "cannot resume: the round trains version {}, the latest model is {}",
+                round.base_model_version, model.version
+            );
+            return self.fail_round(round, round.state, &reason).await;
+        }
+        let mut devices = Vec::new();
+        let mut ids = Vec::new();
+        for participant in self.ctx.store.participant_states(round.id).await? {
+            // A device revoked since cannot take part; the rest can.
+            match self.ctx.store.get_device(&participant.device_id).await? {
+                Some(device) if device.revoked_at.is_none() => {
+                    devices.push(round_device(&device)?);
+                    ids.push(device.id);
+                }
+                _ => {}
+            }
+        }
+        let deadline = now
+            .saturating_add(self.ctx.config.federation.round_timeout_secs)
+            .max(unix(round.deadline));
+        // No submission may be between the store and the enclave meanwhile:
+        // it would reach the new boot and then be cleared.
+        let exclusive = self.gate.write().await;
+        match self.begin_in_enclave(round.id, &model, devices).await {
+            Ok(()) => {}
+            Err(FederationError::Enclave(EnclaveError::Refused { message, .. })) => {
+                drop(exclusive);
+                let reason = format!("cannot resume: the enclave refused: {message}");
+                return self.fail_round(round, round.state, &reason).await;
+            }
+            Err(err) => return Err(err),
+        }
+        let reopened = self
+            .ctx
+            .store
+            .reopen_round(
+                round.id,
+                i64::try_from(deadline).unwrap_or(i64::MAX),
+                self.now_i64(),
+            )
+            .await?;
+        if !reopened {
+            // Closed meanwhile (an admin, another replica): nothing to resume.
+            return Ok(());
+        }
+        self.inner.lock().await.open = Some(OpenRound {
+            round_id: round.id,
+            generation: enclave.generation,
+            submitted: HashSet::new(),
+            not_rejected: 0,
+        });
+        drop(exclusive);
+        let attempt = round.attempt.saturating_add(1);
         tracing::info!(
-            round_id,
-            model_version = model.version,
-            selected = ids.len(),
-            "round opened"
+            round_id = round.id,
+            attempt,
+            why,
+            devices = ids.len(),
+            "round resumed; its devices submit again"
         );
         self.ctx
             .auditor
             .audit(
-                AuditKind::RoundOpened,
+                AuditKind::RoundResumed,
                 "server",
-                &round_id.to_string(),
-                json!({ "model_version": model.version, "selected": ids, "deadline": deadline }),
+                &round.id.to_string(),
+                json!({
+                    "reason": why,
+                    "attempt": attempt,
+                    "model_version": round.base_model_version,
+                    "selected": ids,
+                    "deadline": deadline,
+                    "generation": enclave.generation,
+                }),
             )
             .await;
+        self.poke();
         Ok(())
+    }
+
+    /// Refuses a submission to a round that is open in the store but not
+    /// begun in the running enclave boot: it is about to be resumed, which
+    /// would clear it. The device hears `enclave_restarting` and re-seals.
+    /// Anything else (an unknown or closed round) is the store's to judge.
+    pub async fn accepting(&self, round_id: u64) -> Result<(), FederationError> {
+        let generation = self.enclave.generation();
+        let known = self
+            .inner
+            .lock()
+            .await
+            .open
+            .as_ref()
+            .filter(|o| o.round_id == round_id)
+            .map(|o| o.generation);
+        match known {
+            Some(begun) if begun == generation => Ok(()),
+            Some(_) => Err(FederationError::Resuming(round_id)),
+            None => match self.ctx.store.get_round(round_id).await? {
+                Some(round) if round.state == RoundState::Open => {
+                    Err(FederationError::Resuming(round_id))
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Deletes the envelopes of closed rounds (they serve nothing once the
+    /// round is over, and kept they could be replayed).
+    pub(super) async fn discard_closed_envelopes(&self) {
+        match self.ctx.store.discard_closed_envelopes().await {
+            Ok(0) => {}
+            Ok(count) => tracing::debug!(count, "deleted the envelopes of closed rounds"),
+            Err(err) => tracing::warn!(%err, "could not delete the envelopes of closed rounds"),
+        }
     }
 
     pub(super) async fn fail_round(
@@ -175,10 +359,13 @@ impl Federation {
                 )
                 .await;
         }
-        let mut inner = self.inner.lock().await;
-        if inner.open.as_ref().is_some_and(|o| o.round_id == round.id) {
-            inner.open = None;
+        {
+            let mut inner = self.inner.lock().await;
+            if inner.open.as_ref().is_some_and(|o| o.round_id == round.id) {
+                inner.open = None;
+            }
         }
+        self.discard_closed_envelopes().await;
         Ok(())
     }
 
@@ -217,12 +404,10 @@ impl Federation {
         {
             Ok(answer) => answer,
             Err(err) => {
-                self.fail_round(
-                    round,
-                    RoundState::Aggregating,
-                    &format!("the enclave failed: {err}"),
-                )
-                .await?;
+                // Left aggregating: the next step resumes it in the new
+                // boot if the enclave died, or fails it if the enclave
+                // refuses to begin it again.
+                tracing::warn!(round_id = round.id, %err, "aggregation failed in the enclave");
                 return Ok(());
             }
         };
@@ -277,6 +462,7 @@ impl Federation {
                     });
                     inner.open = None;
                 }
+                self.discard_closed_envelopes().await;
                 tracing::info!(round_id = round.id, version, accepted, "round aggregated");
                 self.evaluate(version, &bytes).await;
             }
@@ -359,4 +545,14 @@ impl Federation {
         self.poke();
         Ok(verdict)
     }
+}
+
+fn round_device(device: &qflare_store::DeviceRecord) -> Result<RoundDevice, FederationError> {
+    let (_, key) =
+        registered_keys(device).map_err(|e| FederationError::Inconsistent(e.to_string()))?;
+    Ok(RoundDevice {
+        device_id: DeviceId::parse(&device.id)?,
+        signature_suite: key.suite(),
+        verifying_key: key.as_bytes().to_vec(),
+    })
 }

@@ -22,7 +22,7 @@ pub use enrollment::{
 };
 pub use models::{evaluations, models};
 pub use robustness::{corrupt_values_are_reported, out_of_range_values, persists_across_reopen};
-pub use rounds::{rounds, submissions};
+pub use rounds::{closed_envelopes, rounds, submissions};
 pub use sessions::{concurrent_sequence_advance, sessions};
 
 use std::hash::{DefaultHasher, Hash, Hasher};

@@ -1,5 +1,5 @@
-//! Checks of rounds: creation, ordering, state compare-and-set, verdicts, re-opening, and every
-//! submission outcome.
+//! Checks of rounds: creation, ordering, state compare-and-set, verdicts, re-opening, every
+//! submission outcome, and deleting the envelopes of closed rounds.
 
 use std::sync::Arc;
 
@@ -157,16 +157,8 @@ pub async fn rounds(store: Arc<dyn Store>) -> Result<(), StoreError> {
         None
     );
 
-    let outcome = r#"{"error":"enclave died"}"#;
-    assert!(
-        store
-            .transition_round(1, Aggregating, Failed, 400, Some(outcome))
-            .await?
-    );
-    let failed = store.get_round(1).await?.expect("round 1");
-    assert_eq!((failed.state, failed.closed_at), (Failed, Some(400)));
-    assert_eq!(failed.outcome_json.as_deref(), Some(outcome));
-
+    // An interrupted aggregation resumes in a new enclave boot: the same round and devices,
+    // every submission cleared (its envelope was sealed to keys that are gone).
     assert!(store.reopen_round(1, 2000, 500).await?);
     let reopened = store.get_round(1).await?.expect("round 1");
     assert_eq!(
@@ -182,50 +174,69 @@ pub async fn rounds(store: Arc<dyn Store>) -> Result<(), StoreError> {
         }
     );
     let participants = store.participants(1).await?;
-    let envelopes: Vec<Option<&[u8]>> =
-        participants.iter().map(|p| p.envelope.as_deref()).collect();
-    assert_eq!(
-        envelopes,
-        [Some(&b"env-1"[..]), Some(&b"env-2"[..])],
-        "envelopes kept"
-    );
+    let ids: Vec<&str> = participants.iter().map(|p| p.device_id.as_str()).collect();
+    assert_eq!(ids, ["r1", "r2"], "the same devices");
     assert!(
-        participants
-            .iter()
-            .all(|p| p.verdict.is_none() && p.reason.is_none())
+        participants.iter().all(|p| p.submitted_at.is_none()
+            && p.envelope.is_none()
+            && p.verdict.is_none()
+            && p.reason.is_none()),
+        "submissions cleared: {participants:?}"
     );
-    assert_eq!(store.submission_count(1).await?, 2);
-    assert!(!store.reopen_round(1, 3000, 600).await?, "already open");
+    assert_eq!(store.submission_count(1).await?, 0);
+    assert_eq!(
+        store.record_submission(1, "r1", b"env-1b", 510).await?,
+        stored,
+        "a device submits again"
+    );
+    // An open round resumes the same way (the server or the enclave restarted).
+    assert!(store.reopen_round(1, 3000, 600).await?);
+    let resumed = store.get_round(1).await?.expect("round 1");
+    assert_eq!((resumed.state, resumed.attempt), (Open, 3));
+    assert_eq!(store.submission_count(1).await?, 0);
     assert!(!store.reopen_round(42, 3000, 600).await?);
 
+    assert_eq!(
+        store.record_submission(1, "r1", b"env-1c", 610).await?,
+        stored
+    );
     assert!(
         store
             .transition_round(1, Open, Aggregating, 700, None)
             .await?
     );
-    assert!(
-        store.reopen_round(1, 3000, 710).await?,
-        "a stalled aggregation can be retried"
-    );
-    assert_eq!(store.get_round(1).await?.map(|r| r.attempt), Some(3));
+    let outcome = r#"{"error":"enclave died"}"#;
     assert!(
         store
-            .transition_round(1, Open, Aggregating, 720, None)
+            .transition_round(1, Aggregating, Failed, 710, Some(outcome))
+            .await?
+    );
+    let failed = store.get_round(1).await?.expect("round 1");
+    assert_eq!((failed.state, failed.closed_at), (Failed, Some(710)));
+    assert_eq!(failed.outcome_json.as_deref(), Some(outcome));
+    assert!(
+        !store.reopen_round(1, 4000, 720).await?,
+        "failed rounds stay closed"
+    );
+
+    assert!(
+        store
+            .transition_round(3, Open, Aggregating, 720, None)
             .await?
     );
     let done = r#"{"model_version":1}"#;
     assert!(
         store
-            .transition_round(1, Aggregating, Completed, 730, Some(done))
+            .transition_round(3, Aggregating, Completed, 730, Some(done))
             .await?
     );
-    let completed = store.get_round(1).await?.expect("round 1");
+    let completed = store.get_round(3).await?.expect("round 3");
     assert_eq!(
         (completed.state, completed.closed_at),
         (Completed, Some(730))
     );
     assert!(
-        !store.reopen_round(1, 4000, 740).await?,
+        !store.reopen_round(3, 4000, 740).await?,
         "completed rounds stay closed"
     );
 
@@ -302,5 +313,96 @@ pub async fn submissions(store: Arc<dyn Store>) -> Result<(), StoreError> {
     );
     assert_eq!(store.submission_count(1).await?, 1);
     assert_eq!(store.submission_count(7).await?, 0);
+    Ok(())
+}
+
+/// The envelopes of closed rounds — completed, failed or cancelled — are deleted, nothing else:
+/// not the envelopes of open or aggregating rounds, not when a device submitted, not verdicts.
+pub async fn closed_envelopes(store: Arc<dyn Store>) -> Result<(), StoreError> {
+    use RoundState::*;
+    for id in ["e1", "e2"] {
+        enroll(&store, id, 0).await?;
+    }
+    let both = ["e1".to_owned(), "e2".to_owned()];
+    for id in 1..=5 {
+        store.create_round(&round(id, 10, 1000), &both).await?;
+        for device in ["e1", "e2"] {
+            let envelope = format!("round {id} {device}");
+            assert_eq!(
+                store
+                    .record_submission(id, device, envelope.as_bytes(), 100)
+                    .await?,
+                SubmissionOutcome::Stored
+            );
+        }
+    }
+    assert!(
+        store
+            .transition_round(1, Open, Aggregating, 200, None)
+            .await?
+    );
+    let verdict = VerdictRecord {
+        device_id: "e1".to_owned(),
+        verdict: "accepted".to_owned(),
+        reason: Some("ok".to_owned()),
+    };
+    store
+        .set_verdicts(1, std::slice::from_ref(&verdict))
+        .await?;
+    assert!(
+        store
+            .transition_round(1, Aggregating, Completed, 210, None)
+            .await?
+    );
+    assert!(store.transition_round(2, Open, Failed, 220, None).await?);
+    assert!(
+        store
+            .transition_round(3, Open, Cancelled, 230, None)
+            .await?
+    );
+    assert!(
+        store
+            .transition_round(4, Open, Aggregating, 240, None)
+            .await?
+    );
+    // Round 5 stays open.
+
+    assert_eq!(store.discard_closed_envelopes().await?, 6);
+    for id in 1..=5 {
+        let participants = store.participants(id).await?;
+        assert_eq!(participants.len(), 2);
+        for p in &participants {
+            assert_eq!(
+                p.submitted_at,
+                Some(100),
+                "round {id}: the submission is still on record"
+            );
+            let expected = (id >= 4).then(|| format!("round {id} {}", p.device_id).into_bytes());
+            assert_eq!(p.envelope, expected, "round {id}, {}", p.device_id);
+        }
+    }
+    let e1 = store.participants(1).await?.remove(0);
+    assert_eq!(
+        (e1.verdict.as_deref(), e1.reason.as_deref()),
+        (Some("accepted"), Some("ok")),
+        "verdicts stay"
+    );
+    assert_eq!(store.submission_count(1).await?, 2);
+    assert_eq!(store.discard_closed_envelopes().await?, 0, "idempotent");
+
+    // Closing the aggregating round makes its envelopes go at the next call.
+    assert!(
+        store
+            .transition_round(4, Aggregating, Failed, 300, None)
+            .await?
+    );
+    assert_eq!(store.discard_closed_envelopes().await?, 2);
+    assert!(
+        store
+            .participants(4)
+            .await?
+            .iter()
+            .all(|p| p.envelope.is_none())
+    );
     Ok(())
 }

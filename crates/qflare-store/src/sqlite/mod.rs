@@ -289,6 +289,10 @@ impl Store for SqliteStore {
         rounds::reopen_round(self, id, deadline, now).await
     }
 
+    async fn discard_closed_envelopes(&self) -> Result<u64, StoreError> {
+        rounds::discard_closed_envelopes(self).await
+    }
+
     async fn participants(&self, round_id: u64) -> Result<Vec<ParticipantRecord>, StoreError> {
         rounds::participants(self, round_id).await
     }

@@ -112,7 +112,7 @@ pub(super) async fn reopen_round(
         "UPDATE rounds
          SET state = 'open', attempt = attempt + 1, opened_at = $1, deadline = $2,
              closed_at = NULL, outcome_json = NULL
-         WHERE id = $3 AND state IN ('failed', 'aggregating')",
+         WHERE id = $3 AND state IN ('open', 'aggregating')",
     )
     .bind(now)
     .bind(deadline)
@@ -124,13 +124,30 @@ pub(super) async fn reopen_round(
     if reopened == 0 {
         return Ok(false);
     }
-    sqlx::query("UPDATE participants SET verdict = NULL, reason = NULL WHERE round_id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
+    sqlx::query(
+        "UPDATE participants
+         SET submitted_at = NULL, envelope = NULL, verdict = NULL, reason = NULL
+         WHERE round_id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await
+    .map_err(backend)?;
     tx.commit().await.map_err(backend)?;
     Ok(true)
+}
+
+pub(super) async fn discard_closed_envelopes(store: &SqliteStore) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "UPDATE participants SET envelope = NULL
+         WHERE envelope IS NOT NULL
+           AND round_id IN (SELECT id FROM rounds
+                            WHERE state IN ('completed', 'failed', 'cancelled'))",
+    )
+    .execute(&store.pool)
+    .await
+    .map_err(backend)?;
+    Ok(done.rows_affected())
 }
 
 pub(super) async fn participants(

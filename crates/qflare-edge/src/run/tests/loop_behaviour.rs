@@ -247,6 +247,73 @@ async fn an_update_lost_in_an_enclave_restart_is_not_taken_as_delivered() {
     assert_eq!(run.script.lock().unwrap().opened[0].enclave_generation, 1);
 }
 
+const fn train_in_new_boot(round_id: u64, model_version: u64) -> RoundReply {
+    RoundReply::TrainInNewBoot {
+        round_id,
+        model_version,
+    }
+}
+
+/// The server took the update and answered, then was killed and restarted
+/// with a new enclave boot: it resumes the round and asks again. The kept
+/// update is re-sealed to the new key, not trained again.
+#[tokio::test(start_paused = true)]
+async fn a_resumed_round_gets_the_delivered_update_resealed_without_retraining() {
+    let rounds = [
+        train(1, 0),
+        RoundReply::Status(RoundStatus::Submitted, Some(1)),
+        train_in_new_boot(1, 0),
+        RoundReply::Status(RoundStatus::Submitted, Some(1)),
+        RoundReply::Status(RoundStatus::Finished, None),
+    ];
+    let run = run(&rounds, |_, _| {}).await;
+    let summary = run.summary();
+    assert_eq!(summary.stop, StopReason::Finished);
+    assert_eq!(run.trainings(), 1, "trained once");
+    assert_eq!(summary.reseals, 1);
+    assert_eq!(
+        summary.rounds.len(),
+        1,
+        "one round, one row: {:?}",
+        summary.rounds
+    );
+    assert_eq!(summary.rounds[0].status, "accepted");
+    let script = run.script.lock().unwrap();
+    let generations: Vec<u32> = script.opened.iter().map(|o| o.enclave_generation).collect();
+    assert_eq!(generations, [0, 1], "sealed to each boot once");
+    assert_eq!(
+        script.opened[0].update.to_flat(),
+        script.opened[1].update.to_flat(),
+        "the same update"
+    );
+    assert!(script.opened.iter().all(|o| o.metadata.round_id == 1));
+}
+
+/// A host that restarts the enclave again and again does not get the
+/// update sealed to every boot: after one re-key the device drops it.
+#[tokio::test(start_paused = true)]
+async fn a_round_rekeyed_twice_drops_the_update() {
+    let rounds = [
+        train(1, 0),
+        train_in_new_boot(1, 0),
+        train_in_new_boot(1, 0),
+        train_in_new_boot(1, 0),
+        RoundReply::Status(RoundStatus::Finished, None),
+    ];
+    let run = run(&rounds, |_, _| {}).await;
+    let summary = run.summary();
+    assert_eq!(summary.stop, StopReason::Finished);
+    assert_eq!(run.trainings(), 1, "not retrained either");
+    assert_eq!(summary.skipped, 1);
+    assert!(run.events.iter().any(|e| matches!(
+        e,
+        DeviceEvent::Skipped { round_id: Some(1), code } if code == CODE_RESEAL_LIMIT
+    )));
+    let script = run.script.lock().unwrap();
+    let generations: Vec<u32> = script.opened.iter().map(|o| o.enclave_generation).collect();
+    assert_eq!(generations, [0, 1], "never sealed to a third boot");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_revoked_device_stops_cleanly() {
     let run = run(&[RoundReply::Error(403, "device_revoked")], |_, _| {}).await;

@@ -38,6 +38,12 @@ mod scripted {
             round_id: u64,
             model_version: u64,
         },
+        /// The server (or its enclave) restarted: a new enclave key pair,
+        /// then the round asked for again, as a resumed round is.
+        TrainInNewBoot {
+            round_id: u64,
+            model_version: u64,
+        },
         /// Training has finished; the latest model is `model_version`.
         FinishedAt {
             model_version: u64,
@@ -167,6 +173,20 @@ mod scripted {
                 script.rounds.front().copied()
             }
             .unwrap();
+            let reply = match reply {
+                RoundReply::TrainInNewBoot {
+                    round_id,
+                    model_version,
+                } => {
+                    script.enclave = Enclave::new();
+                    script.enclave_generation += 1;
+                    RoundReply::Train {
+                        round_id,
+                        model_version,
+                    }
+                }
+                other => other,
+            };
             let nonce = query.nonce.unwrap();
             let mut info = RoundInfo {
                 status: RoundStatus::Waiting,
@@ -194,6 +214,7 @@ mod scripted {
                     info.status = RoundStatus::Finished;
                     info.architecture = Some("mnist-2nn".into());
                 }
+                RoundReply::TrainInNewBoot { .. } => unreachable!("mapped to Train above"),
                 RoundReply::Train {
                     round_id,
                     model_version,
