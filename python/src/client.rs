@@ -82,12 +82,13 @@ pub(crate) struct PyClient {
 #[pymethods]
 impl PyClient {
     #[new]
-    #[pyo3(signature = (identity_dir, *, enclave_measurements, allow_software_attestation = false, max_report_age_secs = 300))]
+    #[pyo3(signature = (identity_dir, *, enclave_measurements, allow_software_attestation = false, max_report_age_secs = 300, allow_unsandboxed_enclave = false))]
     fn new(
         identity_dir: PathBuf,
         enclave_measurements: Vec<String>,
         allow_software_attestation: bool,
         max_report_age_secs: u64,
+        allow_unsandboxed_enclave: bool,
     ) -> PyResult<Self> {
         init_logging();
         let identity = Identity::load(&identity_dir).map_err(to_py)?;
@@ -95,6 +96,7 @@ impl PyClient {
             &enclave_measurements,
             allow_software_attestation,
             max_report_age_secs,
+            allow_unsandboxed_enclave,
         )?;
         // The client's transport belongs to the runtime it is used on.
         let client = runtime()?
