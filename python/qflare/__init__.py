@@ -117,6 +117,7 @@ def run_device(
     max_report_age_secs: int = 300,
     max_local_epochs: int = 50,
     stop_when_finished: bool = True,
+    allow_unsandboxed_enclave: bool = False,
 ) -> Dict[str, Any]:
     """Takes part in federated training until the server finishes.
 
@@ -135,7 +136,9 @@ def run_device(
 
     Only enclaves whose measurement is in ``enclave_measurements`` are
     trusted; ``allow_software_attestation`` accepts a software-mode enclave
-    (development only). Returns a summary of the rounds this device took
+    (development only); ``allow_unsandboxed_enclave`` accepts one whose
+    signed report says its system-call sandbox is off (refused by default).
+    Returns a summary of the rounds this device took
     part in. Ctrl-C stops it and raises ``KeyboardInterrupt``.
     """
 
@@ -174,6 +177,7 @@ def run_device(
         max_report_age_secs=max_report_age_secs,
         max_local_epochs=max_local_epochs,
         stop_when_finished=stop_when_finished,
+        allow_unsandboxed_enclave=allow_unsandboxed_enclave,
     )
 
 
@@ -239,12 +243,14 @@ class Client:
         enclave_measurements: Iterable[str],
         allow_software_attestation: bool = False,
         max_report_age_secs: int = 300,
+        allow_unsandboxed_enclave: bool = False,
     ):
         self._native = _native.Client(
             str(identity_dir),
             enclave_measurements=list(enclave_measurements),
             allow_software_attestation=allow_software_attestation,
             max_report_age_secs=max_report_age_secs,
+            allow_unsandboxed_enclave=allow_unsandboxed_enclave,
         )
 
     @property

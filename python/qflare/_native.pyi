@@ -31,6 +31,7 @@ class Client:
         enclave_measurements: List[str],
         allow_software_attestation: bool = False,
         max_report_age_secs: int = 300,
+        allow_unsandboxed_enclave: bool = False,
     ) -> None: ...
     def wait_for_round(self, timeout_secs: Optional[float] = None) -> Optional[Round]: ...
     def submit(self, round: Round, weights: bytes, examples: int) -> Dict[str, Any]: ...
@@ -56,4 +57,5 @@ def run_device(
     max_report_age_secs: int = 300,
     max_local_epochs: int = 50,
     stop_when_finished: bool = True,
+    allow_unsandboxed_enclave: bool = False,
 ) -> Dict[str, Any]: ...

@@ -82,13 +82,14 @@ pub(crate) struct PyClient {
 #[pymethods]
 impl PyClient {
     #[new]
-    #[pyo3(signature = (identity_dir, *, enclave_measurements, allow_software_attestation = false, max_report_age_secs = 300))]
+    #[pyo3(signature = (identity_dir, *, enclave_measurements, allow_software_attestation = false, max_report_age_secs = 300, allow_unsandboxed_enclave = false))]
     fn new(
         py: Python<'_>,
         identity_dir: PathBuf,
         enclave_measurements: Vec<String>,
         allow_software_attestation: bool,
         max_report_age_secs: u64,
+        allow_unsandboxed_enclave: bool,
     ) -> PyResult<Self> {
         init_logging();
         // Settles a key rotation whose answer was lost (see load_identity).
@@ -100,6 +101,7 @@ impl PyClient {
             &enclave_measurements,
             allow_software_attestation,
             max_report_age_secs,
+            allow_unsandboxed_enclave,
         )?;
         // The client's transport belongs to the runtime it is used on.
         let client = runtime()?

@@ -98,11 +98,13 @@ fn enroll(
 }
 
 /// The enclaves a device trusts: these measurements, in software mode only
-/// when allowed, with reports at most `max_age_secs` old.
+/// when allowed, with reports at most `max_age_secs` old, whose signed
+/// runtime says the sandbox is enforced unless `allow_unsandboxed`.
 pub(crate) fn policy(
     measurements: &[String],
     allow_software_attestation: bool,
     max_age_secs: u64,
+    allow_unsandboxed: bool,
 ) -> PyResult<AttestationPolicy> {
     let allowed_measurements = measurements
         .iter()
@@ -116,6 +118,7 @@ pub(crate) fn policy(
             Vec::new()
         },
         max_age_secs,
+        require_sandbox: !allow_unsandboxed,
     })
 }
 
@@ -150,7 +153,7 @@ fn summary_dict<'py>(py: Python<'py>, summary: &RunSummary) -> PyResult<Bound<'p
 #[pyo3(signature = (
     identity_dir, fit, evaluate = None, *, enclave_measurements,
     allow_software_attestation = false, max_rounds = None, max_report_age_secs = 300,
-    max_local_epochs = 50, stop_when_finished = true
+    max_local_epochs = 50, stop_when_finished = true, allow_unsandboxed_enclave = false
 ))]
 #[allow(clippy::too_many_arguments)]
 fn run_device<'py>(
@@ -164,6 +167,7 @@ fn run_device<'py>(
     max_report_age_secs: u64,
     max_local_epochs: usize,
     stop_when_finished: bool,
+    allow_unsandboxed_enclave: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     init_logging();
     // Settles a key rotation whose answer was lost (see load_identity).
@@ -175,6 +179,7 @@ fn run_device<'py>(
         &enclave_measurements,
         allow_software_attestation,
         max_report_age_secs,
+        allow_unsandboxed_enclave,
     )?;
     let failure = Arc::new(Mutex::new(None));
     let trainer = PythonTrainer {

@@ -54,7 +54,8 @@ def free_port() -> int:
 class Server:
     """`qflare server` as a child process, and the admin CLI against it."""
 
-    def __init__(self, workdir: Path, federation: Dict[str, object]):
+    def __init__(self, workdir: Path, federation: Dict[str, object],
+                 enclave_args: Optional[List[str]] = None):
         self.workdir = workdir
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
@@ -73,6 +74,7 @@ class Server:
             "  public: { per_minute: 6000, burst: 1000 }",
             "enclave:",
             f"  command: {self.enclave}",
+            f"  args: {json.dumps(enclave_args or [])}",
             "federation:",
         ]
         for key, value in federation.items():
@@ -154,11 +156,12 @@ class Server:
 
 @pytest.fixture
 def start_server(tmp_path: Path):
-    """Starts servers with the given `federation` section; stops them after the test."""
+    """Starts servers with the given `federation` section (and extra enclave
+    arguments); stops them after the test."""
     started: List[Server] = []
 
-    def start(**federation: object) -> Server:
-        server = Server(tmp_path, federation)
+    def start(enclave_args: Optional[List[str]] = None, **federation: object) -> Server:
+        server = Server(tmp_path, federation, enclave_args)
         started.append(server)
         return server
 

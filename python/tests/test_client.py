@@ -66,6 +66,26 @@ def test_shape_checks_come_before_sealing(start_server, tmp_path):
     assert receipt["round_id"] == 1
 
 
+def test_an_unsandboxed_enclave_is_refused_unless_allowed(start_server, tmp_path):
+    # The operator starts the enclave with its sandbox off; its signed report says so.
+    server = start_server(
+        enclave_args=["--seccomp", "log"],
+        architecture="custom", auto_start=True, clients_per_round=1, min_updates=1,
+        max_rounds=1, round_timeout_secs=60, poll_interval_secs=1,
+    )
+    safetensors.numpy.save_file(SoftmaxDevice.initial(), str(tmp_path / "m.safetensors"))
+    server.admin("model", "init", "--from", str(tmp_path / "m.safetensors"), "--name", "softmax")
+    server.enroll(tmp_path / "d")
+    refusing = qflare.Client(str(tmp_path / "d"), enclave_measurements=[server.measurement],
+                             allow_software_attestation=True)
+    with pytest.raises(qflare.AttestationRefused, match="sandbox"):
+        refusing.wait_for_round(timeout=60)
+    allowing = qflare.Client(str(tmp_path / "d"), enclave_measurements=[server.measurement],
+                             allow_software_attestation=True, allow_unsandboxed_enclave=True)
+    round = allowing.wait_for_round(timeout=60)
+    assert round is not None and round.model == "softmax"
+
+
 def test_a_revoked_device_and_a_wrong_server_key_are_named(start_server, tmp_path):
     server = start_server(architecture="custom", auto_start=True)
     device_id = server.enroll(tmp_path / "d")

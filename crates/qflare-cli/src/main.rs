@@ -121,6 +121,8 @@ fn main() -> ExitCode {
     {
         load_dotenv();
     }
+    // Still before any thread: see `take_admin_token`.
+    let _ = ADMIN_TOKEN.set(take_admin_token());
     let cli = Cli::parse();
     // The enclave runs before any async runtime exists: its sandbox forbids
     // the system calls an idle runtime thread makes.
@@ -138,6 +140,34 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async_main(cli))
+}
+
+/// `QFLARE_ADMIN_TOKEN` as it was at start-up; see [`admin_token`].
+static ADMIN_TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// The admin token from the environment (or `.env`), which `main` took out
+/// of the process environment.
+pub(crate) fn admin_token() -> Option<String> {
+    ADMIN_TOKEN.get().cloned().flatten()
+}
+
+/// Reads `QFLARE_ADMIN_TOKEN` and removes it from the process environment,
+/// so that no child process (the enclave's environment is an allow-list
+/// anyway) and no library that reads or logs the environment later sees it.
+/// The kernel's copy of the initial environment (`/proc/<pid>/environ`,
+/// readable by the same user) is not changed by this; the token file in the
+/// state directory avoids that copy altogether.
+///
+/// Edition 2024 makes `remove_var` unsafe because another thread could be
+/// reading the environment at the same time; this runs at the top of
+/// `main`, before the async runtime or any other thread exists.
+#[allow(unsafe_code)]
+fn take_admin_token() -> Option<String> {
+    let token = std::env::var_os("QFLARE_ADMIN_TOKEN")?;
+    // SAFETY: single-threaded here (see above), so nothing reads the
+    // environment while it changes.
+    unsafe { std::env::remove_var("QFLARE_ADMIN_TOKEN") };
+    token.into_string().ok()
 }
 
 /// Reads `.env` from the working directory into the environment (variables

@@ -111,8 +111,18 @@ impl Drop for ServerProcess {
 
 /// Starts `qflare server` and returns it with the fingerprint it printed.
 fn start_server(workdir: &Path, config: &Path) -> (ServerProcess, String) {
+    start_server_with_env(workdir, config, &[])
+}
+
+/// [`start_server`] with extra environment variables.
+fn start_server_with_env(
+    workdir: &Path,
+    config: &Path,
+    env: &[(&str, &str)],
+) -> (ServerProcess, String) {
     let log = workdir.join("server.log");
     let mut child = qflare(workdir, config)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .arg("server")
         .stdin(Stdio::null())
@@ -334,4 +344,47 @@ fn server_admin_enrollment_shutdown_and_audit() {
         "a broken ledger exits 3 (2 is clap's usage error): {report}"
     );
     assert!(report.contains("BROKEN at entry 2"), "{report}");
+}
+
+/// `qflare` takes `QFLARE_ADMIN_TOKEN` out of its environment at start-up
+/// (so nothing it starts inherits it); the server and the admin commands
+/// still use the token they took.
+#[test]
+fn an_admin_token_from_the_environment_opens_the_admin_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let workdir = dir.path();
+    let state = workdir.join("state");
+    let port = free_port();
+    let config = workdir.join("qflare.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "server:\n  listen: 127.0.0.1:{port}\n  metrics_listen: null\n  state_dir: {}\n\
+             federation:\n  enabled: false\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let token = "an-admin-token-of-forty-characters-00001";
+    let (server, _) = start_server_with_env(workdir, &config, &[("QFLARE_ADMIN_TOKEN", token)]);
+    assert!(
+        !state.join("admin-token").exists(),
+        "no token file when the environment gives one"
+    );
+    let listed = qflare(workdir, &config)
+        .env("QFLARE_ADMIN_TOKEN", token)
+        .args(["token", "list"])
+        .output()
+        .unwrap();
+    succeeded(&listed, "token list with the environment's token");
+    let wrong = qflare(workdir, &config)
+        .env(
+            "QFLARE_ADMIN_TOKEN",
+            "another-admin-token-of-forty-characters0",
+        )
+        .args(["token", "list"])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success(), "{}", stdout(&wrong));
+    assert!(server.terminate().success());
 }

@@ -59,7 +59,45 @@ async fn a_federation_trains_the_2nn_over_real_https_with_the_enclave() {
         return;
     };
     let state = tempfile::tempdir().unwrap();
-    let report = simulate(options(data, &state, 4, 3)).await;
+    let mut sim = Simulation::start(options(data, &state, 4, 3))
+        .await
+        .unwrap();
+    let report = sim.run(&[], |_| {}).await.unwrap();
+    // The permanent ledger holds what the host may learn: per device a
+    // code, per round counts and the aggregate's norm, nothing measured on
+    // one device's update.
+    let ledger = sim.state.store.audit_entries(0, 10_000).await.unwrap();
+    let mut verdicts = 0;
+    for entry in &ledger {
+        let detail: serde_json::Value = serde_json::from_str(&entry.detail_json).unwrap();
+        match entry.kind.as_str() {
+            "update_accepted" | "update_rejected" => {
+                verdicts += 1;
+                let mut keys: Vec<&String> = detail.as_object().unwrap().keys().collect();
+                keys.sort_unstable();
+                assert_eq!(keys, ["code", "round_id"], "{}", entry.detail_json);
+            }
+            "round_aggregated" => {
+                let stats = detail["stats"].as_object().unwrap();
+                for key in stats.keys() {
+                    assert!(
+                        ![
+                            "median", "cosine", "score", "weight", "example", "bound", "mad"
+                        ]
+                        .iter()
+                        .any(|secret| key.contains(secret)),
+                        "round statistics leak {key}"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        verdicts, 12,
+        "every verdict of three rounds is in the ledger"
+    );
+    sim.stop().await.unwrap();
     assert_eq!(report.rounds.len(), 3, "{report:?}");
     for row in &report.rounds {
         assert_eq!(row.state, "completed");

@@ -101,6 +101,11 @@ struct RunArgs {
     /// flag software reports are refused.
     #[arg(long)]
     allow_software_attestation: bool,
+    /// Accept an enclave whose signed report says its system-call sandbox
+    /// is off (started with `--seccomp log`, say) or says nothing about it.
+    /// Without this flag such an enclave is refused.
+    #[arg(long)]
+    allow_unsandboxed_enclave: bool,
     /// Refuse attestation reports older than this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     max_report_age: u64,
@@ -239,6 +244,7 @@ async fn run_device(
             allowed_measurements,
             allowed_modes,
             max_age_secs: args.max_report_age,
+            require_sandbox: !args.allow_unsandboxed_enclave,
         },
         Arc::new(BurnTrainer::new(data)),
     );

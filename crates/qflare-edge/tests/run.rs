@@ -19,7 +19,8 @@ use qflare_edge::{
 use qflare_ml::model::{IMAGE_PIXELS, IMAGE_SIDE};
 use qflare_ml::{Architecture, Dataset, initial_model};
 use qflare_protocol::attestation::{
-    AttestationMode, AttestationPolicy, AttestationReport, ReportBody, VerifiedEnclave, sign_report,
+    AttestationMode, AttestationPolicy, AttestationReport, EnclaveRuntime, ReportBody,
+    SeccompState, VerifiedEnclave, sign_report,
 };
 use qflare_protocol::crypto::sha256;
 use qflare_protocol::federation::{ModelDownload, encode_model_download};
@@ -51,9 +52,22 @@ fn enclave() -> Enclave {
         nonce: NONCE,
         issued_at: NOW,
         evidence: Vec::new(),
+        runtime: Some(sandboxed_runtime()),
     };
     let report = sign_report(&body, &signing).unwrap();
     Enclave { signing, report }
+}
+
+fn sandboxed_runtime() -> EnclaveRuntime {
+    EnclaveRuntime {
+        seccomp: SeccompState::Enforce,
+        no_new_privs: true,
+        not_dumpable: true,
+        no_core_files: true,
+        memory_locked: true,
+        arguments: vec!["--threads".into(), "1".into()],
+        root_data_sha256: None,
+    }
 }
 
 fn policy() -> AttestationPolicy {
@@ -61,6 +75,7 @@ fn policy() -> AttestationPolicy {
         allowed_measurements: vec![MEASUREMENT],
         allowed_modes: vec![AttestationMode::Software],
         max_age_secs: 600,
+        require_sandbox: true,
     }
 }
 
@@ -303,6 +318,51 @@ fn the_report_must_match_nonce_measurement_and_mode() {
         verify_round_report(&edited, &lenient, &NONCE, NOW),
         Err(EdgeError::Attestation(ProtocolError::BadSignature(_)))
     ));
+}
+
+#[test]
+fn an_unsandboxed_enclave_is_refused_unless_the_device_allows_it() {
+    let Enclave { signing, .. } = enclave();
+    let sign = |runtime: EnclaveRuntime| {
+        let body = ReportBody {
+            mode: AttestationMode::Software,
+            measurement: MEASUREMENT,
+            kem_public_key: KemKeyPair::generate(KemSuite::MlKem768, &mut rand::rng())
+                .unwrap()
+                .public,
+            verifying_key: signing.verifying_key().clone(),
+            nonce: NONCE,
+            issued_at: NOW,
+            evidence: Vec::new(),
+            runtime: Some(runtime),
+        };
+        sign_report(&body, &signing).unwrap()
+    };
+    // `--seccomp log`, as the enclave signs it.
+    let log_only = sign(EnclaveRuntime {
+        seccomp: SeccompState::Log,
+        ..sandboxed_runtime()
+    });
+    assert!(matches!(
+        verify_round_report(&log_only, &policy(), &NONCE, NOW),
+        Err(EdgeError::Attestation(ProtocolError::AttestationRefused(m))) if m.contains("sandbox")
+    ));
+    let allowing = AttestationPolicy {
+        require_sandbox: false,
+        ..policy()
+    };
+    let verified = verify_round_report(&log_only, &allowing, &NONCE, NOW).unwrap();
+    assert_eq!(verified.runtime.map(|r| r.seccomp), Some(SeccompState::Log));
+    // A host that edits the signed runtime back to "enforce" breaks the
+    // signature, under either policy.
+    let mut relabelled = log_only.clone();
+    relabelled.runtime.as_mut().unwrap().seccomp = SeccompState::Enforce;
+    for policy in [policy(), allowing] {
+        assert!(matches!(
+            verify_round_report(&relabelled, &policy, &NONCE, NOW),
+            Err(EdgeError::Attestation(ProtocolError::BadSignature(_)))
+        ));
+    }
 }
 
 #[test]

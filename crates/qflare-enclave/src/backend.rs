@@ -10,7 +10,7 @@
 //! of its own executable, self-signed reports in mode `software`.
 
 use qflare_protocol::attestation::{
-    self, AttestationMode, AttestationReport, MEASUREMENT_LEN, ReportBody,
+    self, AttestationMode, AttestationReport, EnclaveRuntime, MEASUREMENT_LEN, ReportBody,
 };
 use qflare_protocol::envelope::{self, OpenedUpdate, UpdateEnvelope};
 use qflare_protocol::kem::{KemKeyPair, KemPublicKey};
@@ -52,6 +52,7 @@ pub struct SoftwareBackend {
     measurement: [u8; MEASUREMENT_LEN],
     kem: KemKeyPair,
     signing: SigningKey,
+    runtime: EnclaveRuntime,
 }
 
 impl std::fmt::Debug for SoftwareBackend {
@@ -76,7 +77,15 @@ impl SoftwareBackend {
             measurement,
             kem: KemKeyPair::generate(kem_suite, rng)?,
             signing: SigningKey::generate(signature_suite, rng)?,
+            runtime: EnclaveRuntime::unhardened(),
         })
+    }
+
+    /// Sets what every later report says about the process's arguments
+    /// and hardening; until then reports say it is unhardened. The process
+    /// calls this once, after its sandbox is closed.
+    pub fn set_runtime(&mut self, runtime: EnclaveRuntime) {
+        self.runtime = runtime;
     }
 }
 
@@ -107,6 +116,7 @@ impl EnclaveBackend for SoftwareBackend {
                 nonce,
                 issued_at: now,
                 evidence: Vec::new(),
+                runtime: Some(self.runtime.clone()),
             },
             &self.signing,
         )

@@ -165,10 +165,21 @@ fn expect(frame: Frame, kind: Kind) -> Result<Frame, EnclaveError> {
     }
 }
 
+/// The only environment variables the enclave inherits: its log filter and
+/// backtraces. Everything else the host holds (the admin token, a database
+/// URL with its password, cloud credentials) stays out of it; what the
+/// enclave needs comes as arguments, which its report signs.
+pub const INHERITED_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE", "RUST_LIB_BACKTRACE"];
+
 impl Launcher {
     async fn spawn(&self) -> Result<Running, EnclaveError> {
+        let inherited = INHERITED_ENV
+            .iter()
+            .filter_map(|name| std::env::var_os(name).map(|value| (*name, value)));
         let mut child = Command::new(&self.command.program)
             .args(&self.command.args)
+            .env_clear()
+            .envs(inherited)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -197,6 +208,18 @@ impl Launcher {
             attestation::verify_report(&answer.report, &self.policy, Some(&nonce), unix_now())
                 .map_err(EnclaveError::Attestation)?;
         let generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
+        if !verified
+            .runtime
+            .as_ref()
+            .is_some_and(attestation::EnclaveRuntime::sandboxed)
+        {
+            tracing::warn!(
+                generation,
+                runtime = ?verified.runtime,
+                "the enclave's sandbox is off: devices refuse its reports unless they allow \
+                 unsandboxed enclaves"
+            );
+        }
         tracing::info!(
             generation,
             pid = child.id(),

@@ -8,8 +8,8 @@ use qflare_protocol::model::ModelCertificate;
 use qflare_protocol::wire::{b64, b64_array};
 use serde::{Deserialize, Serialize};
 
-use crate::config::AggregationConfig;
-use crate::round::RoundStats;
+use crate::config::{AggregationConfig, AggregatorKind};
+use crate::round::{ReferenceKind, RoundStats};
 
 /// `Attest`: no blobs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,9 +135,13 @@ pub struct SubmitRequest {
     pub device_id: DeviceId,
 }
 
-/// One device's verdict as the ledger records it: the aggregator's verdicts
-/// and the enclave's own envelope checks in one shape.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One device's verdict as it crosses to the host and the ledger: who,
+/// `accepted`/`pending`/`rejected`, and a code from a fixed set
+/// ([`crate::verdict::is_known_code`]). Nothing measured on the update (its
+/// norm, cosine, score, weight or example count) crosses the boundary: the
+/// host stores and shows these fields forever, and any one of those numbers
+/// says something about a device's data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerVerdict {
     /// The device.
@@ -146,18 +150,59 @@ pub struct LedgerVerdict {
     pub status: String,
     /// Stable reason code (`accepted`, `clipped`, `bad_signature`, `non_finite`, ...).
     pub code: String,
-    /// The deciding score, when a rule compared one.
-    #[serde(default)]
-    pub score: Option<f64>,
-    /// The update's L2 norm.
-    #[serde(default)]
-    pub norm: Option<f64>,
-    /// Its cosine with the reference direction.
-    #[serde(default)]
-    pub cosine: Option<f64>,
-    /// Its share of the aggregate.
-    #[serde(default)]
-    pub weight: Option<f64>,
+}
+
+/// The round-level numbers the host may learn. Each is either a count it
+/// could tally from the per-device codes, a setting it chose, a size that
+/// follows from those counts and the model's size, or the norm of the
+/// aggregated update, which it can compute from the two models it holds.
+/// The aggregator's other numbers (median norm, an adaptive norm bound
+/// derived from it, similarity median and spread, Σ example counts) are
+/// functions of individual updates — with one or two accepted devices they
+/// are that device's norm, cosine or example count — and stay inside.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundSummary {
+    /// The round.
+    pub round_id: u64,
+    /// The aggregator used.
+    pub aggregator: AggregatorKind,
+    /// True when updates were folded on arrival rather than buffered.
+    pub streaming: bool,
+    /// Updates the aggregator judged.
+    pub submitted: usize,
+    /// Updates aggregated.
+    pub accepted: usize,
+    /// Updates rejected by the aggregator.
+    pub rejected: usize,
+    /// Accepted updates that were clipped.
+    pub clipped: usize,
+    /// The reference direction of the similarity check, if it ran.
+    pub similarity_reference: Option<ReferenceKind>,
+    /// L2 norm of the aggregated update (new model − old model).
+    pub aggregated_norm: Option<f64>,
+    /// Most bytes of update data held at once.
+    pub peak_buffered_bytes: u64,
+    /// Bytes of the streaming accumulator (0 when buffering).
+    pub accumulator_bytes: u64,
+}
+
+impl From<&RoundStats> for RoundSummary {
+    fn from(stats: &RoundStats) -> Self {
+        Self {
+            round_id: stats.round_id,
+            aggregator: stats.aggregator,
+            streaming: stats.streaming,
+            submitted: stats.submitted,
+            accepted: stats.accepted,
+            rejected: stats.rejected,
+            clipped: stats.clipped,
+            similarity_reference: stats.similarity_reference,
+            aggregated_norm: stats.aggregated_norm,
+            peak_buffered_bytes: stats.peak_buffered_bytes,
+            accumulator_bytes: stats.accumulator_bytes,
+        }
+    }
 }
 
 /// `Finalize`: no blobs.
@@ -179,8 +224,8 @@ pub struct OutcomeAnswer {
     pub retryable: bool,
     /// Every submission's final verdict.
     pub verdicts: Vec<LedgerVerdict>,
-    /// Round-level numbers.
-    pub stats: Option<RoundStats>,
+    /// Round-level numbers (only those the host may learn).
+    pub stats: Option<RoundSummary>,
 }
 
 /// `Abort`: no blobs.
@@ -213,4 +258,7 @@ pub struct ProbeAnswer {
     pub socket_blocked: bool,
     /// Spawning a process failed.
     pub exec_blocked: bool,
+    /// The names (never the values) of the environment variables the
+    /// process was given: the host starts it with an allow-list.
+    pub environment: Vec<String>,
 }

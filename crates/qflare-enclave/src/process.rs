@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use qflare_ml::{Dataset, Split};
+use qflare_protocol::attestation::{EnclaveRuntime, SeccompState};
 use qflare_protocol::{KemSuite, SignatureSuite};
 
 use crate::backend::{SoftwareBackend, measure_file};
@@ -29,6 +30,8 @@ pub struct Options {
     pub threads: usize,
     /// Seccomp enforcement.
     pub seccomp: SeccompMode,
+    /// The arguments as given, for the signed report.
+    pub arguments: Vec<String>,
 }
 
 impl Default for Options {
@@ -40,6 +43,7 @@ impl Default for Options {
             root_examples: 500,
             threads: 1,
             seccomp: SeccompMode::Enforce,
+            arguments: Vec::new(),
         }
     }
 }
@@ -50,8 +54,12 @@ Speaks QFLARE's enclave frame protocol on stdin/stdout; started by the QFLARE se
 
 /// Parses the process's arguments.
 pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
-    let mut options = Options::default();
-    let mut args = args.into_iter();
+    let arguments: Vec<String> = args.into_iter().collect();
+    let mut options = Options {
+        arguments: arguments.clone(),
+        ..Options::default()
+    };
+    let mut args = arguments.into_iter();
     while let Some(flag) = args.next() {
         let mut value = || {
             args.next()
@@ -86,6 +94,16 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, Str
     Ok(options)
 }
 
+/// SHA-256 of the examples kept: images as little-endian f32, then labels.
+fn dataset_sha256(data: &Dataset) -> String {
+    let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for pixel in data.images() {
+        context.update(&pixel.to_le_bytes());
+    }
+    context.update(data.labels());
+    hex::encode(context.finish().as_ref())
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -103,7 +121,7 @@ pub fn run(options: Options) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let backend = match SoftwareBackend::new(
+    let mut backend = match SoftwareBackend::new(
         measurement,
         options.kem_suite,
         options.signature_suite,
@@ -136,6 +154,20 @@ pub fn run(options: Options) -> ExitCode {
         return ExitCode::from(3);
     }
     hardening.seccomp = options.seccomp == SeccompMode::Enforce;
+    backend.set_runtime(EnclaveRuntime {
+        seccomp: match options.seccomp {
+            SeccompMode::Enforce => SeccompState::Enforce,
+            SeccompMode::Log => SeccompState::Log,
+        },
+        // seccompiler sets it before installing the filter; the install
+        // succeeded, so it is set.
+        no_new_privs: true,
+        not_dumpable: hardening.not_dumpable,
+        no_core_files: hardening.no_core_files,
+        memory_locked: hardening.memory_locked,
+        arguments: options.arguments.clone(),
+        root_data_sha256: root_data.as_ref().map(dataset_sha256),
+    });
     tracing::info!(
         measurement = %hex::encode(measurement),
         kem = %options.kem_suite,

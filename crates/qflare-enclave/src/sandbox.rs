@@ -156,11 +156,15 @@ pub fn probe(hardening: Hardening) -> ProbeAnswer {
         .stderr(std::process::Stdio::null())
         .status()
         .is_err();
+    let environment = std::env::vars_os()
+        .map(|(name, _)| name.to_string_lossy().into_owned())
+        .collect();
     ProbeAnswer {
         hardening,
         open_blocked,
         socket_blocked,
         exec_blocked,
+        environment,
     }
 }
 

@@ -84,18 +84,7 @@ impl ServiceError {
     }
 }
 
-/// Refusals decided before the aggregator sees an update.
-pub const ENVELOPE_CODES: &[&str] = &[
-    "not_selected",
-    "malformed_envelope",
-    "device_mismatch",
-    "wrong_round",
-    "wrong_model_version",
-    "bad_signature",
-    "undecryptable",
-    "malformed_update",
-    "aggregator_error",
-];
+pub use crate::verdict::ENVELOPE_CODES;
 
 struct CertifiedModel {
     architecture: String,
@@ -145,10 +134,6 @@ fn ledger(verdict: &DeviceVerdict) -> LedgerVerdict {
         }
         .to_owned(),
         code: verdict.reason.code().to_owned(),
-        score: verdict.score,
-        norm: verdict.norm,
-        cosine: verdict.cosine,
-        weight: verdict.weight,
     }
 }
 
@@ -172,10 +157,6 @@ fn refusal(device_id: DeviceId, code: &str) -> LedgerVerdict {
         device_id,
         status: "rejected".to_owned(),
         code: code.to_owned(),
-        score: None,
-        norm: None,
-        cosine: None,
-        weight: None,
     }
 }
 
@@ -313,6 +294,9 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             allowed_measurements: vec![self.backend.measurement()],
             allowed_modes: vec![self.backend.mode()],
             max_age_secs: u64::MAX,
+            // The previous boot's certificate is what counts here, not how
+            // that boot was sandboxed.
+            require_sandbox: false,
         };
         let previous = attestation::verify_report(
             &meta.previous_report,
@@ -559,7 +543,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
                         error: None,
                         retryable: false,
                         verdicts,
-                        stats: Some(result.stats),
+                        stats: Some((&result.stats).into()),
                     },
                     vec![model],
                 ))
@@ -575,7 +559,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
                         error: Some(failure.error.to_string()),
                         retryable: failure.error.is_retryable(),
                         verdicts,
-                        stats: Some(failure.stats),
+                        stats: Some((&failure.stats).into()),
                     },
                     Vec::new(),
                 ))

@@ -110,6 +110,33 @@ impl fmt::Display for VerdictReason {
     }
 }
 
+/// Refusals decided before the aggregator sees an update.
+pub const ENVELOPE_CODES: &[&str] = &[
+    "not_selected",
+    "malformed_envelope",
+    "device_mismatch",
+    "wrong_round",
+    "wrong_model_version",
+    "bad_signature",
+    "undecryptable",
+    "malformed_update",
+    "aggregator_error",
+];
+
+/// True for every code the enclave can give a submission: the
+/// aggregator's [`VerdictReason`]s, its envelope refusals
+/// ([`ENVELOPE_CODES`], `duplicate`) and `pending`. The
+/// host relays only these to devices, so a compromised or newer enclave
+/// cannot pass arbitrary text through it.
+pub fn is_known_code(code: &str) -> bool {
+    code == "pending"
+        || code == "duplicate"
+        || ENVELOPE_CODES.contains(&code)
+        || VerdictReason::ALL
+            .iter()
+            .any(|reason| reason.code() == code)
+}
+
 /// The immediate answer to a submission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -200,6 +227,12 @@ mod tests {
                 format!("\"{code}\"")
             );
             assert!(!reason.message().is_empty());
+            assert!(is_known_code(code));
         }
+        for code in ENVELOPE_CODES {
+            assert!(is_known_code(code));
+        }
+        assert!(is_known_code("pending") && is_known_code("duplicate"));
+        assert!(!is_known_code("norm 3.2") && !is_known_code(""));
     }
 }

@@ -18,7 +18,7 @@ use qflare_enclave::messages::{
     AttestRequest, BeginRoundRequest, CertifyRequest, InitModelRequest, LedgerVerdict, ModelAnswer,
     OutcomeAnswer, ProbeAnswer, ProbeRequest, RoundDevice, SubmitRequest,
 };
-use qflare_protocol::attestation::{self, AttestationMode, AttestationPolicy};
+use qflare_protocol::attestation::{self, AttestationMode, AttestationPolicy, SeccompState};
 use qflare_protocol::envelope::{self, UpdateMetadata};
 use qflare_protocol::identity::DeviceId;
 use qflare_protocol::model;
@@ -36,6 +36,7 @@ fn policy() -> AttestationPolicy {
         allowed_measurements: vec![measure_file(&binary()).unwrap()],
         allowed_modes: vec![AttestationMode::Software],
         max_age_secs: 300,
+        require_sandbox: true,
     }
 }
 
@@ -60,6 +61,12 @@ async fn attested_hardened_and_sandboxed() {
     assert!(info.hardening.not_dumpable);
     assert!(info.hardening.no_core_files);
     assert!(info.hardening.seccomp);
+    // The same, signed: the arguments the host gave and the sandbox's state.
+    let runtime = info.verified.runtime.clone().unwrap();
+    assert_eq!(runtime.seccomp, SeccompState::Enforce);
+    assert!(runtime.sandboxed() && runtime.not_dumpable && runtime.no_core_files);
+    assert_eq!(runtime.arguments, command().args);
+    assert_eq!(runtime.root_data_sha256, None);
 
     // From inside, the forbidden operations fail.
     let answer = client
@@ -84,6 +91,87 @@ async fn attested_hardened_and_sandboxed() {
     let nonce = [7u8; 32];
     let report = client.attest(nonce).await.unwrap();
     attestation::verify_report(&report, &policy(), Some(&nonce), now()).unwrap();
+    client.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_enclave_started_with_its_sandbox_off_says_so_in_its_signed_report() {
+    let mut log_only = command();
+    log_only.args.extend(["--seccomp".into(), "log".into()]);
+    // A verifier that requires the sandbox (a device, by default) refuses it...
+    let err = EnclaveClient::start(log_only.clone(), policy(), Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, EnclaveError::Attestation(ProtocolError::AttestationRefused(m)) if m.contains("sandbox")),
+        "{err}"
+    );
+    // ...and one that allows it sees what the host asked for.
+    let lenient = AttestationPolicy {
+        require_sandbox: false,
+        ..policy()
+    };
+    let client = EnclaveClient::start(log_only.clone(), lenient, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let runtime = client.info().await.unwrap().verified.runtime.unwrap();
+    assert_eq!(runtime.seccomp, SeccompState::Log);
+    assert!(!runtime.sandboxed());
+    assert_eq!(runtime.arguments, log_only.args);
+    client.shutdown().await;
+}
+
+/// Set in the copy of this test binary that
+/// [`the_enclave_inherits_only_allow_listed_environment`] starts.
+const PLANTED: &str = "QFLARE_TEST_PLANTED_SECRET";
+
+#[tokio::test]
+async fn the_enclave_inherits_only_allow_listed_environment() {
+    // Changing this process's environment needs `unsafe` (other test
+    // threads read it), so the test runs itself again in a child process
+    // that starts with a planted secret, as a server starts with its token.
+    if std::env::var_os(PLANTED).is_none() {
+        let output = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "the_enclave_inherits_only_allow_listed_environment",
+                "--test-threads",
+                "1",
+            ])
+            .env(PLANTED, "hunter2-admin-token")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        return;
+    }
+    let client = start().await;
+    let answer = client
+        .call_expecting(
+            &Frame::new(Kind::Probe, &ProbeRequest {}, Vec::new()),
+            Kind::ProbeResult,
+        )
+        .await
+        .unwrap();
+    let probe: ProbeAnswer = answer.meta().unwrap();
+    assert!(
+        !probe.environment.iter().any(|name| name == PLANTED),
+        "{:?}",
+        probe.environment
+    );
+    // Only allow-listed names; the log filter among them.
+    assert!(probe.environment.iter().any(|name| name == "RUST_LOG"));
+    for name in &probe.environment {
+        assert!(
+            qflare_enclave::host::INHERITED_ENV.contains(&name.as_str()),
+            "{name}"
+        );
+    }
     client.shutdown().await;
 }
 
@@ -409,6 +497,37 @@ async fn killed_mid_round_restarted_and_the_retried_round_completes() {
         )
         .await
         .unwrap();
+    // What crosses to the host: per device a status and a code, per round
+    // counts and the aggregate's norm; no device's norm, cosine, score,
+    // weight or example count.
+    let raw: serde_json::Value = answer.meta().unwrap();
+    for verdict in raw["verdicts"].as_array().unwrap() {
+        let mut keys: Vec<&str> = verdict
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["code", "device_id", "status"], "{verdict}");
+    }
+    for secret in [
+        "norm",
+        "cosine",
+        "score",
+        "weight",
+        "example",
+        "median",
+        "similarity_mad",
+    ] {
+        let leaked: Vec<&String> = raw["stats"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|key| key.contains(secret) && key.as_str() != "aggregated_norm")
+            .collect();
+        assert!(leaked.is_empty(), "round statistics leak {leaked:?}");
+    }
     let outcome: OutcomeAnswer = answer.meta().unwrap();
     assert!(outcome.aggregated, "{:?}", outcome.error);
     let accepted = outcome

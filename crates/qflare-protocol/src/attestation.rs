@@ -72,6 +72,97 @@ impl std::str::FromStr for AttestationMode {
     }
 }
 
+/// Whether the enclave's system-call allow-list is in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum SeccompState {
+    /// Forbidden calls fail: the sandbox is on.
+    Enforce,
+    /// Forbidden calls are allowed and only logged (diagnosis): the sandbox is off.
+    Log,
+    /// No filter.
+    Off,
+}
+
+impl SeccompState {
+    /// The wire identifier.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Log => "log",
+            Self::Off => "off",
+        }
+    }
+}
+
+/// How the enclave process was started and how it hardened itself, signed
+/// into its report so that a host cannot run it with the sandbox off (or
+/// with other arguments) and still present the report of a sandboxed one.
+/// The process fills this in about itself once its sandbox is closed; in
+/// software mode that is as good as the measured code that does it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct EnclaveRuntime {
+    /// The seccomp allow-list's mode.
+    pub seccomp: SeccompState,
+    /// `PR_SET_NO_NEW_PRIVS` is set (no privilege gain through exec).
+    pub no_new_privs: bool,
+    /// `PR_SET_DUMPABLE` is 0 (no ptrace attach, no `/proc/<pid>/mem`).
+    pub not_dumpable: bool,
+    /// `RLIMIT_CORE` is 0.
+    pub no_core_files: bool,
+    /// `mlockall` succeeded (secrets never reach swap).
+    pub memory_locked: bool,
+    /// The process's arguments as the host gave them, verbatim.
+    pub arguments: Vec<String>,
+    /// SHA-256 (hex) of FLTrust's root data as loaded (the examples kept,
+    /// images as little-endian f32 then labels), when there is any.
+    #[serde(default)]
+    pub root_data_sha256: Option<String>,
+}
+
+impl EnclaveRuntime {
+    /// What a process that did nothing to protect itself reports.
+    pub fn unhardened() -> Self {
+        Self {
+            seccomp: SeccompState::Off,
+            no_new_privs: false,
+            not_dumpable: false,
+            no_core_files: false,
+            memory_locked: false,
+            arguments: Vec::new(),
+            root_data_sha256: None,
+        }
+    }
+
+    /// True when the system-call sandbox is enforced: forbidden calls fail
+    /// and cannot be regained through exec.
+    pub fn sandboxed(&self) -> bool {
+        self.seccomp == SeccompState::Enforce && self.no_new_privs
+    }
+
+    fn absorb(&self, t: &mut Transcript) {
+        let flag = |b: bool| [u8::from(b)];
+        t.append("seccomp", self.seccomp.as_str().as_bytes())
+            .append("no_new_privs", &flag(self.no_new_privs))
+            .append("not_dumpable", &flag(self.not_dumpable))
+            .append("no_core_files", &flag(self.no_core_files))
+            .append("memory_locked", &flag(self.memory_locked))
+            .append_u64("arguments", self.arguments.len() as u64);
+        for argument in &self.arguments {
+            t.append("argument", argument.as_bytes());
+        }
+        // Absent and present differ in length (0 against 64 hex characters
+        // or more), so the two cannot be confused.
+        t.append(
+            "root_data_sha256",
+            self.root_data_sha256.as_deref().unwrap_or("").as_bytes(),
+        );
+    }
+}
+
 /// A signed attestation report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -107,6 +198,11 @@ pub struct AttestationReport {
     #[serde(with = "b64")]
     #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub evidence: Vec<u8>,
+    /// How the process runs (signed). Absent only in reports of enclaves
+    /// built before it was added, which a verifier that requires the
+    /// sandbox refuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<EnclaveRuntime>,
     /// The enclave's signature over the report transcript.
     #[serde(with = "b64")]
     #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
@@ -130,6 +226,8 @@ pub struct ReportBody {
     pub issued_at: u64,
     /// Hardware evidence, if any.
     pub evidence: Vec<u8>,
+    /// How the process runs (see [`EnclaveRuntime`]).
+    pub runtime: Option<EnclaveRuntime>,
 }
 
 fn report_transcript(body: &ReportBody) -> TranscriptHash {
@@ -146,6 +244,9 @@ fn report_transcript(body: &ReportBody) -> TranscriptHash {
         .append("nonce", &body.nonce)
         .append_u64("issued_at", body.issued_at)
         .append("evidence", &body.evidence);
+    if let Some(runtime) = &body.runtime {
+        runtime.absorb(&mut t);
+    }
     t.hash()
 }
 
@@ -165,6 +266,7 @@ pub fn sign_report(body: &ReportBody, signing_key: &SigningKey) -> Result<Attest
         nonce: body.nonce,
         issued_at: body.issued_at,
         evidence: body.evidence.clone(),
+        runtime: body.runtime.clone(),
         signature: signing_key.sign(report_transcript(body).as_bytes())?,
     })
 }
@@ -178,6 +280,9 @@ pub struct AttestationPolicy {
     pub allowed_modes: Vec<AttestationMode>,
     /// How old a report may be, in seconds.
     pub max_age_secs: u64,
+    /// Refuse a report whose signed runtime does not say the sandbox is
+    /// enforced (or says nothing). Devices set this unless told otherwise.
+    pub require_sandbox: bool,
 }
 
 /// The enclave keys a verified report vouches for.
@@ -193,6 +298,8 @@ pub struct VerifiedEnclave {
     pub verifying_key: VerifyingKey,
     /// When the report was made.
     pub issued_at: u64,
+    /// How the process runs, as it signed.
+    pub runtime: Option<EnclaveRuntime>,
 }
 
 /// Checks a report against a policy: mode, measurement, nonce, age, keys and signature.
@@ -248,18 +355,26 @@ pub fn verify_report(
         nonce: report.nonce,
         issued_at: report.issued_at,
         evidence: report.evidence.clone(),
+        runtime: report.runtime.clone(),
     };
     body.verifying_key.verify(
         report_transcript(&body).as_bytes(),
         &report.signature,
         "attestation report",
     )?;
+    // After the signature: only the enclave's own claim counts.
+    if policy.require_sandbox && !body.runtime.as_ref().is_some_and(EnclaveRuntime::sandboxed) {
+        return Err(ProtocolError::AttestationRefused(
+            "the enclave's sandbox is off (seccomp not enforced)",
+        ));
+    }
     Ok(VerifiedEnclave {
         mode: body.mode,
         measurement: body.measurement,
         kem_public_key: body.kem_public_key,
         verifying_key: body.verifying_key,
         issued_at: body.issued_at,
+        runtime: body.runtime,
     })
 }
 
@@ -289,11 +404,21 @@ mod tests {
             nonce,
             issued_at,
             evidence: vec![],
+            runtime: Some(EnclaveRuntime {
+                seccomp: SeccompState::Enforce,
+                no_new_privs: true,
+                not_dumpable: true,
+                no_core_files: true,
+                memory_locked: false,
+                arguments: vec!["--threads".into(), "1".into()],
+                root_data_sha256: None,
+            }),
         };
         let policy = AttestationPolicy {
             allowed_measurements: vec![[7; 48]],
             allowed_modes: vec![AttestationMode::Software],
             max_age_secs: 3600,
+            require_sandbox: true,
         };
         (sign_report(&body, &sig).unwrap(), policy)
     }
@@ -334,6 +459,90 @@ mod tests {
         lenient.allowed_measurements.push([9; 48]);
         assert!(matches!(
             verify_report(&claimed, &lenient, None, 1000),
+            Err(ProtocolError::BadSignature(_))
+        ));
+    }
+
+    fn signed_with(runtime: Option<EnclaveRuntime>) -> AttestationReport {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(32);
+        let kem = KemKeyPair::generate(KemSuite::MlKem768, &mut rng).unwrap();
+        let sig = SigningKey::generate(SignatureSuite::MlDsa65, &mut rng).unwrap();
+        let body = ReportBody {
+            mode: AttestationMode::Software,
+            measurement: [7; 48],
+            kem_public_key: kem.public,
+            verifying_key: sig.verifying_key().clone(),
+            nonce: [1; 32],
+            issued_at: 1000,
+            evidence: vec![],
+            runtime,
+        };
+        sign_report(&body, &sig).unwrap()
+    }
+
+    #[test]
+    fn an_unsandboxed_enclave_is_refused_unless_allowed() {
+        let (_, policy) = report([1; 32], 1000);
+        let mut lenient = policy.clone();
+        lenient.require_sandbox = false;
+        let mut log_only = report([1; 32], 1000).0.runtime.unwrap();
+        log_only.seccomp = SeccompState::Log;
+        for runtime in [None, Some(log_only), Some(EnclaveRuntime::unhardened())] {
+            let r = signed_with(runtime.clone());
+            assert!(
+                matches!(
+                    verify_report(&r, &policy, None, 1000),
+                    Err(ProtocolError::AttestationRefused(m)) if m.contains("sandbox")
+                ),
+                "{runtime:?}"
+            );
+            let verified = verify_report(&r, &lenient, None, 1000).unwrap();
+            assert_eq!(verified.runtime, runtime);
+        }
+    }
+
+    #[test]
+    fn the_runtime_is_signed() {
+        let (sandboxed, policy) = report([1; 32], 1000);
+        assert!(verify_report(&sandboxed, &policy, None, 1000).is_ok());
+        let mut lenient = policy.clone();
+        lenient.require_sandbox = false;
+        let edits: [fn(&mut EnclaveRuntime); 5] = [
+            |r| r.seccomp = SeccompState::Log,
+            |r| r.memory_locked = true,
+            |r| r.arguments.push("--seccomp".into()),
+            |r| r.arguments[1] = "2".into(),
+            |r| r.root_data_sha256 = Some("00".repeat(32)),
+        ];
+        for edit in edits {
+            let mut altered = sandboxed.clone();
+            edit(altered.runtime.as_mut().unwrap());
+            assert!(
+                matches!(
+                    verify_report(&altered, &lenient, None, 1000),
+                    Err(ProtocolError::BadSignature(_))
+                ),
+                "{:?}",
+                altered.runtime
+            );
+        }
+        // Stripping the runtime does not make an old-style report either.
+        let mut stripped = sandboxed.clone();
+        stripped.runtime = None;
+        assert!(matches!(
+            verify_report(&stripped, &lenient, None, 1000),
+            Err(ProtocolError::BadSignature(_))
+        ));
+        // A sandboxed log-mode claim cannot be made by editing the mode back.
+        let log_signed = {
+            let mut runtime = sandboxed.runtime.clone().unwrap();
+            runtime.seccomp = SeccompState::Log;
+            signed_with(Some(runtime))
+        };
+        let mut relabelled = log_signed;
+        relabelled.runtime.as_mut().unwrap().seccomp = SeccompState::Enforce;
+        assert!(matches!(
+            verify_report(&relabelled, &policy, None, 1000),
             Err(ProtocolError::BadSignature(_))
         ));
     }

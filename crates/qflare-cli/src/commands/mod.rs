@@ -44,7 +44,7 @@ pub async fn admin(config: &Config, remote: &Remote) -> anyhow::Result<AdminClie
         &server_url(config, remote),
         remote.server_key.as_deref(),
         &config.server.state_dir,
-        std::env::var("QFLARE_ADMIN_TOKEN").ok(),
+        crate::admin_token(),
     )
     .await
 }

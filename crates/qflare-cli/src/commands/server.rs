@@ -45,8 +45,10 @@ pub async fn run(mut config: Config, args: ServerArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let env_token = crate::admin_token();
+    let from_env = env_token.is_some();
     let options = ServerOptions {
-        admin_token: std::env::var("QFLARE_ADMIN_TOKEN").ok(),
+        admin_token: env_token,
         ..ServerOptions::default()
     };
     let state_dir = config.server.state_dir.clone();
@@ -55,7 +57,7 @@ pub async fn run(mut config: Config, args: ServerArgs) -> anyhow::Result<()> {
     if let Some(metrics) = &metrics {
         println!("metrics on http://{}/metrics", metrics.local_addr()?);
     }
-    if std::env::var("QFLARE_ADMIN_TOKEN").is_err() {
+    if !from_env {
         println!("admin token: {}", state_dir.join("admin-token").display());
     }
     println!("server fingerprint (devices pin it with --server-key):");

@@ -148,7 +148,8 @@ impl Simulation {
     }
 
     /// The attestation policy devices use: the enclave executable's
-    /// measurement, software mode allowed (this is a simulation on one host).
+    /// measurement, software mode allowed (this is a simulation on one host), the sandbox
+    /// required.
     pub fn device_policy(&self) -> anyhow::Result<AttestationPolicy> {
         Ok(AttestationPolicy {
             allowed_measurements: vec![qflare_enclave::backend::measure_file(
@@ -156,6 +157,7 @@ impl Simulation {
             )?],
             allowed_modes: vec![AttestationMode::Software],
             max_age_secs: 600,
+            require_sandbox: true,
         })
     }
 

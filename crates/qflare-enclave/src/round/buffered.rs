@@ -125,7 +125,6 @@ impl Screen<'_> {
                 round_id = stats.round_id,
                 device = %verdict.device_id,
                 code = verdict.reason.code(),
-                score = verdict.score,
                 "final verdict"
             );
         }

@@ -193,11 +193,12 @@ impl RoundAggregator {
     }
 
     fn record(&mut self, verdict: DeviceVerdict, example_count: u64) -> usize {
+        // The enclave's stderr is the host's log: codes only, never a
+        // device's norm, cosine or score.
         tracing::debug!(
             round_id = self.expect.round_id,
             device = %verdict.device_id,
             code = verdict.reason.code(),
-            score = verdict.score,
             "update verdict"
         );
         self.verdicts.push(verdict);

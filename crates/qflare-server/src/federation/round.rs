@@ -478,6 +478,8 @@ impl Federation {
     }
 
     pub(super) async fn record_verdicts(&self, round_id: u64, verdicts: &[LedgerVerdict]) {
+        let verdicts: Vec<LedgerVerdict> = verdicts.iter().cloned().map(known_verdict).collect();
+        let verdicts = verdicts.as_slice();
         let records: Vec<VerdictRecord> = verdicts
             .iter()
             .map(|v| VerdictRecord {
@@ -504,9 +506,6 @@ impl Federation {
                     json!({
                         "round_id": round_id,
                         "code": verdict.code,
-                        "score": verdict.score,
-                        "norm": verdict.norm,
-                        "cosine": verdict.cosine,
                     }),
                 )
                 .await;
@@ -533,7 +532,7 @@ impl Federation {
                 return Err(err.into());
             }
         };
-        let verdict: LedgerVerdict = answer.meta().map_err(EnclaveError::from)?;
+        let verdict = known_verdict(answer.meta().map_err(EnclaveError::from)?);
         let mut inner = self.inner.lock().await;
         if let Some(open) = inner.open.as_mut().filter(|o| o.round_id == round_id) {
             open.submitted.insert(device_id.to_hex());
@@ -555,4 +554,69 @@ fn round_device(device: &qflare_store::DeviceRecord) -> Result<RoundDevice, Fede
         signature_suite: key.suite(),
         verifying_key: key.as_bytes().to_vec(),
     })
+}
+
+/// The code a verdict is relayed and recorded under when the enclave gives
+/// one outside its fixed set.
+pub const UNKNOWN_VERDICT_CODE: &str = "enclave_unknown_code";
+
+/// A verdict with its status and code from the fixed sets
+/// ([`qflare_enclave::verdict::is_known_code`]): what the enclave says goes
+/// to devices, the metrics' labels and the ledger, so a compromised or
+/// mismatched enclave must not be able to put arbitrary text there. An
+/// unknown status counts as a rejection.
+pub fn known_verdict(verdict: LedgerVerdict) -> LedgerVerdict {
+    let status = match verdict.status.as_str() {
+        "accepted" | "pending" | "rejected" => verdict.status,
+        _ => "rejected".to_owned(),
+    };
+    let code = if qflare_enclave::verdict::is_known_code(&verdict.code) {
+        verdict.code
+    } else {
+        tracing::warn!(
+            device = %verdict.device_id,
+            "the enclave gave a verdict code outside its fixed set"
+        );
+        UNKNOWN_VERDICT_CODE.to_owned()
+    };
+    LedgerVerdict {
+        device_id: verdict.device_id,
+        status,
+        code,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_known_codes_and_statuses_pass() {
+        let device_id = DeviceId::from_bytes([3; 16]);
+        let verdict = |status: &str, code: &str| LedgerVerdict {
+            device_id,
+            status: status.into(),
+            code: code.into(),
+        };
+        assert_eq!(
+            known_verdict(verdict("accepted", "clipped")),
+            verdict("accepted", "clipped")
+        );
+        assert_eq!(
+            known_verdict(verdict("pending", "pending")),
+            verdict("pending", "pending")
+        );
+        assert_eq!(
+            known_verdict(verdict("rejected", "not_selected")),
+            verdict("rejected", "not_selected")
+        );
+        assert_eq!(
+            known_verdict(verdict("rejected", "norm 3.1417 > 2.0")),
+            verdict("rejected", UNKNOWN_VERDICT_CODE)
+        );
+        assert_eq!(
+            known_verdict(verdict("<script>", "accepted")),
+            verdict("rejected", "accepted")
+        );
+    }
 }

@@ -48,6 +48,7 @@ pub(super) fn config() -> DeviceConfig {
             allowed_measurements: vec![MEASUREMENT],
             allowed_modes: vec![AttestationMode::Software],
             max_age_secs: 600,
+            require_sandbox: true,
         },
         Arc::new(crate::trainer::BurnTrainer::new(data)),
     );

@@ -133,6 +133,11 @@ mod scripted {
                 nonce,
                 issued_at: unix_now(),
                 evidence: Vec::new(),
+                runtime: Some(qflare_protocol::attestation::EnclaveRuntime {
+                    seccomp: qflare_protocol::attestation::SeccompState::Enforce,
+                    no_new_privs: true,
+                    ..qflare_protocol::attestation::EnclaveRuntime::unhardened()
+                }),
             };
             sign_report(&body, &self.enclave.signing).unwrap()
         }
