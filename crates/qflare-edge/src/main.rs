@@ -457,6 +457,7 @@ impl Reporter {
                 status,
                 code,
                 timings,
+                ..
             } => {
                 self.last_tenth.store(usize::MAX, Ordering::Relaxed);
                 self.status(format!("round {round_id}: {status}"));

@@ -1,6 +1,7 @@
 //! The running federation: the server and its enclave started in-process,
 //! devices enrolled and driven through rounds, and the per-round report.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -183,6 +184,9 @@ impl Simulation {
         let started = Instant::now();
         federation.start_training().await;
         let phases = Arc::new(std::sync::Mutex::new(PhaseSeconds::default()));
+        // Bytes each round's devices sealed, from the devices' own events:
+        // the server deletes envelopes once their round closes.
+        let sent: Arc<std::sync::Mutex<HashMap<u64, u64>>> = Arc::default();
         let mut tasks = Vec::new();
         for (index, (dir, data, tamper)) in self.devices.iter().enumerate() {
             let trainer = Arc::new(BurnTrainer::new(data.clone()));
@@ -195,11 +199,21 @@ impl Simulation {
             // The server may have restarted on another port; the pins stay.
             identity.server_url = self.url.clone();
             let sink = phases.clone();
+            let sent_sink = sent.clone();
             let events = Events::from_fn(move |event| {
-                if let DeviceEvent::Submitted { timings, .. } = event
-                    && let Ok(mut total) = sink.lock()
+                if let DeviceEvent::Submitted {
+                    round_id,
+                    sealed_bytes,
+                    timings,
+                    ..
+                } = event
                 {
-                    total.add(&timings);
+                    if let Ok(mut total) = sink.lock() {
+                        total.add(&timings);
+                    }
+                    if let (Some(bytes), Ok(mut sent)) = (sealed_bytes, sent_sink.lock()) {
+                        *sent.entry(round_id).or_default() += bytes;
+                    }
                 }
             });
             tasks.push(tokio::spawn(async move {
@@ -222,7 +236,7 @@ impl Simulation {
             let mut reached = false;
             while reported < version {
                 reported += 1;
-                if let Some(row) = round_row(&self.state, reported).await? {
+                if let Some(row) = round_row(&self.state, reported, &sent).await? {
                     on_round(&row);
                     reached |= stop_at.is_some_and(|t| row.accuracy.is_some_and(|a| a >= t));
                     rows.push(row);
@@ -336,14 +350,18 @@ async fn create_token(state: &SharedState, label: &str) -> anyhow::Result<Enroll
     Ok(token)
 }
 
-async fn round_row(state: &SharedState, version: u64) -> anyhow::Result<Option<RoundRow>> {
+async fn round_row(
+    state: &SharedState,
+    version: u64,
+    sent: &std::sync::Mutex<HashMap<u64, u64>>,
+) -> anyhow::Result<Option<RoundRow>> {
     let Some(model) = state.store.get_model(version).await? else {
         return Ok(None);
     };
     let Some(round) = state.store.get_round(model.round_id).await? else {
         return Ok(None);
     };
-    let participants = state.store.participants(round.id).await?;
+    let participants = state.store.participant_states(round.id).await?;
     let accepted = participants
         .iter()
         .filter(|p| p.verdict.as_deref() == Some("accepted"))
@@ -353,10 +371,9 @@ async fn round_row(state: &SharedState, version: u64) -> anyhow::Result<Option<R
         .filter(|p| p.verdict.as_deref() == Some("rejected"))
         .filter_map(|p| p.reason.clone())
         .collect();
-    let bytes_sent = participants
-        .iter()
-        .filter_map(|p| p.envelope.as_ref().map(|e| e.len() as u64))
-        .sum();
+    let bytes_sent = sent
+        .lock()
+        .map_or(0, |sent| sent.get(&round.id).copied().unwrap_or(0));
     // Metrics are written right after the model; wait briefly for them.
     let mut accuracy = model.accuracy;
     let mut loss = model.loss;

@@ -175,6 +175,10 @@ pub enum DeviceEvent {
         status: String,
         /// The enclave's reason code (or [`super::CODE_RECEIPT_LOST`]).
         code: String,
+        /// Bytes of the update as sealed to the enclave (KEM ciphertext and
+        /// sealed payload): what the server stored and forwarded. `None`
+        /// when the receipt was lost and the server's word stands for it.
+        sealed_bytes: Option<u64>,
         /// Where the round's time went.
         timings: RoundTimings,
     },

@@ -70,8 +70,9 @@ impl<L: Link> Runner<'_, L> {
                 "the receipt's round",
             )));
         }
+        let sealed_bytes = (sealed.kem_ciphertext.len() + sealed.sealed_payload.len()) as u64;
         if let Some(mut pending) = self.pending.take() {
-            self.record(&pending, receipt);
+            self.record(&pending, receipt, Some(sealed_bytes));
             let evaluation = pending.evaluation.take();
             let model_version = pending.model_version;
             pending.delivered = true;
@@ -145,7 +146,12 @@ impl<L: Link> Runner<'_, L> {
         }
     }
 
-    pub(super) fn record(&mut self, pending: &PendingUpdate, receipt: SubmitReceipt) {
+    pub(super) fn record(
+        &mut self,
+        pending: &PendingUpdate,
+        receipt: SubmitReceipt,
+        sealed_bytes: Option<u64>,
+    ) {
         let round_id = pending.round_id;
         let mut timings = self
             .clock
@@ -172,6 +178,7 @@ impl<L: Link> Runner<'_, L> {
             round_id,
             status: receipt.status.clone(),
             code: receipt.code.clone(),
+            sealed_bytes,
             timings,
         });
         let record = RoundRecord {
@@ -222,7 +229,7 @@ impl<L: Link> Runner<'_, L> {
             status: STATUS_SUBMITTED.to_owned(),
             code: CODE_RECEIPT_LOST.to_owned(),
         };
-        self.record(&pending, receipt);
+        self.record(&pending, receipt, None);
         pending.delivered = true;
         self.pending = Some(pending);
     }
