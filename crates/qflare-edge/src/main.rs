@@ -50,8 +50,15 @@ enum Command {
         /// The server, e.g. https://127.0.0.1:8443
         #[arg(long)]
         server: String,
-        /// The enrollment token from `qflare token create`.
-        #[arg(long, env = "QFLARE_ENROLL_TOKEN", hide_env_values = true)]
+        /// The enrollment token from `qflare token create`. It is base64url,
+        /// so one in 64 begins with `-`: such a value is taken as the token,
+        /// not as an option.
+        #[arg(
+            long,
+            env = "QFLARE_ENROLL_TOKEN",
+            hide_env_values = true,
+            allow_hyphen_values = true
+        )]
         token: String,
         /// The server fingerprint (64 hex characters) printed by `qflare server`.
         #[arg(long = "server-key")]
@@ -502,5 +509,31 @@ impl Reporter {
             DeviceEvent::Stopped(StopOutcome::Stopped(_)) => {}
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A base64url token may begin with `-`; clap would take it for an
+    /// option and refuse the command line.
+    #[test]
+    fn a_token_beginning_with_a_hyphen_is_a_token() {
+        let cli = Cli::try_parse_from([
+            "qflare-edge",
+            "enroll",
+            "--server",
+            "https://127.0.0.1:8443",
+            "--token",
+            "-cZ3token",
+            "--server-key",
+            "00",
+        ])
+        .expect("parses");
+        let Command::Enroll { token, .. } = cli.command else {
+            panic!("not enroll");
+        };
+        assert_eq!(token, "-cZ3token");
     }
 }
