@@ -2,6 +2,11 @@
 //! enclave), forward submissions, close it (aggregate, store and evaluate the
 //! new model, ledger every verdict), resume it in a new enclave boot, or fail
 //! it.
+//!
+//! Somewhat over 600 lines on purpose: these steps are one state machine over
+//! the same round record and enclave calls, and each transition reads best
+//! beside the others (the resume path mirrors opening, the close path the
+//! failure path). The verdict filter at the end is what they all relay.
 
 use std::collections::HashSet;
 use std::sync::Arc;
