@@ -68,6 +68,7 @@ async fn a_federation_trains_the_2nn_over_real_https_with_the_enclave() {
     // one device's update.
     let ledger = sim.state.store.audit_entries(0, 10_000).await.unwrap();
     let mut verdicts = 0;
+    let mut attestations = 0;
     for entry in &ledger {
         let detail: serde_json::Value = serde_json::from_str(&entry.detail_json).unwrap();
         match entry.kind.as_str() {
@@ -90,9 +91,16 @@ async fn a_federation_trains_the_2nn_over_real_https_with_the_enclave() {
                     );
                 }
             }
+            "enclave_attested" => {
+                // The sandbox state recorded is the one the enclave signed.
+                attestations += 1;
+                assert_eq!(detail["runtime"]["seccomp"], "enforce", "{detail}");
+                assert_eq!(detail["runtime"]["not_dumpable"], true, "{detail}");
+            }
             _ => {}
         }
     }
+    assert!(attestations >= 1, "the enclave's attestation is audited");
     assert_eq!(
         verdicts, 12,
         "every verdict of three rounds is in the ledger"

@@ -244,7 +244,21 @@ pub struct AckAnswer {
 /// `Probe`: no blobs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ProbeRequest {}
+pub struct ProbeRequest {
+    /// A call the sandbox answers by killing the process, to make first;
+    /// the host observes the death (`SIGSYS`) from outside. The host can
+    /// always kill its child, so this gives it nothing new.
+    #[serde(default)]
+    pub fatal_attempt: Option<FatalAttempt>,
+}
+
+/// A system call that ends a sandboxed enclave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FatalAttempt {
+    /// `socket(2)`, as binding a UDP socket makes it.
+    Socket,
+}
 
 /// `ProbeResult`: the sandbox, tested from inside.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,8 +268,6 @@ pub struct ProbeAnswer {
     pub hardening: Hardening,
     /// Opening a file failed (as the allow-list intends).
     pub open_blocked: bool,
-    /// Creating a socket failed.
-    pub socket_blocked: bool,
     /// Spawning a process failed.
     pub exec_blocked: bool,
     /// The names (never the values) of the environment variables the

@@ -12,6 +12,7 @@ use qflare_protocol::{KemSuite, SignatureSuite};
 
 use crate::backend::{SoftwareBackend, measure_file};
 use crate::frame::{Frame, FrameReader, Kind, stream_still_aligned};
+use crate::messages::ProbeRequest;
 use crate::sandbox::{self, SeccompMode};
 use crate::service::EnclaveService;
 
@@ -180,9 +181,15 @@ pub fn run(options: Options) -> ExitCode {
     let mut writer = BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
     loop {
         let answer = match reader.read() {
-            Ok(frame) if frame.kind == Kind::Probe => {
-                Frame::new(Kind::ProbeResult, &sandbox::probe(hardening), Vec::new())
-            }
+            Ok(frame) if frame.kind == Kind::Probe => match frame.meta::<ProbeRequest>() {
+                Ok(request) => {
+                    if let Some(attempt) = request.fatal_attempt {
+                        sandbox::attempt_fatal(attempt);
+                    }
+                    Frame::new(Kind::ProbeResult, &sandbox::probe(hardening), Vec::new())
+                }
+                Err(err) => Frame::error(err.code(), &err.to_string()),
+            },
             Ok(frame) => service.handle(&frame, unix_now()),
             Err(crate::frame::FrameError::Closed) => return ExitCode::SUCCESS,
             Err(err) => {

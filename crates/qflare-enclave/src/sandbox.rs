@@ -9,21 +9,32 @@
 //!    plaintext updates never reach swap — only where the memlock limit
 //!    allows it, since a locked process that outgrows a finite limit would
 //!    fail its next allocation.
-//! 4. [`install_seccomp`]: an allow-list of the few system calls the request
-//!    loop needs (read and write on its pipes, memory management, futexes,
-//!    time, randomness, exit), applied to every thread (`TSYNC`). Everything
-//!    else — `open`, `socket`, `connect`, `execve`, `clone`, `ptrace`, ... —
-//!    fails with `EPERM`, so a compromised aggregation path can neither read
-//!    files, talk to the network, nor start anything.
+//! 4. [`install_seccomp`]: two stacked filters on every thread (`TSYNC`).
+//!    The first kills the whole process on the calls that only an attacker
+//!    who already runs code in it would make — `execve`, `execveat`,
+//!    `ptrace`, `socket`, `process_vm_readv`/`writev` — so such an attempt
+//!    ends the enclave (and its keys) instead of returning an error the
+//!    attacker can retry around. The second is an allow-list of the few
+//!    calls the request loop needs (read and write on its pipes, memory
+//!    management, futexes, time, randomness, exit); `mmap` and `mprotect`
+//!    are allowed only without `PROT_EXEC`, so no new code can be mapped.
+//!    Everything else — `open`, `connect`, `clone`, ... — fails with `EPERM`:
+//!    a compromised aggregation path can neither read files, talk to the
+//!    network, nor start anything. The kernel applies the stricter action of
+//!    the two, so the kill filter goes first (the allow-list forbids the
+//!    `seccomp` call itself).
 //!
 //! No `unsafe` is needed: rustix and seccompiler wrap the system calls.
 
 use std::collections::BTreeMap;
 
 use rustix::process::{DumpableBehavior, Resource, Rlimit};
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
-use crate::messages::{Hardening, ProbeAnswer};
+use crate::messages::{FatalAttempt, Hardening, ProbeAnswer};
 
 /// Step 1: not dumpable, no core files. Failures are reported, not fatal:
 /// they leave the process less protected but still correct.
@@ -66,7 +77,25 @@ pub fn lock_memory() -> bool {
     }
 }
 
-/// The system calls the request loop makes once start-up is over.
+/// Calls that end the process: nothing the enclave does needs them, and an
+/// attempt means code the enclave does not contain is running in it.
+fn fatal_syscalls() -> Vec<i64> {
+    vec![
+        libc::SYS_execve,
+        libc::SYS_execveat,
+        libc::SYS_ptrace,
+        libc::SYS_socket,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+    ]
+}
+
+/// Calls allowed only when their protection argument (the third) lacks
+/// `PROT_EXEC`: the process maps data, never new code.
+const NO_EXEC_MAPPING_SYSCALLS: [i64; 2] = [libc::SYS_mmap, libc::SYS_mprotect];
+
+/// The system calls the request loop makes once start-up is over (`mmap`
+/// and `mprotect` conditionally, see [`NO_EXEC_MAPPING_SYSCALLS`]).
 fn allowed_syscalls() -> Vec<i64> {
     let mut calls = vec![
         // stdin, stdout, stderr
@@ -121,35 +150,82 @@ pub enum SeccompMode {
 #[error("seccomp: {0}")]
 pub struct SeccompError(String);
 
-fn compile(mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
-    let arch: TargetArch = std::env::consts::ARCH
+fn target_arch() -> Result<TargetArch, SeccompError> {
+    std::env::consts::ARCH
         .try_into()
-        .map_err(|e| SeccompError(format!("unsupported architecture: {e:?}")))?;
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls()
-        .into_iter()
-        .map(|call| (call, Vec::new()))
-        .collect();
-    let mismatch = match mode {
-        SeccompMode::Enforce => SeccompAction::Errno(libc::EPERM as u32),
-        SeccompMode::Log => SeccompAction::Log,
-    };
-    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
-        .map_err(|e| SeccompError(e.to_string()))?;
-    filter
+        .map_err(|e| SeccompError(format!("unsupported architecture: {e:?}")))
+}
+
+fn build(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, SeccompError> {
+    SeccompFilter::new(rules, mismatch, matched, target_arch()?)
+        .map_err(|e| SeccompError(e.to_string()))?
         .try_into()
         .map_err(|e: seccompiler::BackendError| SeccompError(e.to_string()))
 }
 
-/// Step 4: installs the allow-list on every thread of the process.
-pub fn install_seccomp(mode: SeccompMode) -> Result<(), SeccompError> {
-    let program = compile(mode)?;
-    seccompiler::apply_filter_all_threads(&program).map_err(|e| SeccompError(e.to_string()))
+/// The first filter: [`fatal_syscalls`] kill the process, all else passes
+/// on to the allow-list.
+fn compile_fatal(mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
+    let rules = fatal_syscalls()
+        .into_iter()
+        .map(|call| (call, Vec::new()))
+        .collect();
+    let matched = match mode {
+        SeccompMode::Enforce => SeccompAction::KillProcess,
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    build(rules, SeccompAction::Allow, matched)
 }
 
-/// Tries what the sandbox should forbid, from inside, and reports.
+/// The second filter: the allow-list, with `mmap` and `mprotect` allowed
+/// only when `prot & PROT_EXEC == 0`.
+fn compile_allow_list(mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
+    let without_exec = || -> Result<Vec<SeccompRule>, SeccompError> {
+        let condition = SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )
+        .map_err(|e| SeccompError(e.to_string()))?;
+        Ok(vec![
+            SeccompRule::new(vec![condition]).map_err(|e| SeccompError(e.to_string()))?,
+        ])
+    };
+    let mut rules = BTreeMap::new();
+    for call in allowed_syscalls() {
+        let conditions = if NO_EXEC_MAPPING_SYSCALLS.contains(&call) {
+            without_exec()?
+        } else {
+            Vec::new()
+        };
+        rules.insert(call, conditions);
+    }
+    let mismatch = match mode {
+        SeccompMode::Enforce => SeccompAction::Errno(libc::EPERM as u32),
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    build(rules, mismatch, SeccompAction::Allow)
+}
+
+/// Step 4: installs both filters on every thread of the process, the kill
+/// filter first (once the allow-list is in, `seccomp(2)` itself is refused).
+pub fn install_seccomp(mode: SeccompMode) -> Result<(), SeccompError> {
+    let fatal = compile_fatal(mode)?;
+    let allow_list = compile_allow_list(mode)?;
+    seccompiler::apply_filter_all_threads(&fatal).map_err(|e| SeccompError(e.to_string()))?;
+    seccompiler::apply_filter_all_threads(&allow_list).map_err(|e| SeccompError(e.to_string()))
+}
+
+/// Tries what the sandbox should refuse, from inside, and reports. The calls
+/// it kills for are tried by [`attempt_fatal`] instead.
 pub fn probe(hardening: Hardening) -> ProbeAnswer {
     let open_blocked = std::fs::File::open("/proc/self/status").is_err();
-    let socket_blocked = std::net::UdpSocket::bind("127.0.0.1:0").is_err();
+    // Fails at clone(2) with EPERM, before any execve.
     let exec_blocked = std::process::Command::new("/bin/true")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -162,9 +238,22 @@ pub fn probe(hardening: Hardening) -> ProbeAnswer {
     ProbeAnswer {
         hardening,
         open_blocked,
-        socket_blocked,
         exec_blocked,
         environment,
+    }
+}
+
+/// Makes a call the sandbox kills for; returns only when it did not (the
+/// sandbox is off or in log mode).
+pub fn attempt_fatal(attempt: FatalAttempt) {
+    match attempt {
+        FatalAttempt::Socket => {
+            let outcome = std::net::UdpSocket::bind("127.0.0.1:0");
+            tracing::warn!(
+                ok = outcome.is_ok(),
+                "the fatal probe returned: the sandbox is not enforcing"
+            );
+        }
     }
 }
 
@@ -173,17 +262,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_filter_compiles_for_this_machine() {
-        assert!(compile(SeccompMode::Enforce).is_ok_and(|program| !program.is_empty()));
-        let calls = allowed_syscalls();
-        for forbidden in [
-            libc::SYS_openat,
-            libc::SYS_socket,
-            libc::SYS_execve,
-            libc::SYS_clone,
-            libc::SYS_ptrace,
-        ] {
-            assert!(!calls.contains(&forbidden));
+    fn the_filters_compile_for_this_machine() {
+        for mode in [SeccompMode::Enforce, SeccompMode::Log] {
+            assert!(compile_fatal(mode).is_ok_and(|program| !program.is_empty()));
+            assert!(compile_allow_list(mode).is_ok_and(|program| !program.is_empty()));
         }
+        let allowed = allowed_syscalls();
+        let fatal = fatal_syscalls();
+        for forbidden in [libc::SYS_openat, libc::SYS_clone, libc::SYS_clone3] {
+            assert!(!allowed.contains(&forbidden) && !fatal.contains(&forbidden));
+        }
+        for killed in [libc::SYS_execve, libc::SYS_ptrace, libc::SYS_socket] {
+            assert!(fatal.contains(&killed) && !allowed.contains(&killed));
+        }
+        // The behaviour itself is tested from outside, in real processes:
+        // tests/sandbox.rs and tests/process.rs.
     }
 }

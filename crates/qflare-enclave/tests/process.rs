@@ -15,8 +15,9 @@ use qflare_enclave::backend::measure_file;
 use qflare_enclave::frame::{ErrorMeta, Frame, FrameReader, Kind};
 use qflare_enclave::host::{EnclaveClient, EnclaveCommand, EnclaveError};
 use qflare_enclave::messages::{
-    AttestRequest, BeginRoundRequest, CertifyRequest, InitModelRequest, LedgerVerdict, ModelAnswer,
-    OutcomeAnswer, ProbeAnswer, ProbeRequest, RoundDevice, SubmitRequest,
+    AttestRequest, BeginRoundRequest, CertifyRequest, FatalAttempt, InitModelRequest,
+    LedgerVerdict, ModelAnswer, OutcomeAnswer, ProbeAnswer, ProbeRequest, RoundDevice,
+    SubmitRequest,
 };
 use qflare_protocol::attestation::{self, AttestationMode, AttestationPolicy, SeccompState};
 use qflare_protocol::envelope::{self, UpdateMetadata};
@@ -71,17 +72,13 @@ async fn attested_hardened_and_sandboxed() {
     // From inside, the forbidden operations fail.
     let answer = client
         .call_expecting(
-            &Frame::new(Kind::Probe, &ProbeRequest {}, Vec::new()),
+            &Frame::new(Kind::Probe, &ProbeRequest::default(), Vec::new()),
             Kind::ProbeResult,
         )
         .await
         .unwrap();
     let probe: ProbeAnswer = answer.meta().unwrap();
     assert!(probe.open_blocked, "open(2) must fail inside the sandbox");
-    assert!(
-        probe.socket_blocked,
-        "socket(2) must fail inside the sandbox"
-    );
     assert!(
         probe.exec_blocked,
         "spawning a process must fail inside the sandbox"
@@ -92,6 +89,36 @@ async fn attested_hardened_and_sandboxed() {
     let report = client.attest(nonce).await.unwrap();
     attestation::verify_report(&report, &policy(), Some(&nonce), now()).unwrap();
     client.shutdown().await;
+}
+
+/// The host sees the enclave die of `SIGSYS` when it makes a call the
+/// sandbox kills for (tests/sandbox.rs covers each such call).
+#[test]
+fn the_real_enclave_is_killed_by_a_forbidden_socket() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(binary())
+        .args(&command().args)
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // A plain probe first: the sandbox is up once it is answered.
+    Frame::new(Kind::Probe, &ProbeRequest::default(), Vec::new())
+        .write_to(&mut stdin)
+        .unwrap();
+    let mut stdout = FrameReader::new(child.stdout.take().unwrap());
+    assert_eq!(stdout.read().unwrap().kind, Kind::ProbeResult);
+    let fatal = ProbeRequest {
+        fatal_attempt: Some(FatalAttempt::Socket),
+    };
+    Frame::new(Kind::Probe, &fatal, Vec::new())
+        .write_to(&mut stdin)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}");
 }
 
 #[tokio::test]
@@ -153,7 +180,7 @@ async fn the_enclave_inherits_only_allow_listed_environment() {
     let client = start().await;
     let answer = client
         .call_expecting(
-            &Frame::new(Kind::Probe, &ProbeRequest {}, Vec::new()),
+            &Frame::new(Kind::Probe, &ProbeRequest::default(), Vec::new()),
             Kind::ProbeResult,
         )
         .await

@@ -77,7 +77,9 @@ impl std::str::FromStr for AttestationMode {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum SeccompState {
-    /// Forbidden calls fail: the sandbox is on.
+    /// The sandbox is on: forbidden calls fail, the few that only an
+    /// intruder would make (`execve`, `ptrace`, `socket`, ...) kill the
+    /// process, and no memory can be mapped executable.
     Enforce,
     /// Forbidden calls are allowed and only logged (diagnosis): the sandbox is off.
     Log,

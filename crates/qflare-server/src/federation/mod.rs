@@ -377,7 +377,9 @@ impl Federation {
                         "measurement": hex::encode(enclave.verified.measurement),
                         "mode": enclave.verified.mode.as_str(),
                         "enclave_key_sha256": hex::encode(sha256(enclave.verified.verifying_key.as_bytes())),
-                        "hardening": enclave.hardening,
+                        // What the enclave signed about its own process,
+                        // not the unsigned summary it also sends.
+                        "runtime": enclave.verified.runtime,
                     }),
                 )
                 .await;
