@@ -65,6 +65,11 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// The server's long-term key and certificate (offline).
+    ServerKey {
+        #[command(subcommand)]
+        command: commands::server_key::ServerKeyCommand,
+    },
     /// The audit ledger.
     Audit {
         #[command(subcommand)]
@@ -219,6 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Model { command, remote } => {
             commands::model::run_remote(&admin(&config, &remote).await?, command).await?;
         }
+        Command::ServerKey { command } => commands::server_key::run(&config, command)?,
         Command::Audit { command } => return commands::audit::run(&config, command).await,
         Command::Bench { command } => bench::run(command).await?,
         Command::Demo(args) => demo::run(args).await?,

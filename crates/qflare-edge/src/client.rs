@@ -8,6 +8,7 @@ use std::time::Duration;
 use qflare_protocol::api::{ErrorCode, SEALED_CONTENT_TYPE, SESSION_HEADER, routes};
 use qflare_protocol::channel::ClientChannel;
 use qflare_protocol::enrollment::{self, EnrollResponse};
+use qflare_protocol::handover;
 use qflare_protocol::handshake::{ClientHello, ClientIdentity, ClientStart, ServerHello};
 use qflare_protocol::identity::{DeviceKeys, EnrollmentToken, ServerFingerprint};
 use qflare_protocol::rotation;
@@ -334,7 +335,46 @@ fn holds_other_keys(err: &EdgeError) -> bool {
     ) || err.error_code() == Some(ErrorCode::AuthenticationFailed)
 }
 
-/// Loads the identity in `dir`, settling a rotation whose answer was lost:
+/// Moves the device's pin along the server's key hand-overs, when the
+/// server presents another key or certificate than the pinned ones: the
+/// signed chain in `/v1/server-info` must lead from the pinned key to
+/// exactly what the server presents (`qflare_protocol::handover`), and the
+/// identity file is rewritten with the new pin. Returns whether it moved.
+/// A server that presents something no hand-over from the pinned key leads
+/// to is refused: it is not the server this device enrolled with.
+pub async fn follow_server_key(identity: &mut Identity, dir: &Path) -> Result<bool, EdgeError> {
+    let presented = Transport::inspect(&identity.server_url).await?;
+    let certificate_sha256 = qflare_protocol::crypto::sha256(&presented.certificate);
+    if presented.key == identity.server_key
+        && qflare_protocol::secret::ct_eq(&certificate_sha256, &identity.server_certificate_sha256)
+    {
+        return Ok(false);
+    }
+    let successor = handover::follow_chain(
+        &presented.info.key_handovers,
+        &identity.server_key,
+        &presented.key,
+        &presented.certificate,
+    )
+    .map_err(|err| {
+        EdgeError::Tls(format!(
+            "the server presents another key or certificate than the pinned ones, and no signed hand-over from the pinned key leads to them ({err}); if the server was re-created rather than rotated, enroll again"
+        ))
+    })?;
+    identity.server_key = successor.key;
+    identity.server_certificate_sha256 = successor.certificate_sha256;
+    identity.server_fingerprint = successor.fingerprint;
+    identity.replace(dir)?;
+    tracing::info!(
+        fingerprint = %identity.server_fingerprint,
+        hand_overs = successor.steps,
+        "the server handed its identity over to a new key; the pin follows it"
+    );
+    Ok(true)
+}
+
+/// Loads the identity in `dir`, following the server's key hand-overs
+/// (`follow_server_key`) and settling a rotation whose answer was lost:
 /// a handshake with the current keys tells whether the server still holds
 /// them (the rotation never took effect) or holds others (its signed hello
 /// does not verify, or it refuses the confirmation), and then one with the
@@ -344,6 +384,14 @@ fn holds_other_keys(err: &EdgeError) -> bool {
 /// returned as it is, pending keys kept, for the next start to settle.
 pub async fn load_identity(dir: &Path) -> Result<Identity, EdgeError> {
     let mut identity = Identity::load(dir)?;
+    match follow_server_key(&mut identity, dir).await {
+        Ok(_) => {}
+        // The server cannot be reached now; the pin stays as it is.
+        Err(err @ EdgeError::Network(_)) => {
+            tracing::warn!(%err, "cannot check the server's key now");
+        }
+        Err(err) => return Err(err),
+    }
     let Some(pending) = identity.pending_keys.take() else {
         return Ok(identity);
     };

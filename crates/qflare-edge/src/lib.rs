@@ -44,7 +44,8 @@ pub mod trainer;
 pub mod transport;
 
 pub use client::{
-    EnrollOptions, Session, enroll, load_identity, open_session, rotate_keys, transport_for,
+    EnrollOptions, Session, enroll, follow_server_key, load_identity, open_session, rotate_keys,
+    transport_for,
 };
 pub use error::{EdgeError, ModelRefusal};
 pub use identity::Identity;

@@ -122,6 +122,17 @@ fn client(
         .map_err(|e| EdgeError::Tls(e.to_string()))
 }
 
+/// What a server presents before anything is checked against a pin.
+#[derive(Debug, Clone)]
+pub struct PresentedServer {
+    /// Its TLS end-entity certificate (DER).
+    pub certificate: Vec<u8>,
+    /// What `/v1/server-info` said.
+    pub info: ServerInfo,
+    /// The ML-DSA key in the info.
+    pub key: VerifyingKey,
+}
+
 /// A verified server: its certificate hash and ML-DSA key, ready to pin.
 #[derive(Debug, Clone)]
 pub struct VerifiedServer {
@@ -155,6 +166,21 @@ impl Transport {
         base_url: &str,
         fingerprint: &ServerFingerprint,
     ) -> Result<VerifiedServer, EdgeError> {
+        let presented = Self::inspect(base_url).await?;
+        fingerprint.verify(&presented.certificate, &presented.key)?;
+        Ok(VerifiedServer {
+            certificate_sha256: sha256(&presented.certificate),
+            info: presented.info,
+            verifying_key: presented.key,
+            fingerprint: *fingerprint,
+        })
+    }
+
+    /// What the server at `base_url` presents, verified only in that it
+    /// holds its certificate's private key: its certificate, its info and
+    /// its ML-DSA key. For a check against a fingerprint or a pin by the
+    /// caller; nothing secret is sent.
+    pub async fn inspect(base_url: &str) -> Result<PresentedServer, EdgeError> {
         let base_url = base_url.trim_end_matches('/');
         let provider = Self::provider();
         let verifier = Arc::new(PinnedVerifier {
@@ -167,20 +193,17 @@ impl Transport {
             .send()
             .await
             .map_err(EdgeError::network)?;
-        let info: ServerInfo = decode_plain(response, limits::ENROLL_RESPONSE).await?;
+        let info: ServerInfo = decode_plain(response, limits::SERVER_INFO).await?;
         let certificate = match &verifier.pin {
             Pin::Capture(slot) => slot.lock().ok().and_then(|mut s| s.take()),
             Pin::Sha256(_) => None,
         }
         .ok_or_else(|| EdgeError::Tls("no server certificate was seen".into()))?;
-        let verifying_key =
-            VerifyingKey::from_bytes(info.signature_suite, info.verifying_key.clone())?;
-        fingerprint.verify(&certificate, &verifying_key)?;
-        Ok(VerifiedServer {
+        let key = VerifyingKey::from_bytes(info.signature_suite, info.verifying_key.clone())?;
+        Ok(PresentedServer {
+            certificate,
             info,
-            verifying_key,
-            certificate_sha256: sha256(&certificate),
-            fingerprint: *fingerprint,
+            key,
         })
     }
 

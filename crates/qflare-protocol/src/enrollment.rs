@@ -99,6 +99,10 @@ pub struct ServerInfo {
     pub default_kem_suite: KemSuite,
     /// Signature suites devices may enroll with.
     pub signature_suites: Vec<SignatureSuite>,
+    /// Every hand-over of the server's identity to a new key, oldest first:
+    /// how a device whose pin is older than the current key catches up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_handovers: Vec<crate::handover::ServerKeyHandover>,
 }
 
 fn request_transcript(

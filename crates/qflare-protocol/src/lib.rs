@@ -26,6 +26,9 @@
 //!   (a path is bound into each sealed record, so both must spell it alike).
 //! * [`enrollment`] (step 1), [`handshake`] and [`channel`] (step 2),
 //!   [`model`] (step 3), [`envelope`] (step 4), [`attestation`] (step 5).
+//! * [`rotation`] (a device replaces its keys) and [`handover`] (the server
+//!   hands its identity to a new key; devices move their pin along the
+//!   signed chain).
 //!
 //! ## The five steps
 //!
@@ -75,6 +78,7 @@ pub mod enrollment;
 pub mod envelope;
 pub mod error;
 pub mod federation;
+pub mod handover;
 pub mod handshake;
 pub mod identity;
 pub mod kem;

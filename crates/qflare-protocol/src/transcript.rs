@@ -53,6 +53,8 @@ pub enum Domain {
     LedgerEntry,
     /// A signed checkpoint of the audit ledger.
     LedgerCheckpoint,
+    /// The server's hand-over of its identity to a new key.
+    ServerKeyHandover,
 }
 
 impl Domain {
@@ -74,6 +76,7 @@ impl Domain {
             Self::KeyRotation => "device/key-rotation",
             Self::LedgerEntry => "audit/entry",
             Self::LedgerCheckpoint => "audit/checkpoint",
+            Self::ServerKeyHandover => "server/key-handover",
         }
     }
 }
@@ -191,6 +194,7 @@ mod tests {
             Domain::KeyRotation,
             Domain::LedgerEntry,
             Domain::LedgerCheckpoint,
+            Domain::ServerKeyHandover,
         ];
         let labels: HashSet<_> = all.iter().map(|d| d.label()).collect();
         assert_eq!(labels.len(), all.len());

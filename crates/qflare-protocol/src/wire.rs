@@ -15,6 +15,9 @@ pub mod limits {
     pub const ENROLL_REQUEST: usize = 64 * 1024;
     /// An enrollment response.
     pub const ENROLL_RESPONSE: usize = 32 * 1024;
+    /// `GET /v1/server-info`: suites, the key, and up to
+    /// `handover::MAX_CHAIN` key hand-overs (about 20 KiB each at ML-DSA-87).
+    pub const SERVER_INFO: usize = 2 * 1024 * 1024;
     /// A client hello.
     pub const CLIENT_HELLO: usize = 64 * 1024;
     /// A server hello (two FrodoKEM-976 ciphertexts plus a signature).

@@ -7,6 +7,7 @@
 //! | `tls/cert.pem`, `tls/key.pem` | self-signed ECDSA-P256 certificate when none is configured | 0644 / 0600 |
 //! | `storage.key` | 32 bytes wrapping session secrets at rest | 0600 |
 //! | `admin-token` | the admin bearer token when `QFLARE_ADMIN_TOKEN` is unset | 0600 |
+//! | `server-key.handovers.json` | the chain of key hand-overs, after a rotation (`key_rotation`) | 0644 |
 //!
 //! Secret files are written whole to a temporary file (mode 0600, inside a
 //! 0700 directory), synced, and linked into place, so a crash never leaves an
@@ -26,6 +27,7 @@ use std::path::{Path, PathBuf};
 
 use qflare_protocol::SignatureSuite;
 use qflare_protocol::at_rest::AtRestKey;
+use qflare_protocol::handover::ServerKeyHandover;
 use qflare_protocol::identity::ServerFingerprint;
 use qflare_protocol::secret::SecretBytes;
 use qflare_protocol::sig::{SigningKey, VerifyingKey};
@@ -68,14 +70,14 @@ pub enum IdentityError {
     },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
     move |error| IdentityError::Io {
         path: path.to_path_buf(),
         error,
     }
 }
 
-fn invalid(path: &Path, reason: impl Into<String>) -> IdentityError {
+pub(crate) fn invalid(path: &Path, reason: impl Into<String>) -> IdentityError {
     IdentityError::Invalid {
         path: path.to_path_buf(),
         reason: reason.into(),
@@ -143,11 +145,27 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, IdentityError
     fs::read(path).map(Zeroizing::new).map_err(io(path))
 }
 
+/// `server-key.json`: the suite and the seed.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SigningKeyFile {
+pub(crate) struct SigningKeyFile {
     suite: SignatureSuite,
     seed: String,
+}
+
+impl SigningKeyFile {
+    pub(crate) fn new(key: &SigningKey) -> Self {
+        Self {
+            suite: key.suite(),
+            seed: to_base64url(key.seed().expose()),
+        }
+    }
+}
+
+impl Drop for SigningKeyFile {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.seed);
+    }
 }
 
 /// The published half of the server's signing key.
@@ -161,6 +179,14 @@ pub struct PublicKeyFile {
 }
 
 impl PublicKeyFile {
+    /// The file for `key`.
+    pub fn new(key: &VerifyingKey) -> Self {
+        Self {
+            suite: key.suite(),
+            verifying_key: to_base64url(key.as_bytes()),
+        }
+    }
+
     /// Reads `server-key.pub.json` from a state directory.
     pub fn load(state_dir: &Path) -> Result<VerifyingKey, IdentityError> {
         let path = state_dir.join("server-key.pub.json");
@@ -185,6 +211,13 @@ pub struct ServerIdentity {
     pub storage_key: AtRestKey,
     /// What devices pin: covers the end-entity certificate and the ML-DSA key.
     pub fingerprint: ServerFingerprint,
+    /// Every hand-over of the identity to a new key, oldest first
+    /// (`key_rotation`); the last names this key and certificate.
+    pub key_handovers: Vec<ServerKeyHandover>,
+    /// Every key that has been this server's, oldest first, ending with
+    /// the current one (the hand-overs verified): audit checkpoints signed
+    /// by any of them are genuine.
+    pub key_history: Vec<VerifyingKey>,
 }
 
 impl std::fmt::Debug for ServerIdentity {
@@ -201,6 +234,8 @@ impl ServerIdentity {
     pub fn load_or_create(config: &Config) -> Result<Self, IdentityError> {
         let dir = &config.server.state_dir;
         ensure_private_dir(dir)?;
+        crate::key_chain::complete_staged(dir)
+            .map_err(io(&dir.join(crate::key_chain::STAGING_DIR)))?;
         let signing_key = load_or_create_signing_key(dir, config.crypto.server_signature_suite)?;
         let (certificate_chain, tls_private_key) = match (
             &config.server.tls_certificate,
@@ -217,12 +252,36 @@ impl ServerIdentity {
             .ok_or_else(|| invalid(dir, "the TLS certificate chain is empty"))?;
         let fingerprint =
             ServerFingerprint::compute(end_entity.as_ref(), signing_key.verifying_key());
+        let handovers = dir.join(crate::key_chain::HANDOVERS_FILE);
+        let key_handovers =
+            crate::key_chain::load_handovers(dir).map_err(|reason| invalid(&handovers, reason))?;
+        if let Some(last) = key_handovers.last() {
+            // Devices that follow the chain refuse a server whose key or
+            // certificate is not the one it ends at: say so now, not to them.
+            if last.new_verifying_key != signing_key.verifying_key().as_bytes() {
+                return Err(invalid(
+                    &handovers,
+                    "the server key is not the one the last hand-over names",
+                ));
+            }
+            if last.new_certificate != end_entity.as_ref() {
+                return Err(invalid(
+                    &handovers,
+                    "the TLS certificate is not the one the last hand-over names (install the certificate given to `qflare server-key rotate`)",
+                ));
+            }
+        }
+        let key_history =
+            crate::key_chain::key_history(signing_key.verifying_key(), &key_handovers)
+                .map_err(|reason| invalid(&handovers, reason))?;
         Ok(Self {
             signing_key,
             certificate_chain,
             tls_private_key,
             storage_key,
             fingerprint,
+            key_handovers,
+            key_history,
         })
     }
 }
@@ -245,10 +304,7 @@ fn load_or_create_signing_key(
     } else {
         let key = SigningKey::generate(suite, &mut rand::rng())
             .map_err(|e| invalid(&path, e.to_string()))?;
-        let file = SigningKeyFile {
-            suite,
-            seed: to_base64url(key.seed().expose()),
-        };
+        let file = SigningKeyFile::new(&key);
         let text = Zeroizing::new(
             serde_json::to_vec_pretty(&file).map_err(|e| invalid(&path, e.to_string()))?,
         );
@@ -257,10 +313,7 @@ fn load_or_create_signing_key(
         key
     };
     if !public_path.exists() {
-        let public = PublicKeyFile {
-            suite: key.suite(),
-            verifying_key: to_base64url(key.verifying_key().as_bytes()),
-        };
+        let public = PublicKeyFile::new(key.verifying_key());
         let text =
             serde_json::to_vec_pretty(&public).map_err(|e| invalid(&public_path, e.to_string()))?;
         write_new_file(&public_path, &text, 0o644)?;
@@ -305,24 +358,30 @@ fn load_or_create_tls(
     let cert_path = tls_dir.join("cert.pem");
     let key_path = tls_dir.join("key.pem");
     if !cert_path.exists() {
-        let key = rcgen::KeyPair::generate().map_err(|e| invalid(&key_path, e.to_string()))?;
-        let mut params = rcgen::CertificateParams::new(names.to_vec())
-            .map_err(|e| invalid(&cert_path, e.to_string()))?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "QFLARE server");
-        let cert = params
-            .self_signed(&key)
-            .map_err(|e| invalid(&cert_path, e.to_string()))?;
-        write_new_file(
-            &key_path,
-            Zeroizing::new(key.serialize_pem()).as_bytes(),
-            0o600,
-        )?;
-        write_new_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
+        let (cert_pem, key_pem) = generate_certificate(names, &cert_path)?;
+        write_new_file(&key_path, key_pem.as_bytes(), 0o600)?;
+        write_new_file(&cert_path, cert_pem.as_bytes(), 0o644)?;
         tracing::info!(path = %cert_path.display(), "generated a self-signed TLS certificate");
     }
     load_tls(&cert_path, &key_path)
+}
+
+/// A self-signed ECDSA-P256 certificate for `names`: (certificate PEM,
+/// private key PEM). `path` names the file in errors.
+pub(crate) fn generate_certificate(
+    names: &[String],
+    path: &Path,
+) -> Result<(String, Zeroizing<String>), IdentityError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| invalid(path, e.to_string()))?;
+    let mut params =
+        rcgen::CertificateParams::new(names.to_vec()).map_err(|e| invalid(path, e.to_string()))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "QFLARE server");
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| invalid(path, e.to_string()))?;
+    Ok((cert.pem(), Zeroizing::new(key.serialize_pem())))
 }
 
 /// The one rule for an admin token, whether it comes from the environment

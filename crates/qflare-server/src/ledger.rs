@@ -18,6 +18,7 @@
 use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
+use qflare_protocol::crypto::sha256;
 use qflare_protocol::sig::{SigningKey, VerifyingKey};
 use qflare_protocol::transcript::{Domain, Transcript};
 use qflare_store::{AuditDraft, AuditEntry, CheckpointRecord, Store, StoreError};
@@ -64,6 +65,8 @@ pub enum AuditKind {
     RoundResumed,
     /// The enclave process was (re)started and attested.
     EnclaveAttested,
+    /// The server started under a key its predecessor handed over to.
+    ServerKeyRotated,
     /// A restarted enclave endorsed a model a previous boot certified.
     ModelRecertified,
     /// An admin registered the federation's initial model from a file.
@@ -92,6 +95,7 @@ impl AuditKind {
             Self::RoundResumed => "round_resumed",
             Self::EnclaveAttested => "enclave_attested",
             Self::ModelRecertified => "model_recertified",
+            Self::ServerKeyRotated => "server_key_rotated",
         }
     }
 }
@@ -165,6 +169,46 @@ impl Ledger {
         Ok(entry)
     }
 
+    /// Records the first start under a rotated server key, once: the entry
+    /// names both keys, and a checkpoint signed by the new key follows it at
+    /// once, which is also how a later start knows it is recorded. Every
+    /// replica that starts under the new key before that checkpoint exists
+    /// records it too (harmless, and rare).
+    pub async fn record_key_rotation(
+        &self,
+        handovers: &[qflare_protocol::handover::ServerKeyHandover],
+        at: u64,
+    ) -> Result<(), StoreError> {
+        let Some(last) = handovers.last() else {
+            return Ok(());
+        };
+        let current = self.signing_key.verifying_key().as_bytes();
+        let checkpoints = self.store.checkpoints().await?;
+        if checkpoints.iter().any(|c| c.signer_key == current) {
+            return Ok(());
+        }
+        let detail = serde_json::json!({
+            "old_key_sha256": hex::encode(sha256(&last.old_verifying_key)),
+            "new_key_sha256": hex::encode(sha256(&last.new_verifying_key)),
+            "new_certificate_sha256": hex::encode(sha256(&last.new_certificate)),
+            "handed_over_at": last.issued_at,
+            "chain_length": handovers.len(),
+        });
+        let entry = self
+            .record(
+                AuditKind::ServerKeyRotated,
+                "server",
+                &hex::encode(sha256(current)),
+                detail,
+                at,
+            )
+            .await?;
+        if entry.seq % self.checkpoint_every != 0 {
+            self.checkpoint(&entry).await?;
+        }
+        Ok(())
+    }
+
     async fn checkpoint(&self, head: &AuditEntry) -> Result<(), StoreError> {
         let signature = self
             .signing_key
@@ -227,10 +271,12 @@ pub struct VerifyReport {
     pub first_bad: Option<(u64, String)>,
 }
 
-/// Recomputes the whole chain and checks every checkpoint against `server_key`.
+/// Recomputes the whole chain and checks every checkpoint against the
+/// server's keys: the current one and those it rotated away from
+/// (`ServerIdentity::key_history`).
 pub async fn verify(
     store: &dyn Store,
-    server_key: &VerifyingKey,
+    server_keys: &[VerifyingKey],
 ) -> Result<VerifyReport, StoreError> {
     let mut expected_seq = 1u64;
     let mut prev_hash = GENESIS_HASH.to_owned();
@@ -274,22 +320,29 @@ pub async fn verify(
     let entries = expected_seq - 1;
     let checkpoints = store.checkpoints().await?;
     for checkpoint in &checkpoints {
-        let reason = if checkpoint.signer_key != server_key.as_bytes() {
-            Some("checkpoint signed by another key")
-        } else if server_key
-            .verify(
-                &checkpoint_message(checkpoint.seq, &checkpoint.head_hash),
-                &checkpoint.signature,
-                "audit checkpoint",
-            )
-            .is_err()
-        {
-            Some("checkpoint signature does not verify")
-        } else if first_bad.is_none() && hashes.get(&checkpoint.seq) != Some(&checkpoint.head_hash)
-        {
-            Some("checkpoint does not match the chain (history rewritten)")
-        } else {
-            None
+        let signer = server_keys
+            .iter()
+            .find(|key| key.as_bytes() == checkpoint.signer_key.as_slice());
+        let reason = match signer {
+            None => Some("checkpoint signed by another key"),
+            Some(key)
+                if key
+                    .verify(
+                        &checkpoint_message(checkpoint.seq, &checkpoint.head_hash),
+                        &checkpoint.signature,
+                        "audit checkpoint",
+                    )
+                    .is_err() =>
+            {
+                Some("checkpoint signature does not verify")
+            }
+            Some(_)
+                if first_bad.is_none()
+                    && hashes.get(&checkpoint.seq) != Some(&checkpoint.head_hash) =>
+            {
+                Some("checkpoint does not match the chain (history rewritten)")
+            }
+            Some(_) => None,
         };
         if let Some(reason) = reason {
             let candidate = (checkpoint.seq, reason.to_owned());

@@ -48,6 +48,8 @@ pub mod devices;
 pub mod error;
 pub mod federation;
 pub mod identity;
+pub mod key_chain;
+pub mod key_rotation;
 pub mod ledger;
 pub mod metrics;
 pub mod openapi;
@@ -160,6 +162,9 @@ impl Server {
         let ledger = Ledger::new(store.clone(), signing_key, config.audit.checkpoint_every);
         let tls = tls_config(&identity)?;
         let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        ledger
+            .record_key_rotation(&identity.key_handovers, clock.now())
+            .await?;
         let auditor = Auditor::new(ledger, clock.clone(), metrics.audit_entries.clone());
         let federation = if config.federation.enabled {
             let context = federation::ControllerContext {

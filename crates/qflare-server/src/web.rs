@@ -116,11 +116,7 @@ pub async fn devices(State(state): State<SharedState>) -> ApiResult<Response> {
 
 /// `GET /audit`: the latest entries and a full verification of the chain.
 pub async fn audit(State(state): State<SharedState>) -> ApiResult<Response> {
-    let report = crate::ledger::verify(
-        state.store.as_ref(),
-        state.identity.signing_key.verifying_key(),
-    )
-    .await?;
+    let report = crate::ledger::verify(state.store.as_ref(), &state.identity.key_history).await?;
     let head = state.store.audit_head().await?.map_or(0, |e| e.seq);
     let mut entries = state
         .store

@@ -6,6 +6,7 @@ pub mod device;
 pub mod model;
 pub mod round;
 pub mod server;
+pub mod server_key;
 pub mod token;
 
 use clap::Args;

@@ -56,6 +56,7 @@ pub async fn server_info(State(state): State<SharedState>) -> Json<ServerInfo> {
         kem_suites: state.config.crypto.kem_suites.clone(),
         default_kem_suite: state.config.crypto.default_kem_suite,
         signature_suites: state.config.crypto.signature_suites.clone(),
+        key_handovers: state.identity.key_handovers.clone(),
     })
 }
 

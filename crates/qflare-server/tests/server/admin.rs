@@ -201,7 +201,7 @@ async fn the_ledger_verifies_and_catches_an_edited_entry() {
     }
     let key = server.state.identity.signing_key.verifying_key().clone();
     let store = server.state.store.clone();
-    let report = qflare_server::ledger::verify(store.as_ref(), &key)
+    let report = qflare_server::ledger::verify(store.as_ref(), std::slice::from_ref(&key))
         .await
         .unwrap();
     assert_eq!(report.first_bad, None);
@@ -215,7 +215,9 @@ async fn the_ledger_verifies_and_catches_an_edited_entry() {
     raw.execute_raw("UPDATE audit_log SET actor = 'admin' WHERE seq = 3")
         .await
         .unwrap();
-    let report = qflare_server::ledger::verify(&raw, &key).await.unwrap();
+    let report = qflare_server::ledger::verify(&raw, std::slice::from_ref(&key))
+        .await
+        .unwrap();
     let (seq, reason) = report.first_bad.unwrap();
     assert_eq!(seq, 3, "{reason}");
     assert!(reason.contains("edited"), "{reason}");
@@ -241,7 +243,9 @@ async fn the_ledger_verifies_and_catches_an_edited_entry() {
         .unwrap();
         prev = hash;
     }
-    let report = qflare_server::ledger::verify(&raw, &key).await.unwrap();
+    let report = qflare_server::ledger::verify(&raw, std::slice::from_ref(&key))
+        .await
+        .unwrap();
     let (seq, reason) = report.first_bad.unwrap();
     assert_eq!(seq, 4, "the first checkpoint after the edit: {reason}");
     assert!(reason.contains("checkpoint"), "{reason}");

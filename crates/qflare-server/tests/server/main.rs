@@ -9,6 +9,7 @@ mod harness;
 mod admin;
 mod connections;
 mod enrollment;
+mod handover;
 mod limits;
 mod openapi;
 mod sessions;
