@@ -2,9 +2,10 @@
 //! [`fedavg`] (the FedAvg paper's experiments over the whole stack) and
 //! [`sessions`] (handshakes and enrollments per second) in-process, and
 //! [`uploads`] (the server's memory under an upload flood) against a server
-//! process.
+//! process, which [`child_server`] starts and watches.
 //! Results go to stdout, progress to stderr.
 
+mod child_server;
 pub mod fedavg;
 pub mod sessions;
 pub mod uploads;
