@@ -214,6 +214,11 @@ impl ChildServer {
         self.process.memory()
     }
 
+    /// The server's log (its stderr).
+    pub(super) fn log(&self) -> PathBuf {
+        self.workdir.path().join("server.log")
+    }
+
     /// Enrolls a device named `device_name` with a token fresh from the admin
     /// API; its identity is written to `dir` in the working directory.
     pub(super) async fn enroll(&self, device_name: &str, dir: &str) -> anyhow::Result<Identity> {
