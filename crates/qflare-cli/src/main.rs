@@ -409,5 +409,12 @@ mod tests {
                 command: bench::BenchCommand::Fedavg(args)
             } if args.max_rounds == 5 && args.data == Some(PathBuf::from("mnist"))
         ));
+        let cli = parse(&["bench", "flood", "--seconds", "5", "--attackers", "2"]);
+        assert!(matches!(
+            cli.command,
+            Command::Bench {
+                command: bench::BenchCommand::Flood(args)
+            } if (args.seconds, args.attackers, args.multiplier) == (5, 2, 10)
+        ));
     }
 }

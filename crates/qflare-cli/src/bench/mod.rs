@@ -1,11 +1,14 @@
 //! `qflare bench`: benchmarks against a real server, one module per family:
 //! [`fedavg`] (the FedAvg paper's experiments over the whole stack) and
 //! [`sessions`] (handshakes and enrollments per second) in-process, and
-//! [`uploads`] (the server's memory under an upload flood) against a server
-//! process.
+//! [`uploads`] (the server's memory under an upload flood) and [`flood`]
+//! (every rate limit at ten times its rate) against a server process, which
+//! [`child_server`] starts and watches.
 //! Results go to stdout, progress to stderr.
 
+mod child_server;
 pub mod fedavg;
+pub mod flood;
 pub mod sessions;
 pub mod uploads;
 
@@ -80,6 +83,33 @@ pub enum BenchCommand {
     /// each on its own session, and reports the answers and the server's
     /// peak RSS (VmHWM) before and during the flood. Linux only.
     Uploads(uploads::UploadsArgs),
+    /// Every rate-limited route at ten times its limit while a device works.
+    ///
+    /// Starts `--server-bin` (default: this executable) as a child process
+    /// with its default rate limits, enrolls one device from 127.0.0.1 and
+    /// waits until it is selected for a round. The device then polls the
+    /// round and the health check every --poll-interval-ms and opens a new
+    /// session every eighth time: for --baseline-seconds alone, then for
+    /// --seconds while each of --attackers addresses (127.0.0.2 on) sends
+    /// every rate-limited class --multiplier times its per-minute limit,
+    /// paced open-loop:
+    ///
+    ///   enroll       enrollment requests with a token that does not exist;
+    ///   sessions     valid hellos naming the device;
+    ///   admin        the admin API and the dashboard with a wrong token;
+    ///   public       health, server info, an unknown path, a sealed route
+    ///                with an unknown session;
+    ///   connections  a health check on a new TLS connection each time.
+    ///
+    /// Reports what each class was answered (2xx, 429, other 4xx, 5xx, no
+    /// answer), the device's p50 and p99 latencies before and during the
+    /// flood and their ratio, and the server's RSS (VmHWM and VmRSS) at the
+    /// start, after the baseline and at the end of the flood. Prints
+    /// markdown on stdout (progress on stderr). Exits with an error if the
+    /// server answered 5xx or the device had any call refused or failed.
+    /// Linux only.
+    #[command(verbatim_doc_comment)]
+    Flood(flood::FloodArgs),
 }
 
 /// Runs one benchmark.
@@ -87,6 +117,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Fedavg(args) => fedavg::run(args).await,
         BenchCommand::Uploads(args) => uploads::run(args).await,
+        BenchCommand::Flood(args) => flood::run(args).await,
         BenchCommand::Sessions {
             devices,
             seconds,

@@ -12,25 +12,16 @@
 //! envelope: what is measured is the memory the server commits before it can
 //! tell, not the enclave's work.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Instant;
 
-use anyhow::{Context, bail};
-use qflare_edge::transport::Transport;
-use qflare_edge::{EnrollOptions, Identity, Session};
+use anyhow::bail;
 use qflare_protocol::api::routes;
-use qflare_protocol::federation::{ModelQuery, RoundInfo, RoundQuery, RoundStatus};
-use qflare_protocol::identity::{EnrollmentToken, ServerFingerprint};
+use qflare_protocol::federation::ModelQuery;
 use qflare_protocol::wire::{self, limits};
-use qflare_server::api::CreatedToken;
+use qflare_server::ratelimit::RateLimit;
 
-/// How long the server and the round may take to come up.
-const PATIENCE: Duration = Duration::from_secs(120);
-
-/// The admin token the child server is started with.
-const ADMIN_TOKEN: &str = "bench-uploads-admin-token-0123456789abcdef";
+use super::child_server::{self, ChildServer, mib};
 
 /// `qflare bench uploads` options.
 #[derive(Debug, clap::Args)]
@@ -47,171 +38,29 @@ pub struct UploadsArgs {
     pub architecture: String,
 }
 
-/// The server child process, killed when dropped.
-struct ServerProcess {
-    child: Child,
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl ServerProcess {
-    /// Peak and current resident set size, in bytes.
-    fn memory(&self) -> anyhow::Result<(u64, u64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .context("reading the server's /proc status (Linux only)")?;
-        let field = |name: &str| -> anyhow::Result<u64> {
-            let line = status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .with_context(|| format!("no {name} in /proc status"))?;
-            let kib: u64 = line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse().ok())
-                .with_context(|| format!("unreadable {name}"))?;
-            Ok(kib * 1024)
-        };
-        Ok((field("VmHWM:")?, field("VmRSS:")?))
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Keys every server version since the federation landed reads; nothing
-/// newer, so `--server-bin` may be an older build.
-fn minimal_config(state_dir: &Path, port: u16, architecture: &str) -> String {
-    format!(
-        "server:\n  listen: 127.0.0.1:{port}\n  metrics_listen: null\n  state_dir: {}\n\
-         rate_limits:\n  sessions: {{ per_minute: 60000, burst: 10000 }}\n  device: {{ per_minute: 60000, burst: 10000 }}\n\
-         federation:\n  enabled: true\n  architecture: {architecture}\n  auto_start: true\n  clients_per_round: 1\n  min_updates: 1\n  round_timeout_secs: 600\n  eval_data: null\n",
-        state_dir.display()
-    )
-}
-
-fn start_server(
-    bin: &Path,
-    workdir: &Path,
-    config: &Path,
-) -> anyhow::Result<(ServerProcess, String)> {
-    let log = std::fs::File::create(workdir.join("server.log"))?;
-    let mut child = Command::new(bin)
-        .current_dir(workdir)
-        .arg("--config")
-        .arg(config)
-        .arg("server")
-        .env("QFLARE_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let stdout = child.stdout.take().context("the server's stdout")?;
-    let server = ServerProcess { child };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut header_seen = false;
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if header_seen {
-                let _ = tx.send(line.trim().to_owned());
-                header_seen = false;
-            } else {
-                header_seen = line.starts_with("server fingerprint");
-            }
-        }
-    });
-    let fingerprint = rx.recv_timeout(PATIENCE).with_context(|| {
-        format!(
-            "the server printed no fingerprint; see {}",
-            workdir.join("server.log").display()
-        )
-    })?;
-    Ok((server, fingerprint))
-}
-
-async fn poll(session: &mut Session) -> anyhow::Result<RoundInfo> {
-    let nonce: [u8; 32] = rand::random();
-    Ok(session
-        .call(
-            routes::CURRENT_ROUND,
-            &RoundQuery { nonce: Some(nonce) },
-            1 << 20,
-        )
-        .await?)
-}
-
 /// Runs the benchmark; prints a markdown table.
 pub async fn run(args: UploadsArgs) -> anyhow::Result<()> {
     if args.uploads == 0 {
         bail!("--uploads must be at least 1");
     }
-    let bin = match args.server_bin {
-        Some(bin) => bin,
-        None => std::env::current_exe().context("locating this executable")?,
+    let bin = child_server::server_bin(args.server_bin)?;
+    // Uploads, not handshakes, are what is measured: the per-address and
+    // per-device limits are raised so that opening the sessions never waits.
+    let raised = RateLimit {
+        per_minute: 60_000,
+        burst: 10_000,
     };
-    let workdir = tempfile::Builder::new()
-        .prefix("qflare-bench-uploads-")
-        .tempdir()?;
-    let port = free_port()?;
-    let config = workdir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        minimal_config(&workdir.path().join("state"), port, &args.architecture),
-    )?;
-    let (server, fingerprint) = start_server(&bin, workdir.path(), &config)?;
-    let url = format!("https://127.0.0.1:{port}");
-    let pin = ServerFingerprint::parse(&fingerprint).context("the printed fingerprint")?;
-    let discovered = Transport::discover(&url, &pin).await?;
-    let admin = Transport::pinned(&url, discovered.certificate_sha256, Duration::from_secs(60))?;
-    let created: CreatedToken = admin
-        .http
-        .post(admin.url(routes::ADMIN_TOKENS))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&serde_json::json!({ "label": "bench" }))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let device_dir = workdir.path().join("device");
-    let identity: Identity = qflare_edge::enroll(
-        EnrollOptions {
-            server_url: url.clone(),
-            token: EnrollmentToken::parse(&created.token)?,
-            fingerprint: pin,
-            device_name: "bench-uploader".into(),
-            kem_suite: None,
-            signature_suite: None,
-        },
-        &device_dir,
+    let server = ChildServer::start(
+        &bin,
+        "qflare-bench-uploads-",
+        &args.architecture,
+        &[("sessions", raised), ("device", raised)],
     )
     .await?;
+    let identity = server.enroll("bench-uploader", "device").await?;
     let transport = qflare_edge::transport_for(&identity)?;
     let mut first = qflare_edge::open_session(&identity, &transport).await?;
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let info = poll(&mut first).await?;
-        if info.status == RoundStatus::Train {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the device was not selected for a round within {PATIENCE:?} ({:?})",
-                info.status
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    child_server::wait_for_training(&mut first).await?;
     // The update limit follows the model: as large a body as it admits.
     let download = first
         .call_raw(
@@ -228,7 +77,7 @@ pub async fn run(args: UploadsArgs) -> anyhow::Result<()> {
     for _ in 1..args.uploads {
         sessions.push(qflare_edge::open_session(&identity, &transport).await?);
     }
-    let (peak_before, _) = server.memory()?;
+    let peak_before = server.memory()?.peak;
     eprintln!(
         "flooding: {} concurrent uploads of {:.1} MB from one device",
         args.uploads,
@@ -253,8 +102,7 @@ pub async fn run(args: UploadsArgs) -> anyhow::Result<()> {
         *outcomes.entry(outcome?).or_default() += 1;
     }
     let elapsed = started.elapsed();
-    let (peak_after, rss_after) = server.memory()?;
-    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let after = server.memory()?;
     println!(
         "| server | uploads × body | answers | server peak RSS before | during the flood | RSS after | flood time |"
     );
@@ -270,8 +118,8 @@ pub async fn run(args: UploadsArgs) -> anyhow::Result<()> {
         args.uploads,
         plaintext as f64 / 1e6,
         mib(peak_before),
-        mib(peak_after),
-        mib(rss_after),
+        mib(after.peak),
+        mib(after.current),
         elapsed.as_secs_f64()
     );
     drop(server);
