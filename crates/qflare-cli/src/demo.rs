@@ -67,6 +67,10 @@ pub struct DemoArgs {
     /// Seed of the split and the initial model.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Longest a device's poll is held until its round changes (the
+    /// server's federation.long_poll_secs); 0: devices poll every second.
+    #[arg(long, default_value_t = 25)]
+    pub long_poll_secs: u64,
 }
 
 /// Parses a split name.
@@ -222,6 +226,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         round_timeout_secs: 600,
         compute_threads: args.threads,
         seed: args.seed,
+        long_poll_secs: args.long_poll_secs,
     };
     eprintln!(
         "QFLARE demo: {} devices ({}), {}, {} rounds, data from {}",

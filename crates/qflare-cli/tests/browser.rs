@@ -100,6 +100,7 @@ async fn the_dashboard_shows_a_finished_round_in_chromium() {
         round_timeout_secs: 120,
         compute_threads: 2,
         seed: 7,
+        long_poll_secs: 25,
     })
     .await
     .unwrap();

@@ -42,6 +42,7 @@ fn options(
         round_timeout_secs: 120,
         compute_threads: 2,
         seed: 7,
+        long_poll_secs: 25,
     }
 }
 
@@ -201,7 +202,10 @@ async fn round(sim: &Simulation, session: &mut Session) -> (RoundInfo, VerifiedE
     let info: RoundInfo = session
         .call(
             "/v1/rounds/current",
-            &RoundQuery { nonce: Some(nonce) },
+            &RoundQuery {
+                nonce: Some(nonce),
+                wait_while: None,
+            },
             1 << 20,
         )
         .await
@@ -293,6 +297,7 @@ async fn unselected_late_and_revoked_devices_cannot_submit() {
             "/v1/rounds/current",
             &RoundQuery {
                 nonce: Some([7; 32]),
+                wait_while: None,
             },
             1 << 20,
         )
@@ -443,4 +448,89 @@ async fn a_killed_server_resumes_at_the_right_round_with_the_right_model() {
     assert_eq!(report.rounds.len(), 1);
     assert!(sim.state.store.get_model(3).await.unwrap().is_some());
     sim.stop().await.unwrap();
+}
+
+/// A long poll: held while nothing changes, answered at once when the
+/// device's last answer is already stale, and woken when a round opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_held_poll_answers_when_the_round_changes() {
+    use qflare_protocol::federation::{RoundPosition, RoundStatus};
+    use std::time::{Duration, Instant};
+
+    let Some(data) = common::data_dir() else {
+        eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let sim = Simulation::start(options(data, &state, 2, 1))
+        .await
+        .unwrap();
+    let mut s = session(&sim.identity(0).unwrap()).await;
+    let waiting = |max_wait_secs| RoundQuery {
+        nonce: None,
+        wait_while: Some(RoundPosition {
+            status: RoundStatus::Waiting,
+            round_id: None,
+            max_wait_secs,
+        }),
+    };
+
+    // Nothing changes: held for the time asked, then the same answer.
+    let asked = Instant::now();
+    let info: RoundInfo = s
+        .call("/v1/rounds/current", &waiting(1), 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(info.status, RoundStatus::Waiting);
+    assert!(
+        asked.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // Waiting on a position the device is no longer in: answered at once.
+    let stale = RoundQuery {
+        nonce: None,
+        wait_while: Some(RoundPosition {
+            status: RoundStatus::Submitted,
+            round_id: Some(41),
+            max_wait_secs: 30,
+        }),
+    };
+    let asked = Instant::now();
+    let info: RoundInfo = s.call("/v1/rounds/current", &stale, 1 << 20).await.unwrap();
+    assert_eq!(info.status, RoundStatus::Waiting);
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // Held while no round is open; training starts; the held poll answers
+    // with the new round long before its 25 s hold is over.
+    let held = tokio::spawn(async move {
+        let asked = Instant::now();
+        let info: RoundInfo = s
+            .call("/v1/rounds/current", &waiting(30), 1 << 20)
+            .await
+            .unwrap();
+        (info, asked.elapsed())
+    });
+    let gauge = sim.state.metrics.long_polls_held.clone();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while gauge.get() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the poll is held");
+    sim.state.federation.clone().unwrap().start_training().await;
+    let (info, elapsed) = held.await.unwrap();
+    assert_eq!(info.status, RoundStatus::Train, "{info:?}");
+    assert!(info.round_id.is_some());
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "woken, not timed out: {elapsed:?}"
+    );
+    assert_eq!(gauge.get(), 0);
 }

@@ -17,8 +17,8 @@ use qflare_protocol::api::routes;
 use qflare_protocol::attestation::{ATTESTATION_NONCE_LEN, AttestationPolicy, VerifiedEnclave};
 use qflare_protocol::envelope::{self, UpdateMetadata};
 use qflare_protocol::federation::{
-    EvaluationReceipt, EvaluationReport, ModelQuery, RoundInfo, RoundQuery, RoundStatus,
-    SubmitReceipt, TrainingPlan,
+    EvaluationReceipt, EvaluationReport, ModelQuery, RoundInfo, RoundPosition, RoundQuery,
+    RoundStatus, SubmitReceipt, TrainingPlan,
 };
 use qflare_protocol::tensor::{Tensor, TensorMap};
 use qflare_protocol::wire;
@@ -27,8 +27,8 @@ use crate::client::{Session, open_session, transport_for, unix_now};
 use crate::error::EdgeError;
 use crate::identity::Identity;
 use crate::run::{
-    MODEL_DOWNLOAD_LIMIT, RECEIPT_LIMIT, ROUND_INFO_LIMIT, verify_model_download,
-    verify_round_report,
+    LONG_POLL_SECS, MODEL_DOWNLOAD_LIMIT, RECEIPT_LIMIT, ROUND_INFO_LIMIT, UNHELD_POLL,
+    verify_model_download, verify_round_report,
 };
 use crate::trainer::layout_mismatch;
 use crate::transport::Transport;
@@ -136,14 +136,27 @@ impl RoundClient {
         timeout: Option<Duration>,
     ) -> Result<Result<TrainingRound, NoRound>, EdgeError> {
         let started = Instant::now();
+        let mut seen: Option<RoundPosition> = None;
         loop {
             let nonce: [u8; ATTESTATION_NONCE_LEN] = rand::random();
+            // Held by the server until the answer differs from the last
+            // one, but never past the caller's timeout.
+            let left = timeout.map(|t| t.saturating_sub(started.elapsed()));
+            let wait_while = seen.map(|mut position| {
+                position.max_wait_secs =
+                    left.map_or(LONG_POLL_SECS, |left| left.as_secs().min(LONG_POLL_SECS));
+                position
+            });
+            let asked = Instant::now();
             let info: RoundInfo = self
                 .session()
                 .await?
                 .call(
                     routes::CURRENT_ROUND,
-                    &RoundQuery { nonce: Some(nonce) },
+                    &RoundQuery {
+                        nonce: Some(nonce),
+                        wait_while,
+                    },
                     ROUND_INFO_LIMIT,
                 )
                 .await?;
@@ -152,9 +165,16 @@ impl RoundClient {
                 RoundStatus::Finished => return Ok(Err(NoRound::Finished)),
                 _ => {}
             }
-            let poll = Duration::from_secs(info.poll_after_secs.max(1)).min(self.max_poll);
+            let unheld =
+                wait_while.is_some_and(|w| w.unchanged_in(&info)) && asked.elapsed() < UNHELD_POLL;
+            seen = Some(RoundPosition::of(&info, LONG_POLL_SECS));
+            let poll = if unheld {
+                Duration::from_secs(info.poll_after_secs.max(1)).min(self.max_poll)
+            } else {
+                Duration::ZERO
+            };
             if let Some(timeout) = timeout
-                && started.elapsed() + poll > timeout
+                && started.elapsed() + poll >= timeout
             {
                 return Ok(Err(NoRound::TimedOut));
             }

@@ -53,6 +53,40 @@ pub struct RoundQuery {
     #[serde(default, with = "option_nonce")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, pattern = "^[A-Za-z0-9_-]*$", content_encoding = "base64url"))]
     pub nonce: Option<[u8; 32]>,
+    /// A long poll: hold the answer while it would still be this one (the
+    /// device's last answer), up to `max_wait_secs` and the server's own
+    /// `federation.long_poll_secs`. Absent: answer at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_while: Option<RoundPosition>,
+}
+
+/// Where a device stands, as a long poll waits for it to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RoundPosition {
+    /// The status last seen.
+    pub status: RoundStatus,
+    /// The round last seen, if any.
+    pub round_id: Option<u64>,
+    /// The longest the device will wait for a change, in seconds.
+    pub max_wait_secs: u64,
+}
+
+impl RoundPosition {
+    /// The position `info` shows, to wait on for at most `max_wait_secs`.
+    pub fn of(info: &RoundInfo, max_wait_secs: u64) -> Self {
+        Self {
+            status: info.status,
+            round_id: info.round_id,
+            max_wait_secs,
+        }
+    }
+
+    /// True while `info` still shows this position.
+    pub fn unchanged_in(&self, info: &RoundInfo) -> bool {
+        self.status == info.status && self.round_id == info.round_id
+    }
 }
 
 mod option_nonce {

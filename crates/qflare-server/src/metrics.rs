@@ -62,6 +62,8 @@ pub struct Metrics {
     pub current_round: Gauge,
     /// The latest global model version.
     pub model_version: Gauge,
+    /// Device polls held until the round changes (long polls) now.
+    pub long_polls_held: Gauge,
 }
 
 impl Metrics {
@@ -81,6 +83,7 @@ impl Metrics {
             updates: Family::default(),
             current_round: Gauge::default(),
             model_version: Gauge::default(),
+            long_polls_held: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -132,6 +135,11 @@ impl Metrics {
             "updates",
             "Update envelopes by outcome",
             metrics.updates.clone(),
+        );
+        registry.register(
+            "long_polls_held",
+            "Device polls held until the round changes",
+            metrics.long_polls_held.clone(),
         );
         registry.register(
             "current_round",

@@ -254,7 +254,10 @@ pub(super) async fn poll(session: &mut Session) -> anyhow::Result<RoundInfo> {
     Ok(session
         .call(
             routes::CURRENT_ROUND,
-            &RoundQuery { nonce: Some(nonce) },
+            &RoundQuery {
+                nonce: Some(nonce),
+                wait_while: None,
+            },
             1 << 20,
         )
         .await?)

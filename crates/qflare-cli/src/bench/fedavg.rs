@@ -135,6 +135,7 @@ pub async fn run(args: FedavgArgs) -> anyhow::Result<()> {
         round_timeout_secs: 3600,
         compute_threads: args.threads,
         seed: args.seed,
+        long_poll_secs: 25,
     })
     .await?;
     let started = Instant::now();

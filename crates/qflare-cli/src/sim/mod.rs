@@ -70,6 +70,10 @@ pub struct SimOptions {
     pub compute_threads: usize,
     /// Seed for the split and the initial model.
     pub seed: u64,
+    /// The longest the server holds a device's poll until its round
+    /// changes (`federation.long_poll_secs`); 0: answer every poll at once,
+    /// devices then poll every second.
+    pub long_poll_secs: u64,
 }
 
 /// One round's row of the report.

@@ -17,6 +17,15 @@ use crate::transport::Transport;
 
 /// Largest model download accepted (header and safetensors bytes).
 pub const MODEL_DOWNLOAD_LIMIT: usize = limits::MAX_MODEL_BYTES + limits::MODEL_CERTIFICATE + 1024;
+/// The longest a device asks the server to hold a poll (the server holds
+/// at most its own `federation.long_poll_secs`); well within the device's
+/// HTTP timeout.
+pub const LONG_POLL_SECS: u64 = 30;
+/// A long poll answered faster than this with nothing changed was not held
+/// (the server does not hold polls): the device then waits the interval
+/// the server asks for before asking again.
+pub const UNHELD_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Largest round answer accepted: the report plus a little JSON around it.
 pub const ROUND_INFO_LIMIT: usize = limits::ATTESTATION_REPORT + 16 * 1024;
 /// Largest submission receipt accepted.

@@ -5,7 +5,9 @@
 //!   ┌──────────────────────────────────────────────────────────────────┐
 //!   │ open a session if there is none or it expires within a minute    │
 //!   │ POST /v1/rounds/current {nonce}   → RoundInfo + report(nonce)    │
-//!   │   waiting / not_selected / submitted → sleep poll_after, again   │
+//!   │   waiting / not_selected / submitted → ask again, held by the    │
+//!   │     server until that answer changes (long poll; an unheld one   │
+//!   │     sleeps poll_after first)                                     │
 //!   │   finished → stop (or keep polling)                              │
 //!   │   train:                                                         │
 //!   │     verify the report against the policy and OUR nonce           │
@@ -61,7 +63,9 @@ pub use config::{Backoff, DeviceConfig, TamperFn};
 pub use events::{
     DeviceEvent, Events, RoundRecord, RoundTimings, RunSummary, StopOutcome, StopReason,
 };
-pub use link::{MODEL_DOWNLOAD_LIMIT, RECEIPT_LIMIT, ROUND_INFO_LIMIT};
+pub use link::{
+    LONG_POLL_SECS, MODEL_DOWNLOAD_LIMIT, RECEIPT_LIMIT, ROUND_INFO_LIMIT, UNHELD_POLL,
+};
 pub use submit::{CODE_RECEIPT_LOST, CODE_RESEAL_LIMIT, STATUS_SUBMITTED};
 pub use verify::{
     decode_model, verify_model_certificate, verify_model_download, verify_round_report,
@@ -136,6 +140,7 @@ async fn drive_inner<L: Link>(
         done_rounds: BTreeSet::new(),
         handshakes: Duration::ZERO,
         failures: 0,
+        waiting_on: None,
         summary: RunSummary {
             stop: StopReason::Finished,
             rounds: Vec::new(),

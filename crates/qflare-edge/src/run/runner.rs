@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qflare_protocol::attestation::ATTESTATION_NONCE_LEN;
-use qflare_protocol::federation::{RoundQuery, RoundStatus};
+use qflare_protocol::federation::{RoundPosition, RoundQuery, RoundStatus};
 use qflare_protocol::tensor::TensorMap;
 use rand::RngExt;
 use zeroize::Zeroizing;
@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 use super::config::DeviceConfig;
 use super::disposition::{Disposition, classify, is_benign_refusal};
 use super::events::{DeviceEvent, Events, RoundTimings, RunSummary, StopReason};
-use super::link::Link;
+use super::link::{LONG_POLL_SECS, Link, UNHELD_POLL};
 use crate::error::EdgeError;
 use crate::identity::Identity;
 
@@ -108,6 +108,10 @@ pub(super) struct Runner<'a, L> {
     pub(super) handshakes: Duration,
     pub(super) failures: u32,
     pub(super) summary: RunSummary,
+    /// The last answer while it sends the device nowhere (`waiting`,
+    /// `not_selected`, `submitted`, `finished`): the next poll asks the
+    /// server to hold its answer until that changes (a long poll).
+    pub(super) waiting_on: Option<RoundPosition>,
 }
 
 impl<L: Link> Runner<'_, L> {
@@ -275,18 +279,34 @@ impl<L: Link> Runner<'_, L> {
 
     async fn step(&mut self) -> Result<Next, EdgeError> {
         let nonce: [u8; ATTESTATION_NONCE_LEN] = rand::random();
-        let query = RoundQuery { nonce: Some(nonce) };
+        let query = RoundQuery {
+            nonce: Some(nonce),
+            wait_while: self.waiting_on.take(),
+        };
         let started = Instant::now();
         self.ensure_session().await?;
         let info = self.link.round(&query).await?;
         let query_time = started.elapsed();
+        self.waiting_on =
+            (info.status != RoundStatus::Train).then(|| RoundPosition::of(&info, LONG_POLL_SECS));
         self.events.emit(DeviceEvent::RoundSeen {
             round_id: info.round_id,
             status: info.status,
         });
-        let poll = info
+        let interval = info
             .poll_after_secs
             .clamp(1, self.config.max_poll_secs.max(1));
+        // A held poll paces the loop by itself: after it, ask again at once.
+        // Only an answer that came back at once and unchanged (a server
+        // that does not hold polls) waits the server's interval.
+        let answered_unheld = query
+            .wait_while
+            .is_some_and(|seen| seen.unchanged_in(&info) && query_time < UNHELD_POLL);
+        let poll = if answered_unheld {
+            Next::Poll(interval)
+        } else {
+            Next::Now
+        };
         if self
             .pending
             .as_ref()
@@ -303,20 +323,20 @@ impl<L: Link> Runner<'_, L> {
                 if self.config.stop_when_finished {
                     Ok(Next::Stop(StopReason::Finished))
                 } else {
-                    Ok(Next::Poll(poll))
+                    Ok(poll)
                 }
             }
-            RoundStatus::Waiting => Ok(Next::Poll(poll)),
+            RoundStatus::Waiting => Ok(poll),
             RoundStatus::NotSelected => {
                 if self.pending.as_ref().map(|p| Some(p.round_id)) == Some(info.round_id) {
                     self.pending = None;
                     self.clock = None;
                 }
-                Ok(Next::Poll(poll))
+                Ok(poll)
             }
             RoundStatus::Submitted => {
                 self.receipt_lost(info.round_id);
-                Ok(Next::Poll(poll))
+                Ok(poll)
             }
             RoundStatus::Train => self.train_round(info, &nonce, query_time).await,
         }

@@ -2,6 +2,7 @@
 //! the admin's round controls.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -72,9 +73,59 @@ pub async fn current_round(State(state): State<SharedState>, request: SealedRequ
 /// read, never an envelope or the model, and the enclave is asked for a
 /// fresh report (behind its one lock) only when the answer sends the device
 /// to work that needs one: training, or evaluating the final model.
+///
+/// A long poll (`wait_while`) is held while the answer would still be the
+/// device's last one, and looked at again each time the round controller
+/// publishes a change, so a device learns of a new round, or of the end of
+/// the one it submitted to, when it happens rather than at its next poll.
 async fn round_info(state: &SharedState, request: &SealedRequest) -> ApiResult<RoundInfo> {
     let fed = federation(state)?;
     let query: RoundQuery = request.json("round query", 1024)?;
+    // Subscribed before the first look, so that a change between that look
+    // and the wait still wakes it.
+    let mut changes = fed.subscribe();
+    let mut info = position(state, request).await?;
+    if let Some(seen) = query.wait_while {
+        let hold = seen
+            .max_wait_secs
+            .min(state.config.federation.long_poll_secs);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(hold);
+        state.metrics.long_polls_held.inc();
+        let _held = GaugeHold(&state.metrics.long_polls_held);
+        while seen.unchanged_in(&info) {
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+            info = position(state, request).await?;
+        }
+    }
+    let needs_report = matches!(info.status, RoundStatus::Train | RoundStatus::Finished);
+    info.report = match query.nonce {
+        Some(nonce) if needs_report => Some(fed.attest(nonce).await?),
+        // Nothing to verify now: the enclave is not disturbed.
+        Some(_) => None,
+        // A client that sends no nonce gets the boot's report, from memory.
+        None => fed.enclave().info().await.map(|info| info.report),
+    };
+    Ok(info)
+}
+
+/// Counts a held poll down when dropped, however the handler ends.
+struct GaugeHold<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for GaugeHold<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Where the requesting device stands now, without a report.
+async fn position(state: &SharedState, request: &SealedRequest) -> ApiResult<RoundInfo> {
     let poll = state.config.federation.poll_interval_secs;
     let latest = state.store.latest_round().await?;
     let model = state.store.latest_model_summary().await?;
@@ -111,14 +162,6 @@ async fn round_info(state: &SharedState, request: &SealedRequest) -> ApiResult<R
         info.training = Some(state.config.federation.training.clone());
         info.deadline = u64::try_from(round.deadline).ok();
     }
-    let needs_report = matches!(info.status, RoundStatus::Train | RoundStatus::Finished);
-    info.report = match query.nonce {
-        Some(nonce) if needs_report => Some(fed.attest(nonce).await?),
-        // Nothing to verify now: the enclave is not disturbed.
-        Some(_) => None,
-        // A client that sends no nonce gets the boot's report, from memory.
-        None => fed.enclave().info().await.map(|info| info.report),
-    };
     Ok(info)
 }
 

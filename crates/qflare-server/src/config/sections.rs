@@ -409,8 +409,13 @@ pub struct FederationSection {
     pub eval_data: Option<PathBuf>,
     /// How many test examples to evaluate on.
     pub eval_examples: usize,
-    /// How often devices are told to poll, in seconds.
+    /// How often devices are told to poll, in seconds, when they do not
+    /// long-poll (or the server answers a long poll at once).
     pub poll_interval_secs: u64,
+    /// The longest a device's poll is held waiting for the round to change
+    /// (a long poll), in seconds; 0 answers every poll at once. Shorter
+    /// than `server.request_timeout_secs`.
+    pub long_poll_secs: u64,
     /// Largest model file an admin may register, in bytes (the ceiling
     /// for everything sized from the model).
     pub max_model_bytes: u64,
@@ -437,6 +442,7 @@ impl Default for FederationSection {
             eval_data: None,
             eval_examples: 10_000,
             poll_interval_secs: 2,
+            long_poll_secs: 25,
             max_model_bytes: 1 << 30,
         }
     }
@@ -476,6 +482,13 @@ impl Config {
         }
         if self.limits.uploads_in_memory_bytes == 0 {
             return fail("limits.uploads_in_memory_bytes must be positive");
+        }
+        if self.federation.enabled
+            && self.federation.long_poll_secs >= self.server.request_timeout_secs
+        {
+            return fail(
+                "federation.long_poll_secs must be shorter than server.request_timeout_secs (a held poll must end before the request times out)",
+            );
         }
         if self.server.idle_timeout_secs <= self.server.request_timeout_secs {
             return fail(
@@ -561,6 +574,13 @@ mod tests {
         let mut config = Config::default();
         config.sessions.lifetime_secs = 100_000;
         assert!(config.validate().is_err());
+        // A held poll must end before its request times out, where the
+        // federation (and so the long poll) runs.
+        let mut config = Config::default();
+        config.federation.long_poll_secs = config.server.request_timeout_secs;
+        assert!(config.validate().is_err());
+        config.federation.enabled = false;
+        assert!(config.validate().is_ok());
     }
 
     #[test]

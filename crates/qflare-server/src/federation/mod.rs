@@ -348,12 +348,19 @@ impl Federation {
                 .model_version
                 .set(store_time(model.version));
         }
-        self.status.send_replace(FederationStatus {
+        let now = FederationStatus {
             round_id: round.as_ref().map_or(0, |r| r.id),
             round_state: round.map(|r| r.state),
             model_version: model.map(|m| m.version),
             enclave_generation: self.enclave.generation(),
             finished,
+        };
+        // Watchers (held device polls among them) wake only on a change,
+        // not on every controller step.
+        self.status.send_if_modified(|status| {
+            let changed = *status != now;
+            *status = now;
+            changed
         });
     }
 

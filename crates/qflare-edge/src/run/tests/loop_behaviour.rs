@@ -392,11 +392,48 @@ async fn the_tamper_hook_rewrites_the_sealed_update() {
     assert!(script.opened[0].update.to_flat().iter().all(|v| *v == 0.25));
 }
 
+/// Each answer that sends the device nowhere is asked about again at once,
+/// with the server asked to hold the poll until that answer changes.
 #[tokio::test(start_paused = true)]
-async fn waiting_polls_until_a_round_opens() {
+async fn waiting_long_polls_until_a_round_opens() {
     let rounds = [
         RoundReply::Status(RoundStatus::Waiting, None),
         RoundReply::Status(RoundStatus::NotSelected, Some(1)),
+        train(2, 1),
+    ];
+    let run = run(&rounds, |_, config| config.max_rounds = Some(1)).await;
+    assert_eq!(run.summary().rounds[0].round_id, 2);
+    assert!(
+        !run.events
+            .iter()
+            .any(|e| matches!(e, DeviceEvent::Waiting { .. })),
+        "a changed answer is followed up at once"
+    );
+    let script = run.script.lock().unwrap();
+    let waited: Vec<_> = script
+        .waited_on
+        .iter()
+        .take(3)
+        .map(|w| w.map(|p| (p.status, p.round_id, p.max_wait_secs)))
+        .collect();
+    assert_eq!(
+        waited,
+        [
+            None,
+            Some((RoundStatus::Waiting, None, LONG_POLL_SECS)),
+            Some((RoundStatus::NotSelected, Some(1), LONG_POLL_SECS)),
+        ]
+    );
+}
+
+/// A server that does not hold polls (it answers at once, unchanged) is
+/// polled at the interval it asks for.
+#[tokio::test(start_paused = true)]
+async fn a_server_that_does_not_hold_polls_is_polled_at_its_interval() {
+    let rounds = [
+        RoundReply::Status(RoundStatus::Waiting, None),
+        RoundReply::Status(RoundStatus::Waiting, None),
+        RoundReply::Status(RoundStatus::Waiting, None),
         train(2, 1),
     ];
     let run = run(&rounds, |_, config| config.max_rounds = Some(1)).await;

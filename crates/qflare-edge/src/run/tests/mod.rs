@@ -103,6 +103,8 @@ mod scripted {
         pub device_key: VerifyingKey,
         pub opened: Vec<Opened>,
         pub evaluations: Vec<qflare_protocol::federation::EvaluationReport>,
+        /// What each round query asked the server to wait on.
+        pub waited_on: Vec<Option<qflare_protocol::federation::RoundPosition>>,
     }
 
     impl Script {
@@ -121,6 +123,7 @@ mod scripted {
                 device_key,
                 opened: Vec::new(),
                 evaluations: Vec::new(),
+                waited_on: Vec::new(),
             }
         }
 
@@ -172,6 +175,7 @@ mod scripted {
 
         async fn round(&mut self, query: &RoundQuery) -> Result<RoundInfo, EdgeError> {
             let mut script = self.0.lock().unwrap();
+            script.waited_on.push(query.wait_while);
             let reply = if script.rounds.len() > 1 {
                 script.rounds.pop_front()
             } else {
