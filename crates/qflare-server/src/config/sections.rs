@@ -1,5 +1,7 @@
 //! The configuration's types: one struct per YAML section, with its
-//! defaults, and the checks that types alone cannot express.
+//! defaults, and the checks that types alone cannot express. About 600
+//! lines in one file on purpose: `Config::validate` checks values across
+//! sections, and reads best beside every default it checks.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
