@@ -147,13 +147,7 @@ pub(super) async fn revoke_device(
     if revoked == 0 {
         return Ok(false);
     }
-    sqlx::query("UPDATE sessions SET state = 'closed' WHERE device_id = $1 AND state <> 'closed'")
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
-    tx.commit().await.map_err(backend)?;
-    Ok(true)
+    close_sessions_and_commit(tx, id).await
 }
 
 pub(super) async fn rotate_device_keys(
@@ -187,13 +181,7 @@ pub(super) async fn rotate_device_keys(
     // Sessions established under the old keys end with them, in the same
     // transaction: no request can be admitted under a session the rotation
     // was meant to end.
-    sqlx::query("UPDATE sessions SET state = 'closed' WHERE device_id = $1 AND state <> 'closed'")
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
-    tx.commit().await.map_err(backend)?;
-    Ok(true)
+    close_sessions_and_commit(tx, id).await
 }
 
 pub(super) async fn touch_device(
@@ -213,4 +201,20 @@ pub(super) async fn touch_device(
         return Err(StoreError::NotFound("device"));
     }
     Ok(())
+}
+
+/// Closes every session of device `id` and commits `tx`: the last step of a
+/// revocation or a key rotation, which must end the device's sessions in
+/// the same transaction as the change that ends their authority.
+async fn close_sessions_and_commit(
+    mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    id: &str,
+) -> Result<bool, StoreError> {
+    sqlx::query("UPDATE sessions SET state = 'closed' WHERE device_id = $1 AND state <> 'closed'")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+    tx.commit().await.map_err(backend)?;
+    Ok(true)
 }
