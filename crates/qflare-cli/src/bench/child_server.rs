@@ -51,27 +51,78 @@ pub(super) struct Memory {
 }
 
 impl ServerProcess {
+    /// The server's process id.
+    pub(super) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Peak and current resident set size.
     pub(super) fn memory(&self) -> anyhow::Result<Memory> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .context("reading the server's /proc status (Linux only)")?;
-        let field = |name: &str| -> anyhow::Result<u64> {
-            let line = status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .with_context(|| format!("no {name} in /proc status"))?;
-            let kib: u64 = line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse().ok())
-                .with_context(|| format!("unreadable {name}"))?;
-            Ok(kib * 1024)
-        };
-        Ok(Memory {
-            peak: field("VmHWM:")?,
-            current: field("VmRSS:")?,
-        })
+        memory_of(self.child.id())
     }
+}
+
+/// Peak and current resident set size of process `pid`.
+pub(super) fn memory_of(pid: u32) -> anyhow::Result<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status (Linux only)"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no {name} in /proc status"))?;
+        let kib: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("unreadable {name}"))?;
+        Ok(kib * 1024)
+    };
+    Ok(Memory {
+        peak: field("VmHWM:")?,
+        current: field("VmRSS:")?,
+    })
+}
+
+/// CPU seconds (user and system, all threads) process `pid` has used.
+pub(super) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat (Linux only)"))?;
+    // The command name (field 2) may hold spaces; the fields after its
+    // closing parenthesis are plain numbers: utime and stime are the 12th
+    // and 13th of them (fields 14 and 15 of proc(5)).
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("unreadable /proc stat")?;
+    let ticks: Vec<u64> = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().context("unreadable /proc stat times"))
+        .collect::<anyhow::Result<_>>()?;
+    // USER_HZ, the unit of these fields, is 100 on every Linux ABI.
+    Ok(ticks.iter().sum::<u64>() as f64 / 100.0)
+}
+
+/// The process ids whose parent is `pid` (the server's enclave).
+pub(super) fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|candidate| {
+            std::fs::read_to_string(format!("/proc/{candidate}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = stat.rsplit_once(')')?.1.to_owned();
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 /// Mebibytes, for the reports.
@@ -93,22 +144,55 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// Keys every server version since the federation landed reads; nothing
-/// newer, so `--server-bin` may be an older build. `rate_limits` names the
-/// classes whose limits differ from the server's defaults.
-fn minimal_config(
-    state_dir: &Path,
-    port: u16,
-    architecture: &str,
-    rate_limits: &[(&str, RateLimit)],
-) -> String {
+/// What a bench asks of the child server beyond the defaults.
+pub(super) struct ChildConfig<'a> {
+    /// The built-in model the federation trains.
+    pub(super) architecture: &'a str,
+    /// The rate-limit classes whose limits differ from the server's defaults.
+    pub(super) rate_limits: &'a [(&'a str, RateLimit)],
+    /// Devices per round (also the fewest updates that close a round).
+    pub(super) clients_per_round: usize,
+    /// Rounds start as soon as enough devices are enrolled; otherwise on
+    /// [`ChildServer::start_training`].
+    pub(super) auto_start: bool,
+    /// Rounds to run (`None`: the server's default).
+    pub(super) max_rounds: Option<u64>,
+    /// `server.max_connections_per_address` (`None`: the default), for
+    /// benches that put many devices behind 127.0.0.1.
+    pub(super) max_connections_per_address: Option<usize>,
+}
+
+impl<'a> ChildConfig<'a> {
+    /// One device per round, started as soon as it enrolls.
+    pub(super) fn new(architecture: &'a str, rate_limits: &'a [(&'a str, RateLimit)]) -> Self {
+        Self {
+            architecture,
+            rate_limits,
+            clients_per_round: 1,
+            auto_start: true,
+            max_rounds: None,
+            max_connections_per_address: None,
+        }
+    }
+}
+
+/// Keys every server version since the federation landed reads, plus only
+/// those a bench sets (`max_rounds`, `max_connections_per_address`), so
+/// `--server-bin` may be an older build.
+fn minimal_config(state_dir: &Path, port: u16, settings: &ChildConfig<'_>) -> String {
     let mut config = format!(
         "server:\n  listen: 127.0.0.1:{port}\n  metrics_listen: null\n  state_dir: {}\n",
         state_dir.display()
     );
-    if !rate_limits.is_empty() {
+    if let Some(max) = settings.max_connections_per_address {
+        config.push_str(&format!(
+            "  max_connections_per_address: {max}\n  max_connections: {}\n",
+            max.max(16_384)
+        ));
+    }
+    if !settings.rate_limits.is_empty() {
         config.push_str("rate_limits:\n");
-        for (class, limit) in rate_limits {
+        for (class, limit) in settings.rate_limits {
             config.push_str(&format!(
                 "  {class}: {{ per_minute: {}, burst: {} }}\n",
                 limit.per_minute, limit.burst
@@ -116,8 +200,14 @@ fn minimal_config(
         }
     }
     config.push_str(&format!(
-        "federation:\n  enabled: true\n  architecture: {architecture}\n  auto_start: true\n  clients_per_round: 1\n  min_updates: 1\n  round_timeout_secs: 600\n  eval_data: null\n"
+        "federation:\n  enabled: true\n  architecture: {}\n  auto_start: {}\n  clients_per_round: {n}\n  min_updates: {n}\n  round_timeout_secs: 600\n  eval_data: null\n",
+        settings.architecture,
+        settings.auto_start,
+        n = settings.clients_per_round,
     ));
+    if let Some(rounds) = settings.max_rounds {
+        config.push_str(&format!("  max_rounds: {rounds}\n"));
+    }
     config
 }
 
@@ -173,25 +263,19 @@ pub(super) struct ChildServer {
 
 impl ChildServer {
     /// Starts `bin` on a free port of 127.0.0.1 in a new temporary directory
-    /// named `prefix…`, training `architecture`, and checks it against the
+    /// named `prefix…`, configured by `settings`, and checks it against the
     /// fingerprint it prints.
     pub(super) async fn start(
         bin: &Path,
         prefix: &str,
-        architecture: &str,
-        rate_limits: &[(&str, RateLimit)],
+        settings: &ChildConfig<'_>,
     ) -> anyhow::Result<Self> {
         let workdir = tempfile::Builder::new().prefix(prefix).tempdir()?;
         let port = free_port()?;
         let config = workdir.path().join("config.yaml");
         std::fs::write(
             &config,
-            minimal_config(
-                &workdir.path().join("state"),
-                port,
-                architecture,
-                rate_limits,
-            ),
+            minimal_config(&workdir.path().join("state"), port, settings),
         )?;
         let (process, fingerprint) = spawn(bin, workdir.path(), &config)?;
         let url = format!("https://127.0.0.1:{port}");
@@ -217,6 +301,18 @@ impl ChildServer {
     /// The server's log (its stderr).
     pub(super) fn log(&self) -> PathBuf {
         self.workdir.path().join("server.log")
+    }
+
+    /// Starts training through the admin API (for `auto_start: false`).
+    pub(super) async fn start_training(&self) -> anyhow::Result<()> {
+        self.admin
+            .http
+            .post(self.admin.url(routes::ADMIN_ROUNDS_START))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
     }
 
     /// Enrolls a device named `device_name` with a token fresh from the admin

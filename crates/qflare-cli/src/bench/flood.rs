@@ -58,7 +58,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use self::report::{Call, Class, Outcome, Report, Sample, Tally};
-use super::child_server::{self, ChildServer};
+use super::child_server::{self, ChildConfig, ChildServer};
 
 /// The attackers' request timeout: long enough to tell a slow answer from
 /// none, short enough to bound what is in flight.
@@ -125,7 +125,12 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         .map(|class| (class.name(), class.limit(&limits)))
         .chain([("device", limits.device)])
         .collect();
-    let server = ChildServer::start(&bin, "qflare-bench-flood-", "mnist-cnn", &written).await?;
+    let server = ChildServer::start(
+        &bin,
+        "qflare-bench-flood-",
+        &ChildConfig::new("mnist-cnn", &written),
+    )
+    .await?;
     eprintln!("server up; enrolling the device");
     let identity = server.enroll("bench-device", "device").await?;
     let payloads = Arc::new(Payloads::new(&identity, &server.fingerprint)?);

@@ -1,14 +1,16 @@
 //! `qflare bench`: benchmarks against a real server, one module per family:
 //! [`fedavg`] (the FedAvg paper's experiments over the whole stack) and
 //! [`sessions`] (handshakes and enrollments per second) in-process, and
-//! [`uploads`] (the server's memory under an upload flood) and [`flood`]
-//! (every rate limit at ten times its rate) against a server process, which
-//! [`child_server`] starts and watches.
+//! [`uploads`] (the server's memory under an upload flood), [`flood`]
+//! (every rate limit at ten times its rate) and [`overhead`] (the
+//! framework's cost per round, N devices, no training) against a server
+//! process, which [`child_server`] starts and watches.
 //! Results go to stdout, progress to stderr.
 
 mod child_server;
 pub mod fedavg;
 pub mod flood;
+pub mod overhead;
 pub mod sessions;
 pub mod uploads;
 
@@ -110,6 +112,23 @@ pub enum BenchCommand {
     /// Linux only.
     #[command(verbatim_doc_comment)]
     Flood(flood::FloodArgs),
+    /// What the framework costs per round, with training taken out.
+    ///
+    /// Starts `--server-bin` (default: this executable) as a child process
+    /// with its enclave, enrolls --devices devices (each its own keys, pinned
+    /// TLS client and session) and runs --rounds rounds in which every
+    /// device is selected, runs the real device loop (attestation check,
+    /// model download and certificate check, signing, sealing to the
+    /// enclave), and returns a small deterministic delta instead of
+    /// training; the enclave's defense and FedAvg run as configured by
+    /// default. Reports the time to enroll, round 1, the median and range of
+    /// rounds 2..R (from the first device told to train in one round to the
+    /// first told to train in the next), CPU-seconds per round of the
+    /// server, the enclave and the devices, the peak RSS of each, and bytes
+    /// per round on loopback and as model downloads and sealed updates.
+    /// Prints markdown on stdout (progress on stderr). Linux only.
+    #[command(verbatim_doc_comment)]
+    Overhead(overhead::OverheadArgs),
 }
 
 /// Runs one benchmark.
@@ -118,6 +137,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Fedavg(args) => fedavg::run(args).await,
         BenchCommand::Uploads(args) => uploads::run(args).await,
         BenchCommand::Flood(args) => flood::run(args).await,
+        BenchCommand::Overhead(args) => overhead::run(args).await,
         BenchCommand::Sessions {
             devices,
             seconds,

@@ -21,7 +21,7 @@ use qflare_protocol::federation::ModelQuery;
 use qflare_protocol::wire::{self, limits};
 use qflare_server::ratelimit::RateLimit;
 
-use super::child_server::{self, ChildServer, mib};
+use super::child_server::{self, ChildConfig, ChildServer, mib};
 
 /// `qflare bench uploads` options.
 #[derive(Debug, clap::Args)]
@@ -53,8 +53,10 @@ pub async fn run(args: UploadsArgs) -> anyhow::Result<()> {
     let server = ChildServer::start(
         &bin,
         "qflare-bench-uploads-",
-        &args.architecture,
-        &[("sessions", raised), ("device", raised)],
+        &ChildConfig::new(
+            &args.architecture,
+            &[("sessions", raised), ("device", raised)],
+        ),
     )
     .await?;
     let identity = server.enroll("bench-uploader", "device").await?;
