@@ -1,5 +1,6 @@
 //! Fuzz target: the safetensors decoder (`TensorMap::from_safetensors`), the
-//! parser every model and update goes through: its 8-byte length prefix,
+//! parser every model and update goes through (and, over it, the f16 and
+//! int8 update encodings' decoders): its 8-byte length prefix,
 //! the JSON header (dtype, shape, data_offsets, `__metadata__`), the F32,
 //! F16 and BF16 widening, and every refusal (size limit, header length,
 //! integer dtypes, names, rank, offsets, gaps and overlaps).
@@ -14,6 +15,7 @@
 use libfuzzer_sys::fuzz_target;
 use qflare_protocol::ProtocolError;
 use qflare_protocol::tensor::TensorMap;
+use qflare_protocol::update_encoding::{self, UpdateEncoding};
 use qflare_protocol::wire::limits;
 
 /// IEEE binary16 to f32, written out rather than taken from `half` (which
@@ -69,6 +71,20 @@ fn bits(map: &TensorMap) -> Vec<(String, Vec<usize>, Vec<u32>)> {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // The update encodings' decoders share the parser; each must refuse or
+    // decode without panicking, and the exact one is the model decoder.
+    for encoding in UpdateEncoding::ALL {
+        let decoded = update_encoding::decode(data, encoding, limits::TENSORS);
+        if encoding == UpdateEncoding::F32 {
+            // Compared as bytes: a NaN is not equal to itself.
+            assert_eq!(
+                decoded.ok().map(|map| map.to_safetensors()),
+                TensorMap::from_safetensors(data, limits::TENSORS)
+                    .ok()
+                    .map(|map| map.to_safetensors())
+            );
+        }
+    }
     if !data.is_empty() {
         assert!(matches!(
             TensorMap::from_safetensors(data, data.len() - 1),

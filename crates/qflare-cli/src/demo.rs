@@ -12,6 +12,7 @@ use qflare_cli::sim::{self, Attack, DataSplit, RoundRow, SimOptions, SimReport, 
 use qflare_enclave::{AggregationConfig, AggregatorKind, DefenseConfig, DefensePreset};
 use qflare_ml::Architecture;
 use qflare_protocol::federation::TrainingPlan;
+use qflare_protocol::update_encoding::UpdateEncoding;
 
 use crate::output::human_bytes;
 
@@ -71,6 +72,10 @@ pub struct DemoArgs {
     /// server's federation.long_poll_secs); 0: devices poll every second.
     #[arg(long, default_value_t = 25)]
     pub long_poll_secs: u64,
+    /// How devices encode their updates: f32, f16 or int8 (the server's
+    /// federation.update_encoding).
+    #[arg(long, default_value = "f32")]
+    pub update_encoding: UpdateEncoding,
 }
 
 /// Parses a split name.
@@ -227,6 +232,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         compute_threads: args.threads,
         seed: args.seed,
         long_poll_secs: args.long_poll_secs,
+        update_encoding: args.update_encoding,
     };
     eprintln!(
         "QFLARE demo: {} devices ({}), {}, {} rounds, data from {}",

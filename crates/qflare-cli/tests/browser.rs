@@ -101,6 +101,7 @@ async fn the_dashboard_shows_a_finished_round_in_chromium() {
         compute_threads: 2,
         seed: 7,
         long_poll_secs: 25,
+        update_encoding: Default::default(),
     })
     .await
     .unwrap();

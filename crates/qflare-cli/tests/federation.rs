@@ -13,6 +13,7 @@ use qflare_cli::sim::{Attack, DataSplit, SimOptions, SimReport, Simulation};
 use qflare_enclave::AggregationConfig;
 use qflare_ml::Architecture;
 use qflare_protocol::federation::TrainingPlan;
+use qflare_protocol::update_encoding::UpdateEncoding;
 
 fn options(
     data_dir: PathBuf,
@@ -43,6 +44,7 @@ fn options(
         compute_threads: 2,
         seed: 7,
         long_poll_secs: 25,
+        update_encoding: Default::default(),
     }
 }
 
@@ -129,6 +131,39 @@ async fn a_federation_trains_the_2nn_over_real_https_with_the_enclave() {
         "three rounds on 2,000 examples pass 70%: {last}"
     );
     assert!(report.device_seconds.cryptography() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compressed_updates_train_the_2nn_and_are_smaller_on_the_wire() {
+    let Some(data) = common::data_dir() else {
+        eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
+        return;
+    };
+    let exact_bytes = 4 * 199_210 * 4;
+    for (encoding, most_bytes) in [
+        (UpdateEncoding::F16, exact_bytes / 2 + 4 * 20_000),
+        (UpdateEncoding::Int8, exact_bytes / 4 + 4 * 20_000),
+    ] {
+        let state = tempfile::tempdir().unwrap();
+        let report = simulate(SimOptions {
+            update_encoding: encoding,
+            ..options(data.clone(), &state, 4, 2)
+        })
+        .await;
+        assert_eq!(report.rounds.len(), 2, "{encoding}: {report:?}");
+        for row in &report.rounds {
+            assert_eq!(row.accepted, 4, "{encoding}: {row:?}");
+            // Sealed bytes: the encoded delta plus signatures and the KEM
+            // ciphertext, well under the exact encoding's size.
+            assert!(
+                row.bytes_sent < most_bytes as u64,
+                "{encoding}: {} bytes sealed",
+                row.bytes_sent
+            );
+        }
+        let last = report.final_accuracy.unwrap();
+        assert!(last > 0.6, "{encoding}: two rounds still learn: {last}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -21,6 +21,7 @@ use qflare_protocol::federation::{
     RoundStatus, SubmitReceipt, TrainingPlan,
 };
 use qflare_protocol::tensor::{Tensor, TensorMap};
+use qflare_protocol::update_encoding::{self, UpdateEncoding};
 use qflare_protocol::wire;
 
 use crate::client::{Session, open_session, transport_for, unix_now};
@@ -46,6 +47,8 @@ pub struct TrainingRound {
     pub model: String,
     /// The round's learning rate, batch size and local epochs.
     pub plan: TrainingPlan,
+    /// How the update must be encoded for the enclave (the server's choice).
+    pub update_encoding: UpdateEncoding,
     /// When the round closes (Unix seconds), if the server said.
     pub deadline: Option<u64>,
     /// The verified global weights.
@@ -216,6 +219,7 @@ impl RoundClient {
             model_version,
             model,
             plan,
+            update_encoding: info.update_encoding,
             deadline: info.deadline,
             global,
             enclave,
@@ -238,7 +242,11 @@ impl RoundClient {
             model_version: round.model_version,
             example_count: examples,
         };
-        let bytes = zeroize::Zeroizing::new(update.to_safetensors());
+        let bytes = zeroize::Zeroizing::new(update_encoding::encode(
+            &update,
+            round.update_encoding,
+            &mut rand::rng(),
+        )?);
         let sealed = envelope::seal(
             &metadata,
             &bytes,
@@ -246,12 +254,10 @@ impl RoundClient {
             &round.enclave.kem_public_key,
             &mut rand::rng(),
         )?;
-        let receipt: SubmitReceipt = self
-            .session()
+        self.session()
             .await?
-            .call(routes::UPDATES, &sealed, RECEIPT_LIMIT)
-            .await?;
-        Ok(receipt)
+            .submit_update(&sealed, RECEIPT_LIMIT)
+            .await
     }
 
     /// Reports this device's evaluation of the round's global model on its

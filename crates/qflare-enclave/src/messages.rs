@@ -5,6 +5,7 @@ use qflare_protocol::SignatureSuite;
 use qflare_protocol::attestation::AttestationReport;
 use qflare_protocol::identity::DeviceId;
 use qflare_protocol::model::ModelCertificate;
+use qflare_protocol::update_encoding::UpdateEncoding;
 use qflare_protocol::wire::{b64, b64_array};
 use serde::{Deserialize, Serialize};
 
@@ -120,6 +121,9 @@ pub struct BeginRoundRequest {
     pub architecture: String,
     /// Defense and aggregator settings.
     pub config: AggregationConfig,
+    /// How devices encode their updates; any other is refused as malformed.
+    #[serde(default)]
+    pub update_encoding: UpdateEncoding,
     /// The selected devices.
     pub devices: Vec<RoundDevice>,
     /// Local training settings, for FLTrust's reference update on the root data.
@@ -127,7 +131,8 @@ pub struct BeginRoundRequest {
     pub reference_training: Option<qflare_ml::TrainConfig>,
 }
 
-/// `Submit`: blob 0 is the envelope (its JSON encoding).
+/// `Submit`: blob 0 is the envelope (its binary encoding, or JSON from
+/// devices that predate it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {

@@ -17,12 +17,13 @@ use std::collections::{HashMap, HashSet};
 use qflare_ml::{Architecture, Dataset};
 use qflare_protocol::attestation::{self, AttestationPolicy};
 use qflare_protocol::crypto::sha256;
-use qflare_protocol::envelope::UpdateEnvelope;
+use qflare_protocol::envelope::{self, UpdateEnvelope};
 use qflare_protocol::identity::DeviceId;
 use qflare_protocol::model;
 use qflare_protocol::sig::VerifyingKey;
 use qflare_protocol::tensor::TensorMap;
-use qflare_protocol::wire::{self, limits};
+use qflare_protocol::update_encoding::{self, UpdateEncoding};
+use qflare_protocol::wire::limits;
 use zeroize::Zeroizing;
 
 use crate::backend::EnclaveBackend;
@@ -98,6 +99,8 @@ struct ActiveRound {
     global: TensorMap,
     /// The largest envelope an update of this round's model can need.
     envelope_limit: usize,
+    /// How this round's updates must be encoded.
+    update_encoding: UpdateEncoding,
     devices: HashMap<DeviceId, VerifyingKey>,
     seen: HashSet<DeviceId>,
     aggregator: RoundAggregator,
@@ -405,6 +408,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             architecture: meta.architecture.clone(),
             global,
             envelope_limit: limits::update_envelope_for(global_bytes.len()),
+            update_encoding: meta.update_encoding,
             devices,
             seen: HashSet::new(),
             aggregator,
@@ -460,7 +464,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
         if round.seen.contains(&device_id) {
             return refusal(device_id, "duplicate");
         }
-        let envelope: UpdateEnvelope = match wire::decode("envelope", bytes, round.envelope_limit) {
+        let envelope: UpdateEnvelope = match envelope::decode(bytes, round.envelope_limit) {
             Ok(envelope) => envelope,
             Err(_) => return refusal(device_id, "malformed_envelope"),
         };
@@ -481,7 +485,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             Err(_) => return refusal(device_id, "undecryptable"),
         };
         let update = Zeroizing::new(opened.update);
-        let delta = match TensorMap::from_safetensors(&update, limits::TENSORS) {
+        let delta = match update_encoding::decode(&update, round.update_encoding, limits::TENSORS) {
             Ok(delta) => delta,
             Err(_) => return refusal(device_id, "malformed_update"),
         };

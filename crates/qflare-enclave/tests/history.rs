@@ -109,6 +109,7 @@ impl Enclave {
                 defense: DefenseConfig::off(),
                 ..AggregationConfig::default()
             },
+            update_encoding: Default::default(),
             devices: devices
                 .iter()
                 .map(|d| RoundDevice {

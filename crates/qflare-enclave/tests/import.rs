@@ -115,6 +115,7 @@ fn a_half_precision_model_is_certified_as_canonical_f32() {
                 model_version: 0,
                 architecture: "tiny-net".into(),
                 config,
+                update_encoding: Default::default(),
                 devices: Vec::new(),
                 reference_training: None,
             },

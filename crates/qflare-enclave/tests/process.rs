@@ -25,6 +25,7 @@ use qflare_protocol::identity::DeviceId;
 use qflare_protocol::model;
 use qflare_protocol::sig::SigningKey;
 use qflare_protocol::tensor::TensorMap;
+use qflare_protocol::update_encoding::{self, UpdateEncoding};
 use qflare_protocol::{ProtocolError, SignatureSuite};
 use rand::SeedableRng;
 
@@ -361,11 +362,21 @@ fn fleet(global: &TensorMap) -> Fleet {
 }
 
 async fn begin(client: &EnclaveClient, fleet: &Fleet, model: &[u8]) {
+    begin_encoded(client, fleet, model, UpdateEncoding::F32).await;
+}
+
+async fn begin_encoded(
+    client: &EnclaveClient,
+    fleet: &Fleet,
+    model: &[u8],
+    update_encoding: UpdateEncoding,
+) {
     let request = BeginRoundRequest {
         round_id: 1,
         model_version: 0,
         architecture: "mnist-2nn".into(),
         config: AggregationConfig::default(),
+        update_encoding,
         devices: fleet
             .devices
             .iter()
@@ -391,6 +402,17 @@ async fn submit(
     fleet: &Fleet,
     index: usize,
 ) -> Result<LedgerVerdict, EnclaveError> {
+    submit_bytes(client, fleet, index, &fleet.updates[index]).await
+}
+
+/// Seals `update` (already encoded) for device `index` and submits its
+/// envelope in the binary encoding devices send.
+async fn submit_bytes(
+    client: &EnclaveClient,
+    fleet: &Fleet,
+    index: usize,
+    update: &[u8],
+) -> Result<LedgerVerdict, EnclaveError> {
     let enclave_key = client.info().await.unwrap().verified.kem_public_key;
     let (device_id, key) = &fleet.devices[index];
     let meta = UpdateMetadata {
@@ -399,14 +421,7 @@ async fn submit(
         model_version: 0,
         example_count: 600,
     };
-    let sealed = envelope::seal(
-        &meta,
-        &fleet.updates[index],
-        key,
-        &enclave_key,
-        &mut rand::rng(),
-    )
-    .unwrap();
+    let sealed = envelope::seal(&meta, update, key, &enclave_key, &mut rand::rng()).unwrap();
     let answer = client
         .call_expecting(
             &Frame::new(
@@ -414,7 +429,7 @@ async fn submit(
                 &SubmitRequest {
                     device_id: *device_id,
                 },
-                vec![serde_json::to_vec(&sealed).unwrap()],
+                vec![sealed.to_bytes()],
             ),
             Kind::Verdict,
         )
@@ -483,6 +498,7 @@ async fn killed_mid_round_restarted_and_the_retried_round_completes() {
                 model_version: 0,
                 architecture: "mnist-2nn".into(),
                 config: AggregationConfig::default(),
+                update_encoding: Default::default(),
                 devices: vec![],
                 reference_training: None,
             },
@@ -582,6 +598,7 @@ async fn killed_mid_round_restarted_and_the_retried_round_completes() {
                 model_version: 0,
                 architecture: "mnist-2nn".into(),
                 config: AggregationConfig::default(),
+                update_encoding: Default::default(),
                 devices: vec![],
                 reference_training: None,
             },
@@ -596,4 +613,41 @@ async fn killed_mid_round_restarted_and_the_retried_round_completes() {
         other => panic!("expected a refusal, got {other}"),
     }
     client.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_int8_round_takes_int8_updates_and_refuses_exact_ones() {
+    let client = start().await;
+    let answer = client
+        .call_expecting(
+            &Frame::new(
+                Kind::InitModel,
+                &InitModelRequest {
+                    architecture: "mnist-2nn".into(),
+                    seed: 7,
+                },
+                Vec::new(),
+            ),
+            Kind::Model,
+        )
+        .await
+        .unwrap();
+    let model_bytes = answer.blobs[0].clone();
+    let global = TensorMap::from_safetensors(&model_bytes, 1 << 26).unwrap();
+    let fleet = fleet(&global);
+    begin_encoded(&client, &fleet, &model_bytes, UpdateEncoding::Int8).await;
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+    for index in 0..3 {
+        let delta = TensorMap::from_safetensors(&fleet.updates[index], 1 << 26).unwrap();
+        let int8 = update_encoding::encode(&delta, UpdateEncoding::Int8, &mut rng).unwrap();
+        assert!(int8.len() < fleet.updates[index].len() / 3);
+        let verdict = submit_bytes(&client, &fleet, index, &int8).await.unwrap();
+        assert_ne!(verdict.status, "rejected", "{verdict:?}");
+    }
+    // The same kind of update, exact: not what this federation chose.
+    let verdict = submit(&client, &fleet, 3).await.unwrap();
+    assert_eq!(
+        (verdict.status.as_str(), verdict.code.as_str()),
+        ("rejected", "malformed_update")
+    );
 }

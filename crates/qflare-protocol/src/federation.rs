@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::attestation::AttestationReport;
 use crate::error::{ProtocolError, Result};
 use crate::model::ModelCertificate;
+use crate::update_encoding::UpdateEncoding;
 use crate::wire::b64_array;
 
 /// Local training settings a round asks devices to use.
@@ -142,6 +143,9 @@ pub struct RoundInfo {
     pub architecture: Option<String>,
     /// Local training settings.
     pub training: Option<TrainingPlan>,
+    /// How the device must encode its update (`f32` when absent).
+    #[serde(default, skip_serializing_if = "UpdateEncoding::is_f32")]
+    pub update_encoding: UpdateEncoding,
     /// Unix seconds after which submissions are refused.
     pub deadline: Option<u64>,
     /// The enclave's report for the device's nonce when the answer needs one (`train`,

@@ -9,6 +9,7 @@ use crate::handshake::{AwaitClientConfirm, ClientConfirm, ClientHello, ServerHel
 use crate::identity::SessionId;
 use crate::model::ModelCertificate;
 use crate::tensor::TensorMap;
+use crate::update_encoding::{self, UpdateEncoding};
 use crate::wire::{decode, limits};
 
 /// Every JSON message type.
@@ -19,12 +20,21 @@ pub fn wire_messages(data: &[u8]) {
     let _ = decode::<ServerHello>("fuzz", data, limits::SERVER_HELLO);
     let _ = decode::<ClientConfirm>("fuzz", data, limits::CLIENT_CONFIRM);
     let _ = decode::<UpdateEnvelope>("fuzz", data, limits::UPDATE_ENVELOPE);
+    // Binary envelopes: whatever decodes must encode back to the same bytes.
+    if let Ok(envelope) = crate::envelope::decode(data, limits::UPDATE_ENVELOPE)
+        && data.starts_with(&crate::envelope::BINARY_MAGIC)
+    {
+        assert_eq!(envelope.to_bytes(), data);
+    }
     let _ = decode::<AttestationReport>("fuzz", data, limits::ATTESTATION_REPORT);
     let _ = decode::<ModelCertificate>("fuzz", data, limits::MODEL_CERTIFICATE);
 }
 
-/// The safetensors decoder.
+/// The safetensors decoder, and the update encodings' decoders over it.
 pub fn tensors(data: &[u8]) {
+    for encoding in UpdateEncoding::ALL {
+        let _ = update_encoding::decode(data, encoding, limits::TENSORS);
+    }
     if let Ok(map) = TensorMap::from_safetensors(data, limits::TENSORS) {
         // Whatever decodes must re-encode and decode to the same thing.
         let again = TensorMap::from_safetensors(&map.to_safetensors(), limits::TENSORS);

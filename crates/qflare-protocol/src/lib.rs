@@ -26,6 +26,9 @@
 //!   (a path is bound into each sealed record, so both must spell it alike).
 //! * [`enrollment`] (step 1), [`handshake`] and [`channel`] (step 2),
 //!   [`model`] (step 3), [`envelope`] (step 4), [`attestation`] (step 5).
+//! * [`update_encoding`]: how an update's numbers travel inside the envelope
+//!   (exact f32, f16, or 8-bit with stochastic rounding), on top of
+//!   [`tensor`]'s safetensors codec.
 //! * [`rotation`] (a device replaces its keys) and [`handover`] (the server
 //!   hands its identity to a new key; devices move their pin along the
 //!   signed chain).
@@ -62,7 +65,8 @@
 //!   combiner).
 //! * AES-256-GCM (NIST SP 800-38D), HKDF (RFC 5869) with SHA-256, SHA-256 and
 //!   SHA-384 (FIPS 180-4), all via aws-lc-rs.
-//! * Model files: the safetensors format.
+//! * Model files: the safetensors format. Update envelopes travel in a
+//!   binary layout of their own ([`envelope::UpdateEnvelope::to_bytes`]).
 //!
 //! Secrets live in [`secret::SecretBytes`] (zeroized on drop, constant-time
 //! equality, redacted `Debug`); no error carries secret material.
@@ -91,6 +95,7 @@ pub mod sig;
 pub mod suite;
 pub mod tensor;
 pub mod transcript;
+pub mod update_encoding;
 pub mod wire;
 
 #[doc(hidden)]

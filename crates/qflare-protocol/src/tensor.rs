@@ -125,16 +125,20 @@ impl std::fmt::Debug for TensorMap {
     }
 }
 
-/// The stored element types the decoder widens to f32.
+/// The element types a safetensors file may hold here: the floating ones
+/// every model and update may use, and `I8`, which only the 8-bit update
+/// encoding ([`crate::update_encoding`]) accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FloatDtype {
+pub(crate) enum Dtype {
     F32,
     F16,
     Bf16,
+    I8,
 }
 
-impl FloatDtype {
-    fn parse(name: &str, dtype: &str) -> Result<Self> {
+impl Dtype {
+    /// The floating types, with the message that refuses any other.
+    fn float(name: &str, dtype: &str) -> Result<Self> {
         match dtype {
             "F32" => Ok(Self::F32),
             "F16" => Ok(Self::F16),
@@ -150,16 +154,27 @@ impl FloatDtype {
         }
     }
 
+    /// The name safetensors gives the type.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::Bf16 => "BF16",
+            Self::I8 => "I8",
+        }
+    }
+
     fn width(self) -> usize {
         match self {
             Self::F32 => 4,
             Self::F16 | Self::Bf16 => 2,
+            Self::I8 => 1,
         }
     }
 
-    /// Little-endian elements of this type as f32 (exact: both half
-    /// formats are subsets of f32).
-    fn widen(self, bytes: &[u8]) -> Vec<f32> {
+    /// Little-endian elements of this type as f32 (exact: every one of
+    /// these types is a subset of f32).
+    pub(crate) fn widen(self, bytes: &[u8]) -> Vec<f32> {
         match self {
             Self::F32 => bytes
                 .chunks_exact(4)
@@ -173,8 +188,25 @@ impl FloatDtype {
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
+            Self::I8 => bytes.iter().map(|b| f32::from(*b as i8)).collect(),
         }
     }
+}
+
+/// One tensor of a checked safetensors file, its data not yet converted.
+pub(crate) struct RawTensor<'a> {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) dtype: Dtype,
+    pub(crate) data: &'a [u8],
+}
+
+/// A safetensors file whose every offset and size has been checked.
+pub(crate) struct RawSafetensors<'a> {
+    /// In the order of their data.
+    pub(crate) tensors: Vec<RawTensor<'a>>,
+    /// The `__metadata__` map (absent: empty).
+    pub(crate) metadata: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -300,13 +332,53 @@ impl TensorMap {
 
     /// The canonical safetensors encoding.
     pub fn to_safetensors(&self) -> Vec<u8> {
-        let mut header = String::from(r#"{"__metadata__":{"format":"pt"}"#);
+        self.to_safetensors_as(Dtype::F32, &BTreeMap::new(), |_, tensor, out| {
+            for value in &tensor.data {
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+        })
+    }
+
+    /// SHA-256 of the canonical encoding.
+    pub fn digest(&self) -> [u8; 32] {
+        sha256(&self.to_safetensors())
+    }
+
+    /// Decodes a safetensors file of F32, F16 or BF16 tensors (the halves
+    /// widened to f32), refusing anything over `limit` bytes.
+    pub fn from_safetensors(bytes: &[u8], limit: usize) -> Result<Self> {
+        let raw = parse_safetensors(bytes, limit, Dtype::float)?;
+        let mut map = Self::new();
+        for tensor in raw.tensors {
+            map.insert(
+                tensor.name,
+                Tensor::new(tensor.shape, tensor.dtype.widen(tensor.data))?,
+            )?;
+        }
+        Ok(map)
+    }
+
+    /// The canonical encoding with every element stored as `dtype` (written
+    /// by `element`, which appends one tensor's little-endian data), and
+    /// `metadata` beside the usual `"format": "pt"`.
+    pub(crate) fn to_safetensors_as(
+        &self,
+        dtype: Dtype,
+        metadata: &BTreeMap<String, String>,
+        mut element: impl FnMut(&str, &Tensor, &mut Vec<u8>),
+    ) -> Vec<u8> {
+        let mut all_metadata = BTreeMap::from([("format".to_owned(), "pt".to_owned())]);
+        all_metadata.extend(metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+        // A map of strings always serializes.
+        let metadata_json = serde_json::to_string(&all_metadata).unwrap_or_default();
+        let mut header = format!(r#"{{"__metadata__":{metadata_json}"#);
         let mut offset = 0usize;
         for (name, tensor) in &self.tensors {
-            let end = offset + 4 * tensor.data.len();
+            let end = offset + dtype.width() * tensor.data.len();
             let shape: Vec<String> = tensor.shape.iter().map(usize::to_string).collect();
             header.push_str(&format!(
-                r#","{name}":{{"dtype":"F32","shape":[{}],"data_offsets":[{offset},{end}]}}"#,
+                r#","{name}":{{"dtype":"{}","shape":[{}],"data_offsets":[{offset},{end}]}}"#,
+                dtype.name(),
                 shape.join(",")
             ));
             offset = end;
@@ -318,105 +390,115 @@ impl TensorMap {
         let mut out = Vec::with_capacity(8 + header.len() + offset);
         out.extend_from_slice(&(header.len() as u64).to_le_bytes());
         out.extend_from_slice(header.as_bytes());
-        for tensor in self.tensors.values() {
-            for value in &tensor.data {
-                out.extend_from_slice(&value.to_le_bytes());
-            }
+        for (name, tensor) in &self.tensors {
+            element(name, tensor, &mut out);
         }
         out
     }
+}
 
-    /// SHA-256 of the canonical encoding.
-    pub fn digest(&self) -> [u8; 32] {
-        sha256(&self.to_safetensors())
+/// Checks a safetensors file — its length, header, names, shapes and that
+/// the tensors cover the data section exactly — and returns its tensors in
+/// data order, each dtype admitted by `accept(name, dtype)`.
+pub(crate) fn parse_safetensors(
+    bytes: &[u8],
+    limit: usize,
+    accept: impl Fn(&str, &str) -> Result<Dtype>,
+) -> Result<RawSafetensors<'_>> {
+    const WHAT: &str = "safetensors";
+    if bytes.len() > limit {
+        return Err(ProtocolError::TooLarge {
+            what: WHAT,
+            limit,
+            actual: bytes.len(),
+        });
     }
+    if bytes.len() < 8 {
+        return Err(ProtocolError::malformed(
+            WHAT,
+            "shorter than its length prefix",
+        ));
+    }
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(&bytes[..8]);
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER_LEN as u64 || header_len > (bytes.len() - 8) as u64 {
+        return Err(ProtocolError::malformed(WHAT, "header length out of range"));
+    }
+    let header_end = 8 + header_len as usize;
+    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..header_end])
+        .map_err(|e| ProtocolError::malformed(WHAT, format!("header: {e}")))?;
+    let data = &bytes[header_end..];
 
-    /// Decodes a safetensors file of F32, F16 or BF16 tensors (the halves
-    /// widened to f32), refusing anything over `limit` bytes.
-    pub fn from_safetensors(bytes: &[u8], limit: usize) -> Result<Self> {
-        const WHAT: &str = "safetensors";
-        if bytes.len() > limit {
-            return Err(ProtocolError::TooLarge {
-                what: WHAT,
-                limit,
-                actual: bytes.len(),
-            });
+    let mut metadata = BTreeMap::new();
+    let mut entries = Vec::with_capacity(header.len());
+    for (name, value) in header {
+        if name == "__metadata__" {
+            // The format says strings; other values are ignored, as they
+            // always were, rather than refusing a file over its comments.
+            if let serde_json::Value::Object(entries) = value {
+                metadata.extend(entries.into_iter().filter_map(|(key, value)| match value {
+                    serde_json::Value::String(text) => Some((key, text)),
+                    _ => None,
+                }));
+            }
+            continue;
         }
-        if bytes.len() < 8 {
+        validate_name(&name)?;
+        let entry: HeaderEntry = serde_json::from_value(value)
+            .map_err(|e| ProtocolError::malformed(WHAT, format!("tensor {name}: {e}")))?;
+        let dtype = accept(&name, &entry.dtype)?;
+        if entry.shape.len() > MAX_RANK {
             return Err(ProtocolError::malformed(
                 WHAT,
-                "shorter than its length prefix",
+                format!("tensor {name}: rank over 8"),
             ));
         }
-        let mut len_bytes = [0u8; 8];
-        len_bytes.copy_from_slice(&bytes[..8]);
-        let header_len = u64::from_le_bytes(len_bytes);
-        if header_len > MAX_HEADER_LEN as u64 || header_len > (bytes.len() - 8) as u64 {
-            return Err(ProtocolError::malformed(WHAT, "header length out of range"));
-        }
-        let header_end = 8 + header_len as usize;
-        let header: BTreeMap<String, serde_json::Value> =
-            serde_json::from_slice(&bytes[8..header_end])
-                .map_err(|e| ProtocolError::malformed(WHAT, format!("header: {e}")))?;
-        let data = &bytes[header_end..];
-
-        let mut entries = Vec::with_capacity(header.len());
-        for (name, value) in header {
-            if name == "__metadata__" {
-                continue;
-            }
-            validate_name(&name)?;
-            let entry: HeaderEntry = serde_json::from_value(value)
-                .map_err(|e| ProtocolError::malformed(WHAT, format!("tensor {name}: {e}")))?;
-            let dtype = FloatDtype::parse(&name, &entry.dtype)?;
-            if entry.shape.len() > MAX_RANK {
-                return Err(ProtocolError::malformed(
-                    WHAT,
-                    format!("tensor {name}: rank over 8"),
-                ));
-            }
-            let [begin, end] = entry.data_offsets;
-            let bytes_needed = element_count(&entry.shape)
-                .and_then(|n| n.checked_mul(dtype.width()))
-                .ok_or_else(|| {
-                    ProtocolError::malformed(WHAT, format!("tensor {name}: shape overflows"))
-                })?;
-            if end < begin || end - begin != bytes_needed {
-                return Err(ProtocolError::malformed(
-                    WHAT,
-                    format!("tensor {name}: offsets disagree with shape"),
-                ));
-            }
-            entries.push((begin, end, name, entry.shape, dtype));
-        }
-        if entries.len() > MAX_TENSORS {
-            return Err(ProtocolError::malformed(WHAT, "more than 4096 tensors"));
-        }
-        // The data section must be covered exactly, without gaps or overlaps.
-        entries.sort_by_key(|(begin, end, ..)| (*begin, *end));
-        let mut expected = 0usize;
-        for (begin, end, name, ..) in &entries {
-            if *begin != expected {
-                return Err(ProtocolError::malformed(
-                    WHAT,
-                    format!("tensor {name}: gap or overlap in data"),
-                ));
-            }
-            expected = *end;
-        }
-        if expected != data.len() {
+        let [begin, end] = entry.data_offsets;
+        let bytes_needed = element_count(&entry.shape)
+            .and_then(|n| n.checked_mul(dtype.width()))
+            .ok_or_else(|| {
+                ProtocolError::malformed(WHAT, format!("tensor {name}: shape overflows"))
+            })?;
+        if end < begin || end - begin != bytes_needed {
             return Err(ProtocolError::malformed(
                 WHAT,
-                "data section length disagrees with header",
+                format!("tensor {name}: offsets disagree with shape"),
             ));
         }
-
-        let mut map = Self::new();
-        for (begin, end, name, shape, dtype) in entries {
-            map.insert(name, Tensor::new(shape, dtype.widen(&data[begin..end]))?)?;
-        }
-        Ok(map)
+        entries.push((begin, end, name, entry.shape, dtype));
     }
+    if entries.len() > MAX_TENSORS {
+        return Err(ProtocolError::malformed(WHAT, "more than 4096 tensors"));
+    }
+    // The data section must be covered exactly, without gaps or overlaps.
+    entries.sort_by_key(|(begin, end, ..)| (*begin, *end));
+    let mut expected = 0usize;
+    for (begin, end, name, ..) in &entries {
+        if *begin != expected {
+            return Err(ProtocolError::malformed(
+                WHAT,
+                format!("tensor {name}: gap or overlap in data"),
+            ));
+        }
+        expected = *end;
+    }
+    if expected != data.len() {
+        return Err(ProtocolError::malformed(
+            WHAT,
+            "data section length disagrees with header",
+        ));
+    }
+    let tensors = entries
+        .into_iter()
+        .map(|(begin, end, name, shape, dtype)| RawTensor {
+            name,
+            shape,
+            dtype,
+            data: &data[begin..end],
+        })
+        .collect();
+    Ok(RawSafetensors { tensors, metadata })
 }
 
 #[cfg(test)]

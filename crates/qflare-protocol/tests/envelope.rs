@@ -236,3 +236,61 @@ fn another_devices_signature_fails() {
         ProtocolError::BadSignature("update inner signature")
     );
 }
+
+mod binary_encoding {
+    use proptest::prelude::*;
+    use qflare_protocol::envelope::{self, UpdateEnvelope};
+    use qflare_protocol::identity::DeviceId;
+    use qflare_protocol::{KemSuite, ProtocolError};
+
+    fn any_envelope() -> impl Strategy<Value = UpdateEnvelope> {
+        (
+            any::<u16>(),
+            any::<u64>(),
+            any::<[u8; 16]>(),
+            any::<u64>(),
+            prop::sample::select(KemSuite::ALL.to_vec()),
+            prop::collection::vec(any::<u8>(), 0..2048),
+            prop::collection::vec(any::<u8>(), 0..4096),
+            prop::collection::vec(any::<u8>(), 0..1024),
+        )
+            .prop_map(
+                |(version, round_id, id, model_version, kem_suite, ct, payload, sig)| {
+                    UpdateEnvelope {
+                        version,
+                        round_id,
+                        device_id: DeviceId::from_bytes(id),
+                        model_version,
+                        kem_suite,
+                        kem_ciphertext: ct,
+                        sealed_payload: payload,
+                        outer_signature: sig,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn every_envelope_round_trips_through_both_encodings(env in any_envelope()) {
+            let binary = env.to_bytes();
+            prop_assert_eq!(&envelope::decode(&binary, usize::MAX).unwrap(), &env);
+            let json = serde_json::to_vec(&env).unwrap();
+            prop_assert_eq!(&envelope::decode(&json, usize::MAX).unwrap(), &env);
+            prop_assert!(binary.len() <= json.len());
+        }
+
+        #[test]
+        fn arbitrary_bytes_after_the_magic_never_panic(tail in prop::collection::vec(any::<u8>(), 0..512)) {
+            let mut bytes = envelope::BINARY_MAGIC.to_vec();
+            bytes.extend_from_slice(&tail);
+            match envelope::decode(&bytes, usize::MAX) {
+                Ok(env) => prop_assert_eq!(env.to_bytes(), bytes),
+                Err(ProtocolError::Malformed { .. } | ProtocolError::UnknownSuite { .. }) => {}
+                Err(other) => prop_assert!(false, "unexpected error {:?}", other),
+            }
+        }
+    }
+}

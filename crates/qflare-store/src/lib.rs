@@ -231,9 +231,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         round_id: u64,
         device_id: &str,
     ) -> Result<Option<ParticipantRecord>, StoreError>;
-    /// Stores a sealed update envelope, atomically with respect to round transitions: only if the
-    /// round is `Open`, `now < deadline`, the device is a selected participant and has not submitted
-    /// yet. The outcome says which condition failed first, in that order.
+    /// Records a submission with `envelope` — what the caller keeps of the sealed update envelope
+    /// (the server keeps its SHA-256: the envelope itself goes to the enclave boot it was sealed
+    /// to and is useless to any other) — atomically with respect to round transitions: only if
+    /// the round is `Open`, `now < deadline`, the device is a selected participant and has not
+    /// submitted yet. The outcome says which condition failed first, in that order.
     async fn record_submission(
         &self,
         round_id: u64,

@@ -10,6 +10,7 @@ use std::time::Instant;
 use qflare_cli::sim::{self, DataSplit, SimOptions, Simulation};
 use qflare_ml::Architecture;
 use qflare_protocol::federation::TrainingPlan;
+use qflare_protocol::update_encoding::UpdateEncoding;
 
 use crate::demo::{aggregation, plot};
 use crate::output::human_bytes;
@@ -90,6 +91,9 @@ pub struct FedavgArgs {
     /// Seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// How devices encode their updates: f32, f16 or int8.
+    #[arg(long, default_value = "f32")]
+    pub update_encoding: UpdateEncoding,
 }
 
 /// Runs the benchmark.
@@ -136,6 +140,7 @@ pub async fn run(args: FedavgArgs) -> anyhow::Result<()> {
         compute_threads: args.threads,
         seed: args.seed,
         long_poll_secs: 25,
+        update_encoding: args.update_encoding,
     })
     .await?;
     let started = Instant::now();

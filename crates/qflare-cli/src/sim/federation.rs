@@ -64,6 +64,7 @@ impl Simulation {
         config.federation.eval_examples = options.eval_examples;
         config.federation.poll_interval_secs = 1;
         config.federation.long_poll_secs = options.long_poll_secs;
+        config.federation.update_encoding = options.update_encoding;
         config.aggregation = options.aggregation.clone();
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -18,6 +18,7 @@ use qflare_edge::run::RoundTimings;
 use qflare_enclave::AggregationConfig;
 use qflare_ml::Architecture;
 use qflare_protocol::federation::TrainingPlan;
+use qflare_protocol::update_encoding::UpdateEncoding;
 
 pub use self::attack::Attack;
 pub use self::federation::Simulation;
@@ -74,6 +75,8 @@ pub struct SimOptions {
     /// changes (`federation.long_poll_secs`); 0: answer every poll at once,
     /// devices then poll every second.
     pub long_poll_secs: u64,
+    /// How devices encode their updates (`federation.update_encoding`).
+    pub update_encoding: UpdateEncoding,
 }
 
 /// One round's row of the report.

@@ -107,9 +107,7 @@ impl Link for HttpLink<'_> {
     }
 
     async fn submit(&mut self, envelope: &UpdateEnvelope) -> Result<SubmitReceipt, EdgeError> {
-        self.live()?
-            .call(routes::UPDATES, envelope, RECEIPT_LIMIT)
-            .await
+        self.live()?.submit_update(envelope, RECEIPT_LIMIT).await
     }
 
     async fn evaluate(

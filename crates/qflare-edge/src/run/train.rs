@@ -10,6 +10,7 @@ use std::time::Instant;
 use qflare_protocol::attestation::VerifiedEnclave;
 use qflare_protocol::crypto::sha256;
 use qflare_protocol::tensor::TensorMap;
+use qflare_protocol::update_encoding::{self, UpdateEncoding};
 use zeroize::Zeroizing;
 
 use super::events::DeviceEvent;
@@ -39,6 +40,17 @@ pub(super) fn round_seed(identity: &Identity, round_id: u64, seed: u64) -> u64 {
     u64::from_be_bytes(first)
 }
 
+/// What a round asks this device to do, as the server's answer said it.
+pub(super) struct RoundWork {
+    pub(super) round_id: u64,
+    pub(super) model_version: u64,
+    pub(super) architecture: String,
+    pub(super) plan: TrainingPlan,
+    /// The seed of the trainer's shuffling.
+    pub(super) seed: u64,
+    /// How the update is encoded for the enclave.
+    pub(super) update_encoding: UpdateEncoding,
+}
 impl<L: Link> Runner<'_, L> {
     pub(super) async fn train_round(
         &mut self,
@@ -108,10 +120,15 @@ impl<L: Link> Runner<'_, L> {
                 .await?;
             self.last_plan = Some(plan.clone());
             let seed = round_seed(self.identity, round_id, self.config.train_seed);
-            self.pending = Some(
-                self.train(round_id, model_version, &architecture, global, plan, seed)
-                    .await?,
-            );
+            let work = RoundWork {
+                round_id,
+                model_version,
+                architecture,
+                plan,
+                seed,
+                update_encoding: info.update_encoding,
+            };
+            self.pending = Some(self.train(work, global).await?);
         }
         self.submit(round_id, &enclave).await
     }
@@ -176,17 +193,20 @@ impl<L: Link> Runner<'_, L> {
     /// update's layout, applies the tamper hook and encodes the update.
     pub(super) async fn train(
         &mut self,
-        round_id: u64,
-        model_version: u64,
-        architecture: &str,
+        work: RoundWork,
         global: Arc<TensorMap>,
-        plan: TrainingPlan,
-        seed: u64,
     ) -> Result<PendingUpdate, EdgeError> {
         let trainer = self.config.trainer.clone();
         let events = self.events.clone();
         let tamper = self.config.tamper.clone();
-        let architecture = architecture.to_owned();
+        let RoundWork {
+            round_id,
+            model_version,
+            architecture,
+            plan,
+            seed,
+            update_encoding,
+        } = work;
         let job = move || -> Result<_, TrainError> {
             let last_percent = std::cell::Cell::new(usize::MAX);
             let progress = |done: usize, total: usize| {
@@ -229,7 +249,10 @@ impl<L: Link> Runner<'_, L> {
             if let Some(tamper) = tamper {
                 update = tamper(update);
             }
-            let bytes = Zeroizing::new(update.to_safetensors());
+            let bytes = Zeroizing::new(
+                update_encoding::encode(&update, update_encoding, &mut rand::rng())
+                    .map_err(|err| TrainError::Failed(format!("encoding the update: {err}")))?,
+            );
             let mean_loss = fitted.metrics.get(LOSS_METRIC).copied().unwrap_or(f64::NAN);
             Ok((
                 fitted.examples,

@@ -418,6 +418,10 @@ pub struct FederationSection {
     /// (a long poll), in seconds; 0 answers every poll at once. Shorter
     /// than `server.request_timeout_secs`.
     pub long_poll_secs: u64,
+    /// How devices encode their updates: `f32` (exact), `f16` (half the
+    /// bytes) or `int8` (a quarter, stochastically rounded per tensor);
+    /// the enclave refuses any other.
+    pub update_encoding: qflare_protocol::update_encoding::UpdateEncoding,
     /// Largest model file an admin may register, in bytes (the ceiling
     /// for everything sized from the model).
     pub max_model_bytes: u64,
@@ -445,6 +449,7 @@ impl Default for FederationSection {
             eval_examples: 10_000,
             poll_interval_secs: 2,
             long_poll_secs: 25,
+            update_encoding: Default::default(),
             max_model_bytes: 1 << 30,
         }
     }

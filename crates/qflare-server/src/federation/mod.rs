@@ -179,9 +179,9 @@ pub struct Federation {
     status: watch::Sender<FederationStatus>,
     /// Nanoseconds spent waiting on the enclave for submissions and aggregation.
     enclave_nanos: std::sync::atomic::AtomicU64,
-    /// Held (shared) by each submission from storing its envelope to the
-    /// enclave's verdict, and (exclusive) while a round leaves `Open`: no
-    /// stored envelope can miss the enclave's round.
+    /// Held (shared) by each submission from recording it to the enclave's
+    /// verdict, and (exclusive) while a round leaves `Open`: no recorded
+    /// submission can miss the enclave's round.
     gate: tokio::sync::RwLock<()>,
 }
 

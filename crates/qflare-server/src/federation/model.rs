@@ -51,6 +51,22 @@ impl Federation {
         &self,
         enclave: &EnclaveInfo,
     ) -> Result<CurrentModel, FederationError> {
+        // Every download asks: the summary names the newest version
+        // without reading its bytes, which the cache already holds.
+        let newest = self.ctx.store.latest_model_summary().await?;
+        {
+            let inner = self.inner.lock().await;
+            if let (Some(model), Some(newest)) = (&inner.model, &newest)
+                && model.version == newest.version
+                && model.generation == enclave.generation
+            {
+                return Ok(model.clone());
+            }
+        }
+        let current_key = enclave.verified.verifying_key.clone();
+        let _creating = self.model_creation.lock().await;
+        // Read under the lock: registration, or another caller, may have
+        // stored a model while this waited.
         let stored = self.ctx.store.latest_model().await?;
         {
             let inner = self.inner.lock().await;
@@ -61,13 +77,6 @@ impl Federation {
                 return Ok(model.clone());
             }
         }
-        let current_key = enclave.verified.verifying_key.clone();
-        let _creating = self.model_creation.lock().await;
-        // Registration may have stored model 0 while this waited.
-        let stored = match stored {
-            Some(record) => Some(record),
-            None => self.ctx.store.latest_model().await?,
-        };
         let (version, bytes, certificate) = match stored {
             None => {
                 let preset = self.preset.ok_or(FederationError::NoModel)?;

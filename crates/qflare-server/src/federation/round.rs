@@ -141,6 +141,7 @@ impl Federation {
             model_version: model.version,
             architecture: model.certificate.architecture.clone(),
             config: aggregation,
+            update_encoding: config.update_encoding,
             devices,
             reference_training: Some(qflare_ml::TrainConfig {
                 learning_rate: training.learning_rate,
@@ -517,7 +518,8 @@ impl Federation {
         }
     }
 
-    /// Forwards a stored envelope to the enclave and counts its verdict.
+    /// Forwards a recorded submission's envelope to the enclave and counts
+    /// its verdict.
     pub async fn submit(
         &self,
         round_id: u64,

@@ -203,6 +203,7 @@ mod scripted {
                 model_version: None,
                 architecture: None,
                 training: None,
+                update_encoding: Default::default(),
                 deadline: None,
                 report: Some(script.report(nonce)),
                 poll_after_secs: 5,
