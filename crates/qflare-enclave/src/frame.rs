@@ -26,8 +26,14 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 12;
 /// Largest body accepted (a CNN model plus a previous model plus headroom).
 pub const MAX_BODY: usize = 3 * qflare_protocol::wire::limits::MAX_MODEL_BYTES;
-/// Largest metadata object.
-pub const MAX_META: usize = 1024 * 1024;
+/// Most devices one round may select: `BeginRound` names each with its
+/// verifying key in the metadata.
+pub const MAX_ROUND_DEVICES: usize = 16_384;
+/// Largest metadata object: a `BeginRound` of [`MAX_ROUND_DEVICES`] devices,
+/// each entry at most about 3.6 KB (an ML-DSA-87 key in base64 with its id
+/// and suite), with room to spare. It was 1 MiB, which a round of about 300
+/// ML-DSA-65 devices already overflowed.
+pub const MAX_META: usize = MAX_ROUND_DEVICES * 4096;
 /// Most blobs in one frame.
 pub const MAX_BLOBS: usize = 8;
 
@@ -421,6 +427,30 @@ mod tests {
         assert_eq!(reader.read().unwrap(), frame);
         assert_eq!(reader.read().unwrap(), frame);
         assert!(matches!(reader.read(), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn a_begin_round_of_the_most_devices_with_the_largest_keys_fits() {
+        use crate::messages::{BeginRoundRequest, RoundDevice};
+        use qflare_protocol::SignatureSuite;
+        let device = RoundDevice {
+            device_id: qflare_protocol::identity::DeviceId::from_bytes([7; 16]),
+            signature_suite: SignatureSuite::MlDsa87,
+            verifying_key: vec![0xA5; 2592],
+        };
+        let request = BeginRoundRequest {
+            round_id: 1,
+            model_version: 0,
+            architecture: "mnist-2nn".into(),
+            config: crate::AggregationConfig::default(),
+            update_encoding: Default::default(),
+            devices: vec![device; MAX_ROUND_DEVICES],
+            reference_training: None,
+        };
+        let frame = Frame::new(Kind::BeginRound, &request, vec![vec![0; 16]]);
+        let decoded = Frame::decode(&frame.encode().unwrap()).unwrap();
+        let back: BeginRoundRequest = decoded.meta().unwrap();
+        assert_eq!(back.devices.len(), MAX_ROUND_DEVICES);
     }
 
     #[test]

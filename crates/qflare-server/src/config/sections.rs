@@ -514,6 +514,14 @@ impl Config {
                 "federation.min_updates and federation.clients_per_round must be positive",
             );
         }
+        if self.federation.clients_per_round > qflare_enclave::frame::MAX_ROUND_DEVICES
+            || self.federation.min_updates > qflare_enclave::frame::MAX_ROUND_DEVICES
+        {
+            return fail(
+                "federation.clients_per_round and federation.min_updates are at most 16384 \
+                 (the devices one round may select)",
+            );
+        }
         if self
             .federation
             .fraction

@@ -51,7 +51,8 @@ impl Federation {
             }
             None => config.clients_per_round,
         }
-        .min(eligible.len());
+        .min(eligible.len())
+        .min(qflare_enclave::frame::MAX_ROUND_DEVICES);
         if eligible.len() < config.min_updates || wanted < config.min_updates {
             let mut inner = self.inner.lock().await;
             if !inner.waiting_logged {
