@@ -596,6 +596,18 @@ mod tests {
         assert!(config.validate().is_err());
         config.federation.enabled = false;
         assert!(config.validate().is_ok());
+        // A round's BeginRound must fit the enclave frame.
+        let mut config = Config::default();
+        config.federation.clients_per_round = qflare_enclave::frame::MAX_ROUND_DEVICES;
+        assert!(config.validate().is_ok());
+        config.federation.clients_per_round += 1;
+        assert!(config.validate().is_err());
+        // The update encoding reads from YAML by its wire name.
+        let section: FederationSection = serde_yaml_ng::from_str("update_encoding: int8").unwrap();
+        assert_eq!(
+            section.update_encoding,
+            qflare_protocol::update_encoding::UpdateEncoding::Int8
+        );
     }
 
     #[test]
