@@ -49,6 +49,8 @@ pub struct AppState {
     pub federation: Option<Arc<crate::federation::Federation>>,
     /// Who may send an update body now, and the memory all of them may use.
     pub uploads: crate::uploads::UploadGate,
+    /// The memory all model downloads in flight may hold.
+    pub downloads: crate::downloads::DownloadBudget,
     admin_token_hash: [u8; 32],
 }
 
@@ -68,6 +70,9 @@ impl AppState {
     ) -> Self {
         Self {
             uploads: crate::uploads::UploadGate::new(config.limits.uploads_in_memory_bytes),
+            downloads: crate::downloads::DownloadBudget::new(
+                config.limits.downloads_in_memory_bytes,
+            ),
             config,
             store,
             identity,

@@ -24,7 +24,8 @@
 //! 3. Services the handlers share: [`federation`] (the round controller, which
 //!    gets only a `ControllerContext`: config, store, auditor, metrics, clock,
 //!    never the HTTP state), [`devices`], [`ledger`] (the audit chain),
-//!    [`ratelimit`].
+//!    [`ratelimit`], and the memory budgets of update bodies ([`uploads`])
+//!    and model downloads ([`downloads`]).
 //! 4. Below them: `qflare-store`, `qflare-protocol`, the enclave host, and
 //!    [`config`], [`identity`], [`clock`], [`metrics`], [`error`].
 //!
@@ -45,6 +46,7 @@ pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod devices;
+pub mod downloads;
 pub mod error;
 pub mod federation;
 pub mod identity;

@@ -18,6 +18,7 @@ use axum::body::Body;
 use axum::extract::FromRequest;
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use qflare_protocol::ProtocolError;
 use qflare_protocol::api::routes;
 pub use qflare_protocol::api::{SEALED_CONTENT_TYPE, SESSION_HEADER};
@@ -26,6 +27,7 @@ use qflare_protocol::identity::{DeviceId, SessionId};
 use qflare_store::{DeviceRecord, SessionRecord, SessionState};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::app::SharedState;
 use crate::body::{declared_length, discard, read_limited};
@@ -224,6 +226,23 @@ impl SealedRequest {
     /// Seals raw bytes as the answer (binary payloads such as model downloads).
     pub fn respond_raw(&self, body: Vec<u8>) -> Response {
         self.seal(StatusCode::OK, body)
+    }
+
+    /// Seals `body` as a model download's answer, streamed to the connection
+    /// while `share` of the download budget is held ([`crate::downloads`]).
+    pub fn respond_download(&self, mut body: Vec<u8>, share: OwnedSemaphorePermit) -> Response {
+        if let Err(err) = self
+            .channel
+            .seal_response(self.seq, &self.method, &self.path, &mut body)
+        {
+            return ApiError::internal(format!("sealing the response: {err}")).into_response();
+        }
+        let mut response = crate::downloads::streamed(Bytes::from(body), share);
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(SEALED_CONTENT_TYPE),
+        );
+        response
     }
 
     /// Seals an error answer (status kept, body sealed).

@@ -18,6 +18,7 @@ use qflare_protocol::wire::limits;
 use qflare_store::{EvaluationRecord, RoundState, SubmissionOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::app::SharedState;
 use crate::devices::registered_keys;
@@ -178,12 +179,15 @@ async fn position(state: &SharedState, request: &SealedRequest) -> ApiResult<Rou
 pub async fn current_model(State(state): State<SharedState>, request: SealedRequest) -> Response {
     let result = model_download(&state, &request).await;
     match result {
-        Ok(bytes) => request.respond_raw(bytes),
+        Ok((bytes, share)) => request.respond_download(bytes, share),
         Err(err) => request.respond_error(err),
     }
 }
 
-async fn model_download(state: &SharedState, request: &SealedRequest) -> ApiResult<Vec<u8>> {
+async fn model_download(
+    state: &SharedState,
+    request: &SealedRequest,
+) -> ApiResult<(Vec<u8>, OwnedSemaphorePermit)> {
     let fed = federation(state)?;
     let _: ModelQuery = request.json("model query", 1024)?;
     let enclave = fed
@@ -192,13 +196,21 @@ async fn model_download(state: &SharedState, request: &SealedRequest) -> ApiResu
         .await
         .map_err(FederationError::from)?;
     let model = fed.current_model(&enclave).await?;
-    Ok(encode_model_download(
+    // The copy below is this device's alone (sealed to its session): it
+    // waits for its share of the download budget before it is made.
+    let share = state
+        .downloads
+        .reserve(model.bytes.len() + limits::MODEL_CERTIFICATE)
+        .await
+        .map_err(ApiError::internal)?;
+    let body = encode_model_download(
         &ModelDownload {
             certificate: model.certificate.clone(),
             enclave_key_sha256: model.enclave_key_sha256,
         },
         &model.bytes,
-    )?)
+    )?;
+    Ok((body, share))
 }
 
 /// `POST /v1/updates`: check who sent it, record it, forward it sealed.

@@ -251,6 +251,10 @@ pub struct LimitSection {
     /// An upload over the budget is answered `503 busy` before its body is
     /// read; the device retries.
     pub uploads_in_memory_bytes: usize,
+    /// Model download bodies the server holds in memory at once, over all
+    /// devices (each a copy sealed to one session). A download over the
+    /// budget waits for its share before its copy is made.
+    pub downloads_in_memory_bytes: usize,
 }
 
 impl Default for LimitSection {
@@ -262,6 +266,7 @@ impl Default for LimitSection {
             update_bytes: qflare_protocol::wire::limits::SEALED_RECORD,
             admin_bytes: 16 * 1024,
             uploads_in_memory_bytes: 1024 * 1024 * 1024,
+            downloads_in_memory_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -487,8 +492,10 @@ impl Config {
                 "server.max_connections and server.max_connections_per_address must be positive, the second at most the first",
             );
         }
-        if self.limits.uploads_in_memory_bytes == 0 {
-            return fail("limits.uploads_in_memory_bytes must be positive");
+        if self.limits.uploads_in_memory_bytes == 0 || self.limits.downloads_in_memory_bytes == 0 {
+            return fail(
+                "limits.uploads_in_memory_bytes and limits.downloads_in_memory_bytes must be positive",
+            );
         }
         if self.federation.enabled
             && self.federation.long_poll_secs >= self.server.request_timeout_secs

@@ -1,0 +1,130 @@
+//! How much memory model downloads may hold at once.
+//!
+//! Every download is its own copy of the model, sealed to one session (the
+//! encryption is per session), so N devices fetching a round's model at once
+//! held N copies: at 1,000 devices of the 2NN the server peaked at 1.67 GiB
+//! (docs/benchmarks.md §10), and 10,000 devices of the CNN would need 66 GB.
+//! A download now takes its share of `limits.downloads_in_memory_bytes`
+//! before its copy is made and keeps it until the connection has taken the
+//! last byte. Over the budget a download *waits* rather than being refused:
+//! the device would only ask again, and the model is the same for all.
+//!
+//! The body is handed to the connection in chunks, so the share is held
+//! while the bytes are still queued to be written, not only while the copy
+//! is being made (a single-chunk body ends, and would release its share, as
+//! soon as the connection takes it).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::HeaderValue;
+use axum::http::header::CONTENT_LENGTH;
+use axum::response::Response;
+use bytes::Bytes;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+
+/// The budget is counted in units of this many bytes, so that the largest
+/// model's download is a permit count a semaphore takes at once (`u32`).
+const UNIT: usize = 1024;
+
+/// What one chunk of a download body holds.
+const CHUNK: usize = 256 * 1024;
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct DownloadBudget {
+    budget: Arc<Semaphore>,
+    units: u32,
+}
+
+impl DownloadBudget {
+    /// A budget of `bytes` of download bodies in memory at once.
+    pub fn new(bytes: usize) -> Self {
+        let units = u32::try_from(bytes.div_ceil(UNIT).max(1)).unwrap_or(u32::MAX);
+        Self {
+            budget: Arc::new(Semaphore::new(units as usize)),
+            units,
+        }
+    }
+
+    /// Waits until a download of `bytes` fits, and holds its share. A
+    /// download larger than the whole budget takes all of it (it then runs
+    /// alone) rather than waiting forever.
+    pub async fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, AcquireError> {
+        let wanted = u32::try_from(bytes.div_ceil(UNIT).max(1))
+            .unwrap_or(u32::MAX)
+            .min(self.units);
+        self.budget.clone().acquire_many_owned(wanted).await
+    }
+
+    /// Bytes of the budget not held by any download now.
+    pub fn available_bytes(&self) -> usize {
+        self.budget.available_permits() * UNIT
+    }
+}
+
+/// A `200` answer of `bytes` handed to the connection in chunks, holding
+/// `share` until the last chunk has been taken. The length is declared, so
+/// the framing is what a buffered body's would be.
+pub fn streamed(bytes: Bytes, share: OwnedSemaphorePermit) -> Response {
+    let length = bytes.len();
+    let chunks = futures::stream::unfold((bytes, share), |(mut rest, share)| async move {
+        if rest.is_empty() {
+            // The state, and with it the share, is dropped here.
+            return None;
+        }
+        let chunk = rest.split_to(rest.len().min(CHUNK));
+        Some((Ok::<Bytes, Infallible>(chunk), (rest, share)))
+    });
+    let mut response = Response::new(Body::from_stream(chunks));
+    response
+        .headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(length));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn downloads_over_the_budget_wait_and_the_share_returns_when_sent() {
+        let budget = DownloadBudget::new(4 * UNIT);
+        let first = budget.reserve(3 * UNIT).await.unwrap();
+        assert_eq!(budget.available_bytes(), UNIT);
+        // A second download of three units waits for the first.
+        let waiting = budget.reserve(3 * UNIT);
+        tokio::pin!(waiting);
+        assert!(futures::poll!(&mut waiting).is_pending());
+
+        let body = vec![7u8; CHUNK * 2 + 10];
+        let response = streamed(Bytes::from(body.clone()), first);
+        assert_eq!(
+            response.headers().get(CONTENT_LENGTH).unwrap(),
+            &body.len().to_string()
+        );
+        let mut stream = response.into_body().into_data_stream();
+        let mut received = Vec::new();
+        let mut chunks = 0;
+        while let Some(chunk) = stream.next().await {
+            received.extend_from_slice(&chunk.unwrap());
+            chunks += 1;
+            if chunks < 3 {
+                // Still being sent: still held.
+                assert!(futures::poll!(&mut waiting).is_pending());
+            }
+        }
+        assert_eq!(received, body);
+        assert_eq!(chunks, 3);
+        // Sent: the waiting download proceeds.
+        let second = waiting.await.unwrap();
+        drop(second);
+        assert_eq!(budget.available_bytes(), 4 * UNIT);
+        // Larger than the whole budget: takes all of it instead of waiting forever.
+        let all = budget.reserve(100 * UNIT).await.unwrap();
+        assert_eq!(budget.available_bytes(), 0);
+        drop(all);
+    }
+}
