@@ -9,20 +9,28 @@
 //! last byte. Over the budget a download *waits* rather than being refused:
 //! the device would only ask again, and the model is the same for all.
 //!
+//! One download per device at a time (another is answered `429` with
+//! `Retry-After`, as a second upload is): the loop never asks twice at once,
+//! and a device that opened many connections and stopped reading them would
+//! otherwise hold the whole budget until their idle timeouts.
+//!
 //! The body is handed to the connection in chunks, so the share is held
 //! while the bytes are still queued to be written, not only while the copy
 //! is being made (a single-chunk body ends, and would release its share, as
 //! soon as the connection takes it).
 
+use std::collections::HashSet;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::body::Body;
 use axum::http::HeaderValue;
 use axum::http::header::CONTENT_LENGTH;
 use axum::response::Response;
 use bytes::Bytes;
-use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::ApiError;
 
 /// The budget is counted in units of this many bytes, so that the largest
 /// model's download is a permit count a semaphore takes at once (`u32`).
@@ -31,11 +39,34 @@ const UNIT: usize = 1024;
 /// What one chunk of a download body holds.
 const CHUNK: usize = 256 * 1024;
 
+/// Seconds a second concurrent download of one device is told to wait.
+const RETRY_AFTER_SECS: u64 = 2;
+
 /// See the module documentation.
 #[derive(Debug)]
 pub struct DownloadBudget {
     budget: Arc<Semaphore>,
     units: u32,
+    in_flight: Arc<Mutex<HashSet<String>>>,
+}
+
+/// One download's device place and share of the budget, both given back
+/// when dropped (with the body, once sent).
+#[derive(Debug)]
+pub struct DownloadShare {
+    device_id: String,
+    in_flight: Arc<Mutex<HashSet<String>>>,
+    /// Held, never read: dropping it returns the bytes to the budget.
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for DownloadShare {
+    fn drop(&mut self) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.device_id);
+    }
 }
 
 impl DownloadBudget {
@@ -45,17 +76,41 @@ impl DownloadBudget {
         Self {
             budget: Arc::new(Semaphore::new(units as usize)),
             units,
+            in_flight: Arc::default(),
         }
     }
 
-    /// Waits until a download of `bytes` fits, and holds its share. A
-    /// download larger than the whole budget takes all of it (it then runs
-    /// alone) rather than waiting forever.
-    pub async fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, AcquireError> {
+    /// Waits until a download of `bytes` for `device_id` fits, and holds
+    /// its share; `429` if the device has a download in flight. A download
+    /// larger than the whole budget takes all of it (it then runs alone)
+    /// rather than waiting forever.
+    pub async fn reserve(&self, device_id: &str, bytes: usize) -> Result<DownloadShare, ApiError> {
+        if !self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(device_id.to_owned())
+        {
+            return Err(ApiError::rate_limited(RETRY_AFTER_SECS)
+                .detail("a model download for this device is already in progress"));
+        }
+        // From here the place is the share's, given back however this ends.
+        let mut share = DownloadShare {
+            device_id: device_id.to_owned(),
+            in_flight: self.in_flight.clone(),
+            _bytes: None,
+        };
         let wanted = u32::try_from(bytes.div_ceil(UNIT).max(1))
             .unwrap_or(u32::MAX)
             .min(self.units);
-        self.budget.clone().acquire_many_owned(wanted).await
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(wanted)
+            .await
+            .map_err(ApiError::internal)?;
+        share._bytes = Some(permit);
+        Ok(share)
     }
 
     /// Bytes of the budget not held by any download now.
@@ -67,7 +122,7 @@ impl DownloadBudget {
 /// A `200` answer of `bytes` handed to the connection in chunks, holding
 /// `share` until the last chunk has been taken. The length is declared, so
 /// the framing is what a buffered body's would be.
-pub fn streamed(bytes: Bytes, share: OwnedSemaphorePermit) -> Response {
+pub fn streamed(bytes: Bytes, share: DownloadShare) -> Response {
     let length = bytes.len();
     let chunks = futures::stream::unfold((bytes, share), |(mut rest, share)| async move {
         if rest.is_empty() {
@@ -92,10 +147,13 @@ mod tests {
     #[tokio::test]
     async fn downloads_over_the_budget_wait_and_the_share_returns_when_sent() {
         let budget = DownloadBudget::new(4 * UNIT);
-        let first = budget.reserve(3 * UNIT).await.unwrap();
+        let first = budget.reserve("a", 3 * UNIT).await.unwrap();
         assert_eq!(budget.available_bytes(), UNIT);
-        // A second download of three units waits for the first.
-        let waiting = budget.reserve(3 * UNIT);
+        // The same device may not download twice at once.
+        let twice = budget.reserve("a", UNIT).await.unwrap_err();
+        assert_eq!(twice.status(), http::StatusCode::TOO_MANY_REQUESTS);
+        // Another device's download of three units waits for the first.
+        let waiting = budget.reserve("b", 3 * UNIT);
         tokio::pin!(waiting);
         assert!(futures::poll!(&mut waiting).is_pending());
 
@@ -122,8 +180,10 @@ mod tests {
         let second = waiting.await.unwrap();
         drop(second);
         assert_eq!(budget.available_bytes(), 4 * UNIT);
+        // Sent, device "a" may download again.
+        drop(budget.reserve("a", UNIT).await.unwrap());
         // Larger than the whole budget: takes all of it instead of waiting forever.
-        let all = budget.reserve(100 * UNIT).await.unwrap();
+        let all = budget.reserve("c", 100 * UNIT).await.unwrap();
         assert_eq!(budget.available_bytes(), 0);
         drop(all);
     }

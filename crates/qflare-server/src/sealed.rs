@@ -27,7 +27,6 @@ use qflare_protocol::identity::{DeviceId, SessionId};
 use qflare_store::{DeviceRecord, SessionRecord, SessionState};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::app::SharedState;
 use crate::body::{declared_length, discard, read_limited};
@@ -230,7 +229,11 @@ impl SealedRequest {
 
     /// Seals `body` as a model download's answer, streamed to the connection
     /// while `share` of the download budget is held ([`crate::downloads`]).
-    pub fn respond_download(&self, mut body: Vec<u8>, share: OwnedSemaphorePermit) -> Response {
+    pub fn respond_download(
+        &self,
+        mut body: Vec<u8>,
+        share: crate::downloads::DownloadShare,
+    ) -> Response {
         if let Err(err) = self
             .channel
             .seal_response(self.seq, &self.method, &self.path, &mut body)

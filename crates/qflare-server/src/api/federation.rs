@@ -18,10 +18,10 @@ use qflare_protocol::wire::limits;
 use qflare_store::{EvaluationRecord, RoundState, SubmissionOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::app::SharedState;
 use crate::devices::registered_keys;
+use crate::downloads::DownloadShare;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::federation::{Federation, FederationError};
 use crate::ledger::AuditKind;
@@ -187,7 +187,7 @@ pub async fn current_model(State(state): State<SharedState>, request: SealedRequ
 async fn model_download(
     state: &SharedState,
     request: &SealedRequest,
-) -> ApiResult<(Vec<u8>, OwnedSemaphorePermit)> {
+) -> ApiResult<(Vec<u8>, DownloadShare)> {
     let fed = federation(state)?;
     let _: ModelQuery = request.json("model query", 1024)?;
     let enclave = fed
@@ -200,9 +200,11 @@ async fn model_download(
     // waits for its share of the download budget before it is made.
     let share = state
         .downloads
-        .reserve(model.bytes.len() + limits::MODEL_CERTIFICATE)
-        .await
-        .map_err(ApiError::internal)?;
+        .reserve(
+            &request.device.id,
+            model.bytes.len() + limits::MODEL_CERTIFICATE,
+        )
+        .await?;
     let body = encode_model_download(
         &ModelDownload {
             certificate: model.certificate.clone(),
