@@ -19,22 +19,17 @@
 //! is being made (a single-chunk body ends, and would release its share, as
 //! soon as the connection takes it).
 
-use std::collections::HashSet;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::body::Body;
 use axum::http::HeaderValue;
 use axum::http::header::CONTENT_LENGTH;
 use axum::response::Response;
 use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 
+use crate::budget::{DeviceSlot, DeviceSlots, MemoryBudget};
 use crate::error::ApiError;
-
-/// The budget is counted in units of this many bytes, so that the largest
-/// model's download is a permit count a semaphore takes at once (`u32`).
-const UNIT: usize = 1024;
 
 /// What one chunk of a download body holds.
 const CHUNK: usize = 256 * 1024;
@@ -45,38 +40,25 @@ const RETRY_AFTER_SECS: u64 = 2;
 /// See the module documentation.
 #[derive(Debug)]
 pub struct DownloadBudget {
-    budget: Arc<Semaphore>,
-    units: u32,
-    in_flight: Arc<Mutex<HashSet<String>>>,
+    in_flight: DeviceSlots,
+    budget: MemoryBudget,
 }
 
 /// One download's device place and share of the budget, both given back
 /// when dropped (with the body, once sent).
 #[derive(Debug)]
 pub struct DownloadShare {
-    device_id: String,
-    in_flight: Arc<Mutex<HashSet<String>>>,
-    /// Held, never read: dropping it returns the bytes to the budget.
-    _bytes: Option<OwnedSemaphorePermit>,
-}
-
-impl Drop for DownloadShare {
-    fn drop(&mut self) {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.device_id);
-    }
+    /// Held, never read: dropping them gives the place and bytes back.
+    _slot: DeviceSlot,
+    _bytes: OwnedSemaphorePermit,
 }
 
 impl DownloadBudget {
     /// A budget of `bytes` of download bodies in memory at once.
     pub fn new(bytes: usize) -> Self {
-        let units = u32::try_from(bytes.div_ceil(UNIT).max(1)).unwrap_or(u32::MAX);
         Self {
-            budget: Arc::new(Semaphore::new(units as usize)),
-            units,
-            in_flight: Arc::default(),
+            in_flight: DeviceSlots::default(),
+            budget: MemoryBudget::new(bytes),
         }
     }
 
@@ -85,37 +67,20 @@ impl DownloadBudget {
     /// larger than the whole budget takes all of it (it then runs alone)
     /// rather than waiting forever.
     pub async fn reserve(&self, device_id: &str, bytes: usize) -> Result<DownloadShare, ApiError> {
-        if !self
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(device_id.to_owned())
-        {
+        let Some(slot) = self.in_flight.take(device_id) else {
             return Err(ApiError::rate_limited(RETRY_AFTER_SECS)
                 .detail("a model download for this device is already in progress"));
-        }
-        // From here the place is the share's, given back however this ends.
-        let mut share = DownloadShare {
-            device_id: device_id.to_owned(),
-            in_flight: self.in_flight.clone(),
-            _bytes: None,
         };
-        let wanted = u32::try_from(bytes.div_ceil(UNIT).max(1))
-            .unwrap_or(u32::MAX)
-            .min(self.units);
-        let permit = self
-            .budget
-            .clone()
-            .acquire_many_owned(wanted)
-            .await
-            .map_err(ApiError::internal)?;
-        share._bytes = Some(permit);
-        Ok(share)
+        let bytes = self.budget.take(bytes).await.map_err(ApiError::internal)?;
+        Ok(DownloadShare {
+            _slot: slot,
+            _bytes: bytes,
+        })
     }
 
     /// Bytes of the budget not held by any download now.
     pub fn available_bytes(&self) -> usize {
-        self.budget.available_permits() * UNIT
+        self.budget.available_bytes()
     }
 }
 
@@ -143,6 +108,9 @@ pub fn streamed(bytes: Bytes, share: DownloadShare) -> Response {
 mod tests {
     use super::*;
     use futures::StreamExt;
+
+    /// The budget's unit of account.
+    const UNIT: usize = 1024;
 
     #[tokio::test]
     async fn downloads_over_the_budget_wait_and_the_share_returns_when_sent() {

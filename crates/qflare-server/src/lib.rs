@@ -25,7 +25,7 @@
 //!    gets only a `ControllerContext`: config, store, auditor, metrics, clock,
 //!    never the HTTP state), [`devices`], [`ledger`] (the audit chain),
 //!    [`ratelimit`], and the memory budgets of update bodies ([`uploads`])
-//!    and model downloads ([`downloads`]).
+//!    and model downloads ([`downloads`]), both on [`budget`].
 //! 4. Below them: `qflare-store`, `qflare-protocol`, the enclave host, and
 //!    [`config`], [`identity`], [`clock`], [`metrics`], [`error`].
 //!
@@ -42,6 +42,7 @@
 pub mod api;
 pub mod app;
 pub mod body;
+pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod connections;

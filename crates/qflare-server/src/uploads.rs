@@ -19,17 +19,11 @@
 //! The [`UploadTicket`] holds the device's place and the bytes until the
 //! request is answered.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError};
-
 use qflare_store::{RoundState, Store};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 
+use crate::budget::{DeviceSlot, DeviceSlots, MemoryBudget};
 use crate::error::{ApiError, ErrorCode};
-
-/// The budget is counted in units of this many bytes, so that the largest
-/// update (1.4 GB) is a permit count a semaphore takes at once (`u32`).
-const UNIT: usize = 1024;
 
 /// Seconds a refused upload is told to wait before trying again.
 const RETRY_AFTER_SECS: u64 = 2;
@@ -37,38 +31,25 @@ const RETRY_AFTER_SECS: u64 = 2;
 /// See the module documentation.
 #[derive(Debug)]
 pub struct UploadGate {
-    in_flight: Arc<Mutex<HashSet<String>>>,
-    budget: Arc<Semaphore>,
-    budget_units: u32,
+    in_flight: DeviceSlots,
+    budget: MemoryBudget,
 }
 
 /// One admitted upload: its device's place and its share of the budget,
 /// both released when dropped.
 #[derive(Debug)]
 pub struct UploadTicket {
-    device_id: String,
-    in_flight: Arc<Mutex<HashSet<String>>>,
-    /// Held, never read: dropping it returns the bytes to the budget.
-    _bytes: Option<OwnedSemaphorePermit>,
-}
-
-impl Drop for UploadTicket {
-    fn drop(&mut self) {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.device_id);
-    }
+    /// Held, never read: dropping them gives the place and bytes back.
+    _slot: DeviceSlot,
+    _bytes: OwnedSemaphorePermit,
 }
 
 impl UploadGate {
     /// A gate holding at most `budget_bytes` of update bodies at once.
     pub fn new(budget_bytes: usize) -> Self {
-        let budget_units = u32::try_from(budget_bytes.div_ceil(UNIT).max(1)).unwrap_or(u32::MAX);
         Self {
-            in_flight: Arc::default(),
-            budget: Arc::new(Semaphore::new(budget_units as usize)),
-            budget_units,
+            in_flight: DeviceSlots::default(),
+            budget: MemoryBudget::new(budget_bytes),
         }
     }
 
@@ -93,43 +74,27 @@ impl UploadGate {
             }
             Some(_) => {}
         }
-        // A body larger than the whole budget is charged the whole budget:
-        // it is admitted alone rather than never.
-        let units = u32::try_from(bytes.div_ceil(UNIT).max(1))
-            .unwrap_or(u32::MAX)
-            .min(self.budget_units);
-        {
-            let mut in_flight = self
-                .in_flight
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if !in_flight.insert(device_id.to_owned()) {
-                return Err(ApiError::rate_limited(RETRY_AFTER_SECS)
-                    .detail("an upload from this device is already in progress"));
-            }
-        }
-        // From here the device's place is held by the ticket, which gives it
-        // back when dropped, also when the budget refuses below.
-        let mut ticket = UploadTicket {
-            device_id: device_id.to_owned(),
-            in_flight: self.in_flight.clone(),
-            _bytes: None,
+        let Some(slot) = self.in_flight.take(device_id) else {
+            return Err(ApiError::rate_limited(RETRY_AFTER_SECS)
+                .detail("an upload from this device is already in progress"));
         };
-        let Ok(bytes) = self.budget.clone().try_acquire_many_owned(units) else {
+        // A body larger than the whole budget is charged the whole budget:
+        // it is admitted alone rather than never. Refused here, the slot
+        // goes back as it is dropped.
+        let Some(bytes) = self.budget.try_take(bytes) else {
             return Err(ApiError::new(ErrorCode::Busy)
                 .detail("update uploads are using the memory budget")
                 .retry_after(RETRY_AFTER_SECS));
         };
-        ticket._bytes = Some(bytes);
-        Ok(ticket)
+        Ok(UploadTicket {
+            _slot: slot,
+            _bytes: bytes,
+        })
     }
 
     /// Devices with an upload in flight now.
     pub fn in_flight(&self) -> usize {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.in_flight.len()
     }
 }
 
@@ -141,6 +106,9 @@ mod tests {
     use qflare_store::{DeviceKeys, NewDevice, RoundRecord, TokenRecord};
 
     use super::*;
+
+    /// The budget's unit of account.
+    const UNIT: usize = 1024;
 
     async fn enrolled(store: &Arc<dyn Store>, id: &str) {
         let hash = format!("hash-{id}");
