@@ -22,7 +22,7 @@ use qflare_enclave::messages::{
 use qflare_protocol::attestation::{self, AttestationMode, AttestationPolicy, SeccompState};
 use qflare_protocol::envelope::{self, UpdateMetadata};
 use qflare_protocol::identity::DeviceId;
-use qflare_protocol::model;
+use qflare_protocol::model::{self, ModelCertificate};
 use qflare_protocol::sig::SigningKey;
 use qflare_protocol::tensor::TensorMap;
 use qflare_protocol::update_encoding::{self, UpdateEncoding};
@@ -361,6 +361,26 @@ fn fleet(global: &TensorMap) -> Fleet {
     Fleet { devices, updates }
 }
 
+/// The enclave's initial 2NN (seed 7) and its certificate.
+async fn init_2nn(client: &EnclaveClient) -> (Vec<u8>, ModelCertificate) {
+    let answer = client
+        .call_expecting(
+            &Frame::new(
+                Kind::InitModel,
+                &InitModelRequest {
+                    architecture: "mnist-2nn".into(),
+                    seed: 7,
+                },
+                Vec::new(),
+            ),
+            Kind::Model,
+        )
+        .await
+        .unwrap();
+    let certificate = answer.meta::<ModelAnswer>().unwrap().certificate;
+    (answer.blobs[0].clone(), certificate)
+}
+
 async fn begin(client: &EnclaveClient, fleet: &Fleet, model: &[u8]) {
     begin_encoded(client, fleet, model, UpdateEncoding::F32).await;
 }
@@ -441,22 +461,7 @@ async fn submit_bytes(
 async fn killed_mid_round_restarted_and_the_retried_round_completes() {
     let client = start().await;
     let first = client.info().await.unwrap();
-    let answer = client
-        .call_expecting(
-            &Frame::new(
-                Kind::InitModel,
-                &InitModelRequest {
-                    architecture: "mnist-2nn".into(),
-                    seed: 7,
-                },
-                Vec::new(),
-            ),
-            Kind::Model,
-        )
-        .await
-        .unwrap();
-    let model_bytes = answer.blobs[0].clone();
-    let certificate = answer.meta::<ModelAnswer>().unwrap().certificate;
+    let (model_bytes, certificate) = init_2nn(&client).await;
     model::verify(&certificate, &model_bytes, &first.verified.verifying_key).unwrap();
     let global = TensorMap::from_safetensors(&model_bytes, 1 << 26).unwrap();
     let fleet = fleet(&global);
@@ -618,21 +623,7 @@ async fn killed_mid_round_restarted_and_the_retried_round_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_int8_round_takes_int8_updates_and_refuses_exact_ones() {
     let client = start().await;
-    let answer = client
-        .call_expecting(
-            &Frame::new(
-                Kind::InitModel,
-                &InitModelRequest {
-                    architecture: "mnist-2nn".into(),
-                    seed: 7,
-                },
-                Vec::new(),
-            ),
-            Kind::Model,
-        )
-        .await
-        .unwrap();
-    let model_bytes = answer.blobs[0].clone();
+    let (model_bytes, _) = init_2nn(&client).await;
     let global = TensorMap::from_safetensors(&model_bytes, 1 << 26).unwrap();
     let fleet = fleet(&global);
     begin_encoded(&client, &fleet, &model_bytes, UpdateEncoding::Int8).await;
