@@ -4,7 +4,8 @@
 //! replicas: enrolled devices and their public keys, single-use enrollment tokens (only their
 //! hashes), handshake sessions, federated-learning rounds with their participants and sealed update
 //! envelopes, the global models with the devices' federated evaluations of them, and the
-//! hash-chained audit ledger with its signed checkpoints.
+//! hash-chained audit ledger with its signed checkpoints; and, for replicas, which one coordinates
+//! (a lease with an expiry) and the administrator's last start or pause of training.
 //!
 //! It is deliberately ignorant of cryptography. Keys, hashes, sealed blobs and signatures are opaque
 //! `String`s and byte vectors, timestamps are `i64` Unix seconds handed in by the caller, and the
@@ -21,6 +22,7 @@
 //!   ([`StoreError`]) into which every backend failure is mapped, so no `sqlx` type leaks out.
 //! - `sqlite` ([`SqliteStore`]) and `postgres` ([`PostgresStore`]) implement the trait, each with its
 //!   own SQL; `row` holds the column decoding and integer-range checks they share.
+//! - `coordination` holds the lease and training-control SQL, the same for both backends.
 //! - `migrate` runs the sqlx migrations embedded from `migrations/sqlite` and `migrations/postgres`,
 //!   and adopts a database created before them (schema version 1 in `qflare_schema_version`).
 //! - [`conformance`] is one behavioural test suite, written against the trait, that
@@ -28,6 +30,7 @@
 
 #![forbid(unsafe_code)]
 
+mod coordination;
 mod error;
 mod migrate;
 mod postgres;
@@ -43,9 +46,10 @@ use std::sync::Arc;
 pub use error::{StoreError, TokenRejection};
 pub use postgres::{PostgresStore, drop_postgres_schema};
 pub use records::{
-    AuditDraft, AuditEntry, CheckpointRecord, DeviceKeys, DeviceRecord, EvaluationRecord,
-    EvaluationSummary, ModelRecord, ModelSummary, NewDevice, ParticipantRecord, RoundRecord,
-    RoundState, SessionRecord, SessionState, SubmissionOutcome, TokenRecord, VerdictRecord,
+    AuditDraft, AuditEntry, CheckpointRecord, CoordinatorLease, DeviceKeys, DeviceRecord,
+    EvaluationRecord, EvaluationSummary, ModelRecord, ModelSummary, NewDevice, ParticipantRecord,
+    RoundRecord, RoundState, SessionRecord, SessionState, SubmissionOutcome, TokenRecord,
+    TrainingControl, VerdictRecord,
 };
 pub use sqlite::SqliteStore;
 
@@ -312,6 +316,35 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn insert_checkpoint(&self, checkpoint: &CheckpointRecord) -> Result<(), StoreError>;
     /// Every checkpoint, ascending by seq.
     async fn checkpoints(&self) -> Result<Vec<CheckpointRecord>, StoreError>;
+
+    // --- coordination between replicas
+
+    /// Takes or renews the coordinator lease for `holder` (reached at `address`) until
+    /// `expires_at`. It succeeds when nobody holds the lease, when `holder` does, or when the
+    /// holder's lease expired by `now`; otherwise nothing changes. Returns the lease as it stands
+    /// afterwards: the caller coordinates exactly when its `holder` is the one returned. Atomic,
+    /// also between replicas: of two racing for an expired lease, one gets it.
+    async fn acquire_lease(
+        &self,
+        holder: &str,
+        address: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<CoordinatorLease, StoreError>;
+    /// The lease as it stands, live or expired; `None` before anyone coordinated.
+    async fn coordinator_lease(&self) -> Result<Option<CoordinatorLease>, StoreError>;
+    /// Lets the lease lapse now if `holder` holds it (a clean shutdown), so that another replica
+    /// need not wait for it to expire. `false` if `holder` did not hold it.
+    async fn release_lease(&self, holder: &str) -> Result<bool, StoreError>;
+    /// Records the administrator's start or pause of training.
+    async fn set_training_control(
+        &self,
+        control: TrainingControl,
+        now: i64,
+    ) -> Result<(), StoreError>;
+    /// The administrator's last start or pause; `None` if there was none (the configuration's
+    /// `auto_start` decides).
+    async fn training_control(&self) -> Result<Option<TrainingControl>, StoreError>;
 }
 
 /// Builds the entry that follows the head `(head_seq, head_hash)`; the caller's `link` computes

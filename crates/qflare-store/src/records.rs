@@ -394,3 +394,60 @@ pub struct CheckpointRecord {
     /// When the checkpoint was signed.
     pub created_at: i64,
 }
+
+/// Which server replica coordinates: it alone runs the round controller and the enclave, until
+/// its lease expires (see [`Store::acquire_lease`](crate::Store::acquire_lease)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CoordinatorLease {
+    /// The replica's instance name (unique per process start).
+    pub holder: String,
+    /// Where the other replicas reach it (`host:port` of its HTTPS listener).
+    pub address: String,
+    /// Grows by one each time the lease changes hands.
+    pub epoch: u64,
+    /// When this holder took the lease.
+    pub acquired_at: i64,
+    /// When the lease lapses unless renewed (the holder's clock).
+    pub expires_at: i64,
+}
+
+impl CoordinatorLease {
+    /// Whether the lease still holds at `now`.
+    pub fn is_live(&self, now: i64) -> bool {
+        now < self.expires_at
+    }
+}
+
+/// The administrator's last word on training, which outlives the replica that heard it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainingControl {
+    /// Rounds open whenever enough devices are active.
+    Started,
+    /// No new round opens; an open one finishes.
+    Paused,
+}
+
+impl TrainingControl {
+    /// The lower-case name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::Paused => "paused",
+        }
+    }
+}
+
+impl FromStr for TrainingControl {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "started" => Ok(Self::Started),
+            "paused" => Ok(Self::Paused),
+            other => Err(StoreError::Corrupt(format!(
+                "unknown training control {other:?}"
+            ))),
+        }
+    }
+}

@@ -81,7 +81,29 @@ single_store_checks!(
     audit_chain,
     checkpoints,
     out_of_range_values,
+    coordinator_lease,
+    training_control,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_lease_race_across_stores() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = sqlite_store(dir.path()).await;
+    let b = sqlite_store(dir.path()).await;
+    check::lease_race(&[a, b])
+        .await
+        .expect("conformance check failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lease_race_across_stores() {
+    in_fresh_schema(|url, schema| async move {
+        let a = postgres_store(&url, &schema).await?;
+        let b = postgres_store(&url, &schema).await?;
+        check::lease_race(&[a, b]).await
+    })
+    .await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_concurrent_enrollment_across_stores() {

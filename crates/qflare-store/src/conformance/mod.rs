@@ -7,9 +7,10 @@
 //! store or to bypass the API take a closure for that.
 //!
 //! The checks are grouped by concern in submodules (`enrollment`, `sessions`, `rounds`, `models`,
-//! `audit`, `robustness`) and re-exported here; this module holds the fixtures they share.
+//! `audit`, `coordination`, `robustness`) and re-exported here; this module holds the fixtures they share.
 
 mod audit;
+mod coordination;
 mod enrollment;
 mod models;
 mod robustness;
@@ -17,6 +18,7 @@ mod rounds;
 mod sessions;
 
 pub use audit::{audit_chain, checkpoints};
+pub use coordination::{coordinator_lease, lease_race, training_control};
 pub use enrollment::{
     concurrent_enrollment, concurrent_enrollment_across_stores, devices, token_lifecycle,
 };

@@ -31,10 +31,10 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Transactio
 
 use crate::error::backend;
 use crate::{
-    AuditDraft, AuditEntry, AuditLink, CheckpointRecord, DeviceKeys, DeviceRecord,
-    EvaluationRecord, EvaluationSummary, GENESIS_HASH, ModelRecord, ModelSummary, NewDevice,
-    ParticipantRecord, RoundRecord, RoundState, SessionRecord, Store, StoreError,
-    SubmissionOutcome, TokenRecord, VerdictRecord,
+    AuditDraft, AuditEntry, AuditLink, CheckpointRecord, CoordinatorLease, DeviceKeys,
+    DeviceRecord, EvaluationRecord, EvaluationSummary, GENESIS_HASH, ModelRecord, ModelSummary,
+    NewDevice, ParticipantRecord, RoundRecord, RoundState, SessionRecord, Store, StoreError,
+    SubmissionOutcome, TokenRecord, TrainingControl, VerdictRecord, coordination,
 };
 
 /// Connections per pool; several replicas each hold one pool, so this stays well below
@@ -406,5 +406,64 @@ impl Store for PostgresStore {
 
     async fn checkpoints(&self) -> Result<Vec<CheckpointRecord>, StoreError> {
         audit::checkpoints(self).await
+    }
+
+    async fn acquire_lease(
+        &self,
+        holder: &str,
+        address: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<CoordinatorLease, StoreError> {
+        sqlx::query(coordination::ACQUIRE_LEASE)
+            .bind(holder)
+            .bind(address)
+            .bind(now)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        self.coordinator_lease()
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("the coordinator lease vanished".to_owned()))
+    }
+
+    async fn coordinator_lease(&self) -> Result<Option<CoordinatorLease>, StoreError> {
+        let found = sqlx::query(coordination::READ_LEASE)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        found.as_ref().map(coordination::lease).transpose()
+    }
+
+    async fn release_lease(&self, holder: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(coordination::RELEASE_LEASE)
+            .bind(holder)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_training_control(
+        &self,
+        control: TrainingControl,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(coordination::SET_TRAINING_CONTROL)
+            .bind(control.as_str())
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn training_control(&self) -> Result<Option<TrainingControl>, StoreError> {
+        let found: Option<String> = sqlx::query_scalar(coordination::READ_TRAINING_CONTROL)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        found.map(|text| text.parse()).transpose()
     }
 }
