@@ -309,7 +309,7 @@ async fn unselected_late_and_revoked_devices_cannot_submit() {
     o.round_timeout_secs = 3;
     let sim = Simulation::start(o).await.unwrap();
     let federation = sim.state.federation.clone().unwrap();
-    federation.start_training().await;
+    federation.start_training().await.unwrap();
     wait_for(&sim, |s| s.round_state == Some(RoundState::Open)).await;
     let round_id = sim.status().borrow().round_id;
     let participants = sim.state.store.participants(round_id).await.unwrap();
@@ -416,7 +416,13 @@ async fn a_host_side_bit_flip_in_the_global_model_is_refused_by_the_device() {
     let sim = Simulation::start(options(data, &state, 2, 1))
         .await
         .unwrap();
-    sim.state.federation.clone().unwrap().start_training().await;
+    sim.state
+        .federation
+        .clone()
+        .unwrap()
+        .start_training()
+        .await
+        .unwrap();
     wait_for(&sim, |s| s.round_state == Some(RoundState::Open)).await;
     let identity = sim.identity(0).unwrap();
     let mut s = session(&identity).await;
@@ -559,7 +565,13 @@ async fn a_held_poll_answers_when_the_round_changes() {
     })
     .await
     .expect("the poll is held");
-    sim.state.federation.clone().unwrap().start_training().await;
+    sim.state
+        .federation
+        .clone()
+        .unwrap()
+        .start_training()
+        .await
+        .unwrap();
     let (info, elapsed) = held.await.unwrap();
     assert_eq!(info.status, RoundStatus::Train, "{info:?}");
     assert!(info.round_id.is_some());

@@ -42,13 +42,14 @@ async fn post_json<Req: Serialize, Resp: DeserializeOwned>(
     limit: usize,
 ) -> Result<Resp, EdgeError> {
     let response = transport
-        .http
-        .post(transport.url(path))
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(wire::encode(request)?)
-        .send()
-        .await
-        .map_err(EdgeError::network)?;
+        .send(
+            transport
+                .http
+                .post(transport.url(path))
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(wire::encode(request)?),
+        )
+        .await?;
     decode_plain(response, limit).await
 }
 
@@ -126,6 +127,7 @@ pub async fn enroll(options: EnrollOptions, dir: &Path) -> Result<Identity, Edge
         keys,
         key_version: 1,
         pending_keys: None,
+        alternate_urls: Vec::new(),
     };
     identity.create(dir)?;
     tracing::info!(device_id = %device_id, kem = %kem_suite, signature = %signature_suite, "enrolled");
@@ -134,11 +136,12 @@ pub async fn enroll(options: EnrollOptions, dir: &Path) -> Result<Identity, Edge
 
 /// The pinned transport for an enrolled identity.
 pub fn transport_for(identity: &Identity) -> Result<Transport, EdgeError> {
-    Transport::pinned(
+    Ok(Transport::pinned(
         &identity.server_url,
         identity.server_certificate_sha256,
         DEFAULT_TIMEOUT,
-    )
+    )?
+    .with_alternates(&identity.alternate_urls))
 }
 
 /// An established session.
@@ -222,14 +225,15 @@ impl Session {
             .seal_request("POST", path, &mut body, unix_now())?;
         let response = self
             .transport
-            .http
-            .post(self.transport.url(path))
-            .header(SESSION_HEADER, self.channel.session_id().to_hex())
-            .header(reqwest::header::CONTENT_TYPE, SEALED_CONTENT_TYPE)
-            .body(body)
-            .send()
-            .await
-            .map_err(EdgeError::network)?;
+            .send(
+                self.transport
+                    .http
+                    .post(self.transport.url(path))
+                    .header(SESSION_HEADER, self.channel.session_id().to_hex())
+                    .header(reqwest::header::CONTENT_TYPE, SEALED_CONTENT_TYPE)
+                    .body(body),
+            )
+            .await?;
         let status = response.status();
         let sealed = response
             .headers()

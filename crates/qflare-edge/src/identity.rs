@@ -62,6 +62,8 @@ struct IdentityFile {
     /// Keys of a rotation sent but not (yet) known to have taken effect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pending_keys: Option<KeysFile>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    alternate_urls: Vec<String>,
 }
 
 impl Drop for IdentityFile {
@@ -144,6 +146,9 @@ pub struct Identity {
     /// keys the server ended up with, the device still holds them
     /// (`client::load_identity` finds out which at the next start).
     pub pending_keys: Option<DeviceKeys>,
+    /// Other replicas of the same server (same fingerprint and
+    /// certificate), tried in turn when the one in use cannot be reached.
+    pub alternate_urls: Vec<String>,
 }
 
 impl Identity {
@@ -165,6 +170,7 @@ impl Identity {
             signing_seed: keys.signing_seed.clone(),
             key_version: self.key_version,
             pending_keys: self.pending_keys.as_ref().map(KeysFile::from_keys),
+            alternate_urls: self.alternate_urls.clone(),
         }
     }
 
@@ -201,6 +207,7 @@ impl Identity {
             keys,
             key_version: file.key_version,
             pending_keys,
+            alternate_urls: file.alternate_urls.clone(),
         })
     }
 

@@ -72,6 +72,10 @@ enum Command {
         /// Signature suite: ml-dsa-65 or ml-dsa-87.
         #[arg(long)]
         signature: Option<SignatureSuite>,
+        /// Another replica of the same server (same fingerprint), tried in
+        /// turn when the one in use cannot be reached; repeatable.
+        #[arg(long = "also-server", value_name = "URL")]
+        also_server: Vec<String>,
     },
     /// Open and confirm a session, then prove the sealed channel with a ping.
     Session,
@@ -169,6 +173,7 @@ async fn run(cli: Cli, interactive: bool) -> anyhow::Result<ExitCode> {
             name,
             kem,
             signature,
+            also_server,
         } => {
             let options = EnrollOptions {
                 server_url: server,
@@ -178,7 +183,11 @@ async fn run(cli: Cli, interactive: bool) -> anyhow::Result<ExitCode> {
                 kem_suite: kem,
                 signature_suite: signature,
             };
-            let identity = qflare_edge::enroll(options, &cli.identity).await?;
+            let mut identity = qflare_edge::enroll(options, &cli.identity).await?;
+            if !also_server.is_empty() {
+                identity.alternate_urls = also_server;
+                identity.replace(&cli.identity)?;
+            }
             println!(
                 "enrolled as device {} ({} + {}); identity written to {}",
                 identity.device_id,

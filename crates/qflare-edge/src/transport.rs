@@ -13,6 +13,7 @@
 //! 2. Every later connection accepts exactly that certificate
 //!    ([`Transport::pinned`]); the enrollment token travels only there.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -146,13 +147,17 @@ pub struct VerifiedServer {
     pub fingerprint: ServerFingerprint,
 }
 
-/// An HTTPS client bound to one server.
+/// An HTTPS client bound to one server, reached at one address or, for
+/// a server of several replicas, at whichever of its addresses answers.
 #[derive(Debug, Clone)]
 pub struct Transport {
-    /// The server's base URL, without a trailing slash.
+    /// The server's (first) base URL, without a trailing slash.
     pub base_url: String,
     /// The pinned client.
     pub http: reqwest::Client,
+    /// Every address, `base_url` first; requests go to `addresses[in_use]`.
+    addresses: Arc<[String]>,
+    in_use: Arc<AtomicUsize>,
 }
 
 impl Transport {
@@ -218,14 +223,60 @@ impl Transport {
             pin: Pin::Sha256(certificate_sha256),
             provider: provider.clone(),
         });
+        let base_url = base_url.trim_end_matches('/').to_owned();
         Ok(Self {
-            base_url: base_url.trim_end_matches('/').to_owned(),
+            addresses: Arc::from(vec![base_url.clone()]),
+            in_use: Arc::new(AtomicUsize::new(0)),
+            base_url,
             http: client(verifier, provider, timeout)?,
         })
     }
 
-    /// The absolute URL of `path`.
+    /// Also reaches the server at `alternates` (replicas presenting the
+    /// same pinned certificate), moving to the next one whenever the one in
+    /// use cannot be reached ([`Transport::fail_over`]).
+    #[must_use]
+    pub fn with_alternates(mut self, alternates: &[String]) -> Self {
+        let mut addresses = vec![self.base_url.clone()];
+        addresses.extend(
+            alternates
+                .iter()
+                .map(|url| url.trim_end_matches('/').to_owned()),
+        );
+        self.addresses = Arc::from(addresses);
+        self
+    }
+
+    /// The absolute URL of `path` at the address in use.
     pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base_url)
+        let index = self.in_use.load(Ordering::Relaxed) % self.addresses.len();
+        format!("{}{path}", self.addresses[index])
+    }
+
+    /// The address in use could not be reached: the next request goes to
+    /// the next one (shared by every clone, so a device's session and
+    /// downloads move together). No effect with a single address.
+    pub fn fail_over(&self) {
+        if self.addresses.len() > 1 {
+            let next = self.in_use.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(
+                now = %self.addresses[next % self.addresses.len()],
+                "the server could not be reached; failing over to its next address"
+            );
+        }
+    }
+
+    /// Sends `request`, failing over to the next address if this one
+    /// cannot be reached.
+    pub async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, EdgeError> {
+        request.send().await.map_err(|err| {
+            if err.is_connect() || err.is_timeout() || err.is_request() {
+                self.fail_over();
+            }
+            EdgeError::network(err)
+        })
     }
 }

@@ -471,6 +471,7 @@ fn identity(server_url: &str) -> Identity {
         keys: DeviceKeys::generate(KemSuite::MlKem768, SignatureSuite::MlDsa65, &mut rng).unwrap(),
         key_version: 1,
         pending_keys: None,
+        alternate_urls: Vec::new(),
     }
 }
 

@@ -45,8 +45,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Wall-clock time.
     pub clock: Arc<dyn Clock>,
-    /// The round controller and its enclave, when this server coordinates training.
-    pub federation: Option<Arc<crate::federation::Federation>>,
+    /// Federated training: this replica's round controller and enclave while
+    /// it coordinates, the way to the coordinator otherwise; `None` when
+    /// `federation.enabled` is off.
+    pub federation: Option<Arc<crate::coordination::Coordination>>,
     /// Who may send an update body now, and the memory all of them may use.
     pub uploads: crate::uploads::UploadGate,
     /// The memory all model downloads in flight may hold.
@@ -65,7 +67,7 @@ impl AppState {
         auditor: Auditor,
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
-        federation: Option<Arc<crate::federation::Federation>>,
+        federation: Option<Arc<crate::coordination::Coordination>>,
         admin_token: &[u8],
     ) -> Self {
         Self {

@@ -5,7 +5,7 @@
 //! | `server-key.json` | ML-DSA suite and 32-byte seed | 0600 |
 //! | `server-key.pub.json` | the verifying key (for `qflare audit verify`) | 0644 |
 //! | `tls/cert.pem`, `tls/key.pem` | self-signed ECDSA-P256 certificate when none is configured | 0644 / 0600 |
-//! | `storage.key` | 32 bytes wrapping session secrets at rest | 0600 |
+//! | `storage.key` | 32 bytes wrapping session secrets at rest (and keying the replicas' link) | 0600 |
 //! | `admin-token` | the admin bearer token when `QFLARE_ADMIN_TOKEN` is unset | 0600 |
 //! | `server-key.handovers.json` | the chain of key hand-overs, after a rotation (`key_rotation`) | 0644 |
 //!
@@ -209,6 +209,9 @@ pub struct ServerIdentity {
     pub tls_private_key: PrivateKeyDer<'static>,
     /// Wraps session secrets stored in the database.
     pub storage_key: AtRestKey,
+    /// What one replica presents to another (derived from `storage.key`,
+    /// which replicas share): the bearer of the coordinator's internal routes.
+    pub replica_key: SecretBytes,
     /// What devices pin: covers the end-entity certificate and the ML-DSA key.
     pub fingerprint: ServerFingerprint,
     /// Every hand-over of the identity to a new key, oldest first
@@ -245,6 +248,14 @@ impl ServerIdentity {
             _ => load_or_create_tls(dir, &config.server.tls_subject_alt_names)?,
         };
         let storage_key = load_or_create_secret(&dir.join("storage.key"), 32)?;
+        // Replicas share the state directory, so they share this key too:
+        // it is what proves one replica to another (`coordination::link`).
+        let [replica_key] = qflare_protocol::crypto::hkdf_sha256(
+            b"qflare replica link",
+            storage_key.expose(),
+            [(b"v1 bearer".as_slice(), 32)],
+        )
+        .map_err(|e| invalid(&dir.join("storage.key"), e.to_string()))?;
         let storage_key = AtRestKey::new(&storage_key)
             .map_err(|e| invalid(&dir.join("storage.key"), e.to_string()))?;
         let end_entity = certificate_chain
@@ -279,6 +290,7 @@ impl ServerIdentity {
             certificate_chain,
             tls_private_key,
             storage_key,
+            replica_key,
             fingerprint,
             key_handovers,
             key_history,

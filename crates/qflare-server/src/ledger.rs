@@ -71,6 +71,9 @@ pub enum AuditKind {
     ModelRecertified,
     /// An admin registered the federation's initial model from a file.
     ModelRegistered,
+    /// A replica took the coordinator lease (it runs the round controller
+    /// and the enclave from now on).
+    CoordinatorElected,
 }
 
 impl AuditKind {
@@ -96,6 +99,7 @@ impl AuditKind {
             Self::EnclaveAttested => "enclave_attested",
             Self::ModelRecertified => "model_recertified",
             Self::ServerKeyRotated => "server_key_rotated",
+            Self::CoordinatorElected => "coordinator_elected",
         }
     }
 }

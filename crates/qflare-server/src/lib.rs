@@ -21,9 +21,11 @@
 //! 2. Handlers: [`api`] (JSON and sealed routes) and [`web`] (the pages),
 //!    with the extractors they use: [`sealed`] (opens a sealed request
 //!    against its session) and [`body`] (bounded JSON bodies).
-//! 3. Services the handlers share: [`federation`] (the round controller, which
-//!    gets only a `ControllerContext`: config, store, auditor, metrics, clock,
-//!    never the HTTP state), [`devices`], [`ledger`] (the audit chain),
+//! 3. Services the handlers share: [`coordination`] (which replica runs the
+//!    round controller, and the link the others reach it by), over
+//!    [`federation`] (the round controller, which gets only a
+//!    `ControllerContext`: config, store, auditor, metrics, clock, never the
+//!    HTTP state), [`devices`], [`ledger`] (the audit chain),
 //!    [`ratelimit`], and the memory budgets of update bodies ([`uploads`])
 //!    and model downloads ([`downloads`]), both on [`budget`].
 //! 4. Below them: `qflare-store`, `qflare-protocol`, the enclave host, and
@@ -46,6 +48,7 @@ pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod connections;
+pub mod coordination;
 pub mod devices;
 pub mod downloads;
 pub mod error;
@@ -178,7 +181,7 @@ impl Server {
                 clock: clock.clone(),
             };
             Some(
-                federation::Federation::start(context)
+                coordination::Coordination::start(context, &identity)
                     .await
                     .map_err(|e| ServerError::Federation(e.to_string()))?,
             )
@@ -239,11 +242,12 @@ impl Server {
             ));
         }
         tokio::spawn(sweep_sessions(self.state.clone(), stop_rx.clone()));
+        let advertised = advertised_address(&self.state.config, listener.local_addr()?);
         let controller = self
             .state
             .federation
             .clone()
-            .map(|federation| tokio::spawn(federation.run(stop_rx.clone())));
+            .map(|coordination| tokio::spawn(coordination.run(advertised, stop_rx.clone())));
         tracing::info!(
             addr = %listener.local_addr()?,
             fingerprint = %self.fingerprint(),
@@ -363,6 +367,22 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Where other replicas reach this one: the configured address, else the
+/// bound one (which only works when it names one interface).
+fn advertised_address(config: &Config, bound: std::net::SocketAddr) -> String {
+    if let Some(address) = &config.server.advertise_address {
+        return address.clone();
+    }
+    if bound.ip().is_unspecified() && config.server.database_url().starts_with("postgres") {
+        tracing::warn!(
+            %bound,
+            "server.advertise_address is not set and the listener is bound to every interface: \
+             other replicas cannot reach this one if it coordinates"
+        );
+    }
+    bound.to_string()
 }
 
 /// Deletes expired sessions (and abandoned handshakes) every few minutes, so

@@ -28,6 +28,7 @@
 //! | POST | `/v1/admin/models` | admin token | [`models::register_model`] |
 //! | GET | `/v1/admin/models/{version}` | admin token | [`models::export_model`] |
 //! | GET | `/v1/admin/models/{version}/certificate` | admin token | [`models::model_certificate`] |
+//! | POST | `/internal/v1/attest`, `/internal/v1/model`, `/internal/v1/updates` | replicas' key | [`replica`] |
 //!
 //! Layers, outermost first: request metrics, timeout and the headers every
 //! answer carries (`Cache-Control: no-store`, `X-Content-Type-Options:
@@ -42,14 +43,15 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 
 use qflare_protocol::api::routes;
 
-use crate::api::{admin, device, federation, models, public};
+use crate::api::{admin, device, federation, models, public, replica};
 use crate::app::{ClientAddr, SharedState};
+use crate::coordination::link;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::RequestLabels;
 use crate::openapi::ApiDoc;
@@ -123,10 +125,24 @@ pub fn router(state: SharedState) -> Router {
             crate::web::require_admin_page,
         ))
         .route_layer(from_fn_with_state(state.clone(), limit_admin));
+    // Replicas calling the coordinator: authenticated before anything else,
+    // and not counted against any per-address limit (one replica carries
+    // the requests of all the devices it serves), except when refused.
+    let internal = Router::new()
+        .route(link::ATTEST, post(replica::attest))
+        .route(link::MODEL, post(replica::model))
+        .route(
+            link::UPDATES,
+            post(replica::update).layer(axum::extract::DefaultBodyLimit::max(
+                state.config.limits.update_bytes,
+            )),
+        )
+        .route_layer(from_fn_with_state(state.clone(), require_replica));
     Router::new()
         .merge(pages)
         .merge(spec)
         .merge(api)
+        .merge(internal)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), observe))
@@ -234,6 +250,35 @@ async fn limit_sessions(
 ) -> Response {
     let limit = state.config.rate_limits.sessions;
     limit_by_address(&state, "sessions", limit, request, next).await
+}
+
+/// Lets through only requests with the replicas' bearer key; a refused
+/// one spends the public per-address budget, so guessing costs like probing.
+async fn require_replica(
+    State(state): State<SharedState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let accepted = match (
+        &state.federation,
+        request.headers().get(header::AUTHORIZATION),
+    ) {
+        (Some(coordination), Some(presented)) => coordination.link().accepts(presented.as_bytes()),
+        _ => false,
+    };
+    if accepted {
+        return next.run(request).await;
+    }
+    let limit = state.config.rate_limits.public;
+    if let Err(err) = state
+        .rate_limit("public", &client_key(&request), &limit)
+        .await
+    {
+        return err.into_response();
+    }
+    ApiError::new(ErrorCode::Unauthorized)
+        .detail("an internal route without the replicas' key")
+        .into_response()
 }
 
 async fn limit_admin(State(state): State<SharedState>, request: Request, next: Next) -> Response {

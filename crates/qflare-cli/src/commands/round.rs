@@ -42,11 +42,18 @@ pub async fn run(client: &AdminClient, command: RoundCommand) -> anyhow::Result<
 /// The federation as text: a status line, the rounds, then the models.
 fn render(view: &FederationView) -> String {
     let mut out = format!(
-        "training {}; enclave generation {}, measurement {}\n\n",
+        "training {}; enclave generation {}, measurement {}\n",
         if view.running { "running" } else { "paused" },
         view.enclave_generation,
         view.enclave_measurement.as_deref().unwrap_or("-")
     );
+    if let Some(coordinator) = &view.coordinator {
+        out.push_str(&format!(
+            "coordinator {} (lease epoch {})\n",
+            coordinator.address, coordinator.epoch
+        ));
+    }
+    out.push('\n');
     let mut rounds = Table::new(&[
         ("round", Align::Right),
         ("state", Align::Left),
@@ -180,6 +187,7 @@ mod tests {
             running: true,
             enclave_generation: 1,
             enclave_measurement: None,
+            coordinator: None,
             rounds: vec![round(
                 12,
                 Some(serde_json::json!({ "model_version": 12, "accepted": 10, "rejected": 0 })),

@@ -184,7 +184,7 @@ impl Simulation {
         let federation = self.state.federation.clone().context("no federation")?;
         let policy = self.device_policy()?;
         let started = Instant::now();
-        federation.start_training().await;
+        federation.start_training().await?;
         let phases = Arc::new(std::sync::Mutex::new(PhaseSeconds::default()));
         // Bytes each round's devices sealed, from the devices' own events:
         // the server deletes envelopes once their round closes.
@@ -246,7 +246,7 @@ impl Simulation {
                 last_change = Instant::now();
             }
             if reached {
-                federation.pause().await;
+                federation.pause().await?;
                 for task in &tasks {
                     task.abort();
                 }
@@ -292,7 +292,9 @@ impl Simulation {
             final_accuracy,
             wall_seconds,
             device_seconds,
-            enclave_seconds: federation.enclave_time().as_secs_f64(),
+            enclave_seconds: federation
+                .local()
+                .map_or(0.0, |local| local.enclave_time().as_secs_f64()),
             rounds_to_target,
         })
     }

@@ -14,12 +14,14 @@ use qflare_protocol::federation::{
     EvaluationReceipt, EvaluationReport, ModelDownload, ModelQuery, RoundInfo, RoundQuery,
     RoundStatus, SubmitReceipt, encode_model_download,
 };
+use qflare_protocol::identity::DeviceId;
 use qflare_protocol::wire::limits;
 use qflare_store::{EvaluationRecord, RoundState, SubmissionOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::app::SharedState;
+use crate::coordination::{Coordination, Coordinator};
 use crate::devices::registered_keys;
 use crate::downloads::DownloadShare;
 use crate::error::{ApiError, ApiResult, ErrorCode};
@@ -29,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::openapi::SealedRecord;
 use crate::sealed::SealedRequest;
 
-pub(crate) fn federation(state: &SharedState) -> ApiResult<Arc<Federation>> {
+pub(crate) fn federation(state: &SharedState) -> ApiResult<Arc<Coordination>> {
     state
         .federation
         .clone()
@@ -81,11 +83,11 @@ pub async fn current_round(State(state): State<SharedState>, request: SealedRequ
 /// publishes a change, so a device learns of a new round, or of the end of
 /// the one it submitted to, when it happens rather than at its next poll.
 async fn round_info(state: &SharedState, request: &SealedRequest) -> ApiResult<RoundInfo> {
-    let fed = federation(state)?;
+    let coordination = federation(state)?;
     let query: RoundQuery = request.json("round query", 1024)?;
     // Subscribed before the first look, so that a change between that look
     // and the wait still wakes it.
-    let mut changes = fed.subscribe();
+    let mut changes = coordination.subscribe();
     let mut info = position(state, request).await?;
     if let Some(seen) = query.wait_while {
         let hold = seen
@@ -108,11 +110,12 @@ async fn round_info(state: &SharedState, request: &SealedRequest) -> ApiResult<R
     }
     let needs_report = matches!(info.status, RoundStatus::Train | RoundStatus::Finished);
     info.report = match query.nonce {
-        Some(nonce) if needs_report => Some(fed.attest(nonce).await?),
+        Some(nonce) if needs_report => coordination.attest(Some(nonce)).await?,
         // Nothing to verify now: the enclave is not disturbed.
         Some(_) => None,
-        // A client that sends no nonce gets the boot's report, from memory.
-        None => fed.enclave().info().await.map(|info| info.report),
+        // A client that sends no nonce gets the boot's report, from memory,
+        // if there is a running enclave to say it.
+        None => coordination.attest(None).await.unwrap_or_default(),
     };
     Ok(info)
 }
@@ -188,14 +191,9 @@ async fn model_download(
     state: &SharedState,
     request: &SealedRequest,
 ) -> ApiResult<(Vec<u8>, DownloadShare)> {
-    let fed = federation(state)?;
+    let coordination = federation(state)?;
     let _: ModelQuery = request.json("model query", 1024)?;
-    let enclave = fed
-        .enclave()
-        .ensure_running()
-        .await
-        .map_err(FederationError::from)?;
-    let model = fed.current_model(&enclave).await?;
+    let model = coordination.current_model().await?;
     // The copy below is this device's alone (sealed to its session): it
     // waits for its share of the download budget before it is made.
     let share = state
@@ -233,7 +231,7 @@ pub async fn submit_update(
 }
 
 async fn submit(state: &SharedState, request: &mut SealedRequest) -> ApiResult<SubmitReceipt> {
-    let fed = federation(state)?;
+    let coordination = federation(state)?;
     let envelope: UpdateEnvelope = envelope::decode(&request.body, limits::UPDATE_ENVELOPE)?;
     let (round_id, device_id) = (envelope.round_id, envelope.device_id);
     if envelope.device_id != request.device_id {
@@ -253,6 +251,28 @@ async fn submit(state: &SharedState, request: &mut SealedRequest) -> ApiResult<S
     }
     // Only the raw body travels on: the decoded copy of its payload goes now.
     drop(envelope);
+    // Moved, not cloned, to the enclave; the answer needs only the channel.
+    let body = std::mem::take(&mut request.body);
+    let receipt = match coordination.coordinator().await? {
+        Coordinator::Local(fed) => deliver(state, &fed, round_id, device_id, body).await?,
+        Coordinator::Remote { link, address } => {
+            link.submit(&address, &request.device.id, body).await?
+        }
+    };
+    Metrics::count(&state.metrics.updates, &receipt.code);
+    Ok(receipt)
+}
+
+/// Records a submission whose envelope is checked against its device's
+/// signature and hands it to this replica's enclave: for a device's own
+/// request at the coordinator, and for one another replica forwarded.
+pub(crate) async fn deliver(
+    state: &SharedState,
+    fed: &Federation,
+    round_id: u64,
+    device_id: DeviceId,
+    body: Vec<u8>,
+) -> ApiResult<SubmitReceipt> {
     let _gate = fed.submission_gate().await;
     fed.accepting(round_id).await?;
     // The database keeps the envelope's digest, not the envelope: only
@@ -264,8 +284,8 @@ async fn submit(state: &SharedState, request: &mut SealedRequest) -> ApiResult<S
         .store
         .record_submission(
             round_id,
-            &request.device.id,
-            &sha256(&request.body),
+            &device_id.to_hex(),
+            &sha256(&body),
             state.now_i64(),
         )
         .await?;
@@ -287,11 +307,7 @@ async fn submit(state: &SharedState, request: &mut SealedRequest) -> ApiResult<S
             return Err(ApiError::new(ErrorCode::UnknownRound));
         }
     }
-    // Moved, not cloned, to the enclave; the answer needs only the channel.
-    let verdict = fed
-        .submit(round_id, device_id, std::mem::take(&mut request.body))
-        .await?;
-    Metrics::count(&state.metrics.updates, &verdict.code);
+    let verdict = fed.submit(round_id, device_id, body).await?;
     // The enclave's final verdicts (accepted or rejected, with reasons) are
     // written to the ledger when the round closes; auditing them here too
     // would record each one twice.
@@ -378,10 +394,28 @@ pub struct FederationView {
     pub enclave_generation: u64,
     /// The enclave's measurement (hex).
     pub enclave_measurement: Option<String>,
+    /// Which replica coordinates (PostgreSQL deployments; `None` with
+    /// SQLite, where the one server always does).
+    #[serde(default)]
+    pub coordinator: Option<CoordinatorView>,
     /// Recent rounds, newest first.
     pub rounds: Vec<RoundView>,
     /// Every model with its test metrics, oldest first.
     pub models: Vec<ModelView>,
+}
+
+/// The replica holding the coordinator lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorView {
+    /// Where the other replicas reach it (`host:port`).
+    pub address: String,
+    /// How many times the lease has changed hands, this tenure included.
+    pub epoch: u64,
+    /// When it took the lease (Unix seconds).
+    pub since: i64,
+    /// When the lease lapses unless renewed (Unix seconds).
+    pub expires_at: i64,
 }
 
 /// A round in the admin view.
@@ -453,7 +487,7 @@ impl ModelView {
 
 /// The federation's state for the admin API and the web pages.
 pub async fn view(state: &SharedState, limit: u32) -> ApiResult<FederationView> {
-    let fed = federation(state)?;
+    let coordination = federation(state)?;
     let mut rounds = Vec::new();
     for round in state.store.list_rounds(limit).await? {
         let submitted =
@@ -501,11 +535,17 @@ pub async fn view(state: &SharedState, limit: u32) -> ApiResult<FederationView> 
             federated: federated.remove(&m.version),
         })
         .collect();
-    let enclave = fed.enclave().info().await;
+    let enclave = coordination.enclave_summary().await;
     Ok(FederationView {
-        running: fed.running().await,
-        enclave_generation: fed.enclave().generation(),
-        enclave_measurement: enclave.map(|e| hex::encode(e.verified.measurement)),
+        running: coordination.running().await?,
+        enclave_generation: enclave.generation,
+        enclave_measurement: enclave.measurement,
+        coordinator: coordination.lease().await?.map(|lease| CoordinatorView {
+            address: lease.address,
+            epoch: lease.epoch,
+            since: lease.acquired_at,
+            expires_at: lease.expires_at,
+        }),
         rounds,
         models,
     })
@@ -526,7 +566,7 @@ pub async fn list_rounds(State(state): State<SharedState>) -> ApiResult<Json<Fed
     responses((status = 200, description = "Training started or resumed.", body = FederationView)),
 )]
 pub async fn start_rounds(State(state): State<SharedState>) -> ApiResult<Json<FederationView>> {
-    federation(&state)?.start_training().await;
+    federation(&state)?.start_training().await?;
     Ok(Json(view(&state, 10).await?))
 }
 
@@ -536,6 +576,6 @@ pub async fn start_rounds(State(state): State<SharedState>) -> ApiResult<Json<Fe
     responses((status = 200, description = "No new rounds open; the open one finishes.", body = FederationView)),
 )]
 pub async fn pause_rounds(State(state): State<SharedState>) -> ApiResult<Json<FederationView>> {
-    federation(&state)?.pause().await;
+    federation(&state)?.pause().await?;
     Ok(Json(view(&state, 10).await?))
 }

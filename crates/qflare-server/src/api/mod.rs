@@ -6,12 +6,14 @@
 //! * [`admin`]: tokens, devices and the audit ledger, behind the admin bearer token.
 //! * [`federation`]: rounds and models for devices (sealed) and the admin.
 //! * [`models`]: the admin's model registration and export.
+//! * [`replica`]: the coordinator's internal routes, for the other replicas.
 
 pub mod admin;
 pub mod device;
 pub mod federation;
 pub mod models;
 pub mod public;
+pub mod replica;
 
 use serde::{Deserialize, Serialize};
 

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use super::federation::federation;
 use crate::app::SharedState;
 use crate::body::read_limited;
+use crate::coordination::Coordinator;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::federation::{RegisteredModel, StoredCertificate};
 
@@ -44,7 +45,17 @@ pub async fn register_model(
     body: Body,
 ) -> ApiResult<Response> {
     let Query(query) = query.map_err(ApiError::malformed)?;
-    let fed = federation(&state)?;
+    // The enclave certifies it, so it is registered where the enclave runs.
+    let fed = match federation(&state)?.coordinator().await? {
+        Coordinator::Local(fed) => fed,
+        Coordinator::Remote { address, .. } => {
+            return Err(ApiError::new(ErrorCode::Unavailable)
+                .explain(format!(
+                    "a model is registered at the replica that coordinates ({address}): send it there"
+                ))
+                .retry_after(1));
+        }
+    };
     let limit = usize::try_from(state.config.federation.max_model_bytes).unwrap_or(usize::MAX);
     let file = read_limited(&headers, body, limit).await?;
     let registered = fed.register_model(&query.name, file.to_vec()).await?;

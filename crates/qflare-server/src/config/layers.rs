@@ -21,6 +21,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("QFLARE_STATE_DIR", "server.state_dir"),
     ("QFLARE_DATABASE_URL", "server.database_url"),
     ("QFLARE_REDIS_URL", "server.redis_url"),
+    ("QFLARE_ADVERTISE_ADDRESS", "server.advertise_address"),
 ];
 
 impl Config {

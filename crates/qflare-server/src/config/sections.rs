@@ -52,6 +52,10 @@ pub struct ServerSection {
     pub database_url: Option<String>,
     /// Redis for rate limits shared by several replicas; `null` keeps them in memory.
     pub redis_url: Option<String>,
+    /// `host:port` at which the other replicas reach this one's HTTPS
+    /// listener (the coordinator is reached there); `null`: the address the
+    /// listener is bound to, right when it binds one specific address.
+    pub advertise_address: Option<String>,
     /// PEM certificate chain; generated into the state directory when `null`.
     pub tls_certificate: Option<PathBuf>,
     /// PEM private key for `tls_certificate`.
@@ -85,6 +89,7 @@ impl std::fmt::Debug for ServerSection {
                 &self.database_url.as_deref().map(redact_url),
             )
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("advertise_address", &self.advertise_address)
             .field("tls_certificate", &self.tls_certificate)
             .field("tls_private_key", &self.tls_private_key)
             .field("request_timeout_secs", &self.request_timeout_secs)
@@ -148,6 +153,7 @@ impl Default for ServerSection {
             state_dir: PathBuf::from("./qflare-data"),
             database_url: None,
             redis_url: None,
+            advertise_address: None,
             tls_certificate: None,
             tls_private_key: None,
             tls_subject_alt_names: vec!["localhost".into(), "127.0.0.1".into()],
@@ -386,9 +392,17 @@ pub const CUSTOM_MODEL: &str = "custom";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FederationSection {
-    /// Run the round controller and the enclave on this server (one server
-    /// per deployment; other replicas serve enrollment and sessions only).
+    /// Federated training on this deployment. With SQLite the server runs
+    /// the round controller and the enclave itself; with PostgreSQL every
+    /// replica that has it on serves every device route and competes for
+    /// the coordinator lease, and the holder alone runs the controller and
+    /// the enclave (the others forward to it).
     pub enabled: bool,
+    /// How long the coordinator lease lasts unless renewed (renewed every
+    /// third of it); the longest a round waits for a replica to take over
+    /// from a coordinator that died. Replicas' clocks must agree to well
+    /// within it. PostgreSQL only.
+    pub lease_secs: u64,
     /// The model: a built-in architecture (`mnist-2nn`, `mnist-cnn`), which
     /// the enclave creates as version 0 itself, or `custom`: the federation
     /// waits until an admin registers a model file (`qflare model init`).
@@ -436,6 +450,7 @@ impl Default for FederationSection {
     fn default() -> Self {
         Self {
             enabled: true,
+            lease_secs: 10,
             architecture: "mnist-2nn".into(),
             model_seed: 1,
             auto_start: false,
@@ -495,6 +510,11 @@ impl Config {
         if self.limits.uploads_in_memory_bytes == 0 || self.limits.downloads_in_memory_bytes == 0 {
             return fail(
                 "limits.uploads_in_memory_bytes and limits.downloads_in_memory_bytes must be positive",
+            );
+        }
+        if self.federation.enabled && self.federation.lease_secs < 3 {
+            return fail(
+                "federation.lease_secs must be at least 3 (it is renewed every third of it, in whole seconds)",
             );
         }
         if self.federation.enabled

@@ -32,7 +32,8 @@
 //!   — without training again (`round::resume_round`).
 //! * Envelopes are deleted once their round closes, whatever the outcome.
 //!
-//! Only this server runs a controller; it is the deployment's coordinator.
+//! One replica at a time runs a controller: the coordinator
+//! (`crate::coordination` decides which, and starts and stops it).
 //!
 //! The controller sees only what it needs ([`ControllerContext`]: the
 //! configuration, the store, the audit ledger, metrics and the clock), never
@@ -54,7 +55,7 @@ use qflare_ml::{Architecture, Dataset, Split};
 use qflare_protocol::attestation::AttestationReport;
 use qflare_protocol::crypto::sha256;
 use qflare_protocol::model::ModelCertificate;
-use qflare_store::{RoundState, Store};
+use qflare_store::{RoundState, Store, TrainingControl};
 use serde_json::json;
 use tokio::sync::{Mutex, Notify, watch};
 
@@ -140,8 +141,6 @@ struct OpenRound {
 
 #[derive(Debug, Default)]
 struct Inner {
-    started: bool,
-    paused: bool,
     model: Option<CurrentModel>,
     open: Option<OpenRound>,
     waiting_logged: bool,
@@ -156,6 +155,9 @@ pub struct FederationStatus {
     pub round_id: u64,
     /// Its state.
     pub round_state: Option<RoundState>,
+    /// Its attempt: grows when the round is resumed in a new enclave boot,
+    /// which sends its devices back to work under the same id and state.
+    pub round_attempt: u32,
     /// The latest model version.
     pub model_version: Option<u64>,
     /// The enclave's generation.
@@ -232,17 +234,13 @@ impl Federation {
             (None, _) => None,
         };
         let (status, _) = watch::channel(FederationStatus::default());
-        let auto_start = config.federation.auto_start;
         Ok(Arc::new(Self {
             ctx,
             enclave,
             preset,
             eval,
             model_creation: Mutex::new(()),
-            inner: Mutex::new(Inner {
-                started: auto_start,
-                ..Inner::default()
-            }),
+            inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
             status,
             enclave_nanos: std::sync::atomic::AtomicU64::new(0),
@@ -295,24 +293,22 @@ impl Federation {
         self.notify.notify_one();
     }
 
-    /// Starts (or resumes) training; `max_rounds` replaces the configured limit when given.
-    pub async fn start_training(&self) {
-        let mut inner = self.inner.lock().await;
-        inner.started = true;
-        inner.paused = false;
-        drop(inner);
+    /// Records the admin's start or pause (in the store, so that it holds
+    /// for whichever replica coordinates, also after a restart) and acts on
+    /// it at once. A pause lets an open round finish.
+    pub async fn control(&self, control: TrainingControl) -> Result<(), FederationError> {
+        self.ctx
+            .store
+            .set_training_control(control, self.now_i64())
+            .await?;
         self.poke();
+        Ok(())
     }
 
-    /// Stops opening new rounds (an open round still finishes).
-    pub async fn pause(&self) {
-        self.inner.lock().await.paused = true;
-    }
-
-    /// True when rounds are being started.
-    pub async fn running(&self) -> bool {
-        let inner = self.inner.lock().await;
-        inner.started && !inner.paused
+    /// True when rounds are being started: the admin's last start or
+    /// pause, else `federation.auto_start`.
+    pub async fn running(&self) -> Result<bool, FederationError> {
+        is_running(self.ctx.store.as_ref(), &self.ctx.config).await
     }
 
     /// The controller loop; returns when `shutdown` fires.
@@ -350,6 +346,7 @@ impl Federation {
         }
         let now = FederationStatus {
             round_id: round.as_ref().map_or(0, |r| r.id),
+            round_attempt: round.as_ref().map_or(0, |r| r.attempt),
             round_state: round.map(|r| r.state),
             model_version: model.map(|m| m.version),
             enclave_generation: self.enclave.generation(),
@@ -423,10 +420,7 @@ impl Federation {
                     .await?;
             }
             latest => {
-                let (started, paused) = {
-                    let inner = self.inner.lock().await;
-                    (inner.started, inner.paused)
-                };
+                let running = self.running().await?;
                 if self.preset.is_none() && self.ctx.store.latest_model_summary().await?.is_none() {
                     let mut inner = self.inner.lock().await;
                     if !inner.waiting_for_model_logged {
@@ -440,7 +434,7 @@ impl Federation {
                     return Ok(());
                 }
                 let model = self.current_model(&enclave).await?;
-                if started && !paused && !is_finished(&self.ctx.config, Some(model.version)) {
+                if running && !is_finished(&self.ctx.config, Some(model.version)) {
                     let next_id = latest.map_or(1, |r| r.id + 1);
                     self.open_round(next_id, &model, &enclave, now).await?;
                 }
@@ -483,6 +477,15 @@ impl Federation {
     pub fn has_evaluation(&self) -> bool {
         self.eval.is_some()
     }
+}
+
+/// Whether rounds are being started: the admin's last start or pause,
+/// else `federation.auto_start`.
+pub async fn is_running(store: &dyn Store, config: &Config) -> Result<bool, FederationError> {
+    Ok(match store.training_control().await? {
+        Some(control) => control == TrainingControl::Started,
+        None => config.federation.auto_start,
+    })
 }
 
 fn unix(value: i64) -> u64 {

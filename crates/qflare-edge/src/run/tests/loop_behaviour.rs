@@ -32,6 +32,7 @@ pub(super) fn identity() -> Identity {
         keys: DeviceKeys::generate(KemSuite::MlKem768, SignatureSuite::MlDsa65, &mut rng).unwrap(),
         key_version: 1,
         pending_keys: None,
+        alternate_urls: Vec::new(),
     }
 }
 
