@@ -201,6 +201,19 @@ fn a_replica_takes_over_when_the_coordinator_is_killed_and_the_round_completes()
         assert!(!line.contains("rejected"), "{line}");
     }
 
+    let view = status(workdir, &config_b);
+    assert_eq!(
+        (
+            &view["coordinator"]["address"],
+            &view["coordinator"]["epoch"]
+        ),
+        (
+            &serde_json::json!(format!("127.0.0.1:{port_a}")),
+            &serde_json::json!(1)
+        ),
+        "A has coordinated throughout: {view}"
+    );
+
     // kill -9 the coordinator: its lease is left to lapse.
     let killed = Instant::now();
     replica_a.kill();

@@ -160,6 +160,10 @@ pub(super) struct ChildConfig<'a> {
     /// `server.max_connections_per_address` (`None`: the default), for
     /// benches that put many devices behind 127.0.0.1.
     pub(super) max_connections_per_address: Option<usize>,
+    /// `federation.update_encoding` (`None`: the default, f32).
+    pub(super) update_encoding: Option<&'a str>,
+    /// The `aggregation.defense` value as YAML flow text (`None`: the default).
+    pub(super) defense: Option<&'a str>,
 }
 
 impl<'a> ChildConfig<'a> {
@@ -172,12 +176,15 @@ impl<'a> ChildConfig<'a> {
             auto_start: true,
             max_rounds: None,
             max_connections_per_address: None,
+            update_encoding: None,
+            defense: None,
         }
     }
 }
 
 /// Keys every server version since the federation landed reads, plus only
-/// those a bench sets (`max_rounds`, `max_connections_per_address`), so
+/// those a bench sets (`max_rounds`, `max_connections_per_address`, the
+/// update encoding and the defense), so
 /// `--server-bin` may be an older build.
 fn minimal_config(state_dir: &Path, port: u16, settings: &ChildConfig<'_>) -> String {
     let mut config = format!(
@@ -207,6 +214,12 @@ fn minimal_config(state_dir: &Path, port: u16, settings: &ChildConfig<'_>) -> St
     ));
     if let Some(rounds) = settings.max_rounds {
         config.push_str(&format!("  max_rounds: {rounds}\n"));
+    }
+    if let Some(encoding) = settings.update_encoding {
+        config.push_str(&format!("  update_encoding: {encoding}\n"));
+    }
+    if let Some(defense) = settings.defense {
+        config.push_str(&format!("aggregation:\n  defense: {defense}\n"));
     }
     config
 }

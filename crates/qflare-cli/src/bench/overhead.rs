@@ -60,6 +60,16 @@ pub struct OverheadArgs {
     /// Enrollments in flight at once while the devices are set up.
     #[arg(long, default_value_t = 16)]
     pub enroll_concurrency: usize,
+    /// How devices encode their updates: f32, f16 or int8.
+    #[arg(long, default_value = "f32")]
+    pub update_encoding: qflare_protocol::update_encoding::UpdateEncoding,
+    /// The enclave's defense: `recommended` (the default; it compares each
+    /// update with the round's, so the enclave holds the round's updates),
+    /// `absolute-norm` (refuse update norms above 1.0, decided as each
+    /// arrives, so the enclave folds and drops them: memory flat in the
+    /// number of devices) or `off`.
+    #[arg(long, default_value = "recommended")]
+    pub defense: BenchDefense,
     /// The server executable to measure (default: this one). Its enclave
     /// executable must sit beside it, as in a build directory.
     #[arg(long, value_name = "PATH")]
@@ -67,6 +77,32 @@ pub struct OverheadArgs {
     /// Also write the results as JSON to PATH.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
+}
+
+/// The defenses `--defense` chooses from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchDefense {
+    /// The server's default.
+    Recommended,
+    /// A fixed norm bound, decided on arrival: the enclave streams.
+    AbsoluteNorm,
+    /// None.
+    Off,
+}
+
+impl BenchDefense {
+    /// The `aggregation.defense` YAML, if it differs from the default.
+    fn yaml(self) -> Option<&'static str> {
+        match self {
+            Self::Recommended => None,
+            // The echo deltas' norms are about 0.03 (2NN) to 0.07 (CNN).
+            Self::AbsoluteNorm => Some(
+                "{ norm_bound: { action: reject, absolute_max: 1.0 }, similarity: { reference: \"off\" } }",
+            ),
+            Self::Off => Some("\"off\""),
+        }
+    }
 }
 
 /// The examples each device claims, as the Flower comparison's clients do.
@@ -176,6 +212,8 @@ struct Report {
     model: String,
     devices: usize,
     rounds: u64,
+    update_encoding: &'static str,
+    defense: BenchDefense,
     /// Seconds to enroll every device.
     enroll_seconds: f64,
     /// Seconds of round 1 (first sessions, attestation checks, downloads).
@@ -245,6 +283,8 @@ pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
                 auto_start: false,
                 max_rounds: Some(args.rounds),
                 max_connections_per_address: Some(2 * args.devices + 64),
+                update_encoding: Some(args.update_encoding.as_str()),
+                defense: args.defense.yaml(),
                 ..ChildConfig::new(&args.model, &limits)
             },
         )
@@ -511,6 +551,8 @@ fn summarize(
     let per_round = |a: f64, b: f64| (b - a) / measured;
     Ok(Report {
         model: args.model.clone(),
+        update_encoding: args.update_encoding.as_str(),
+        defense: args.defense,
         devices: args.devices,
         rounds: args.rounds,
         enroll_seconds,
@@ -551,8 +593,8 @@ fn print_report(r: &Report) {
         });
     let mb = |bytes: f64| bytes / 1e6;
     println!(
-        "## qflare bench overhead: {}, {} devices, {} rounds\n",
-        r.model, r.devices, r.rounds
+        "## qflare bench overhead: {}, {} devices, {} rounds, {} updates, defense {:?}\n",
+        r.model, r.devices, r.rounds, r.update_encoding, r.defense
     );
     println!("| measure | value |");
     println!("|---|--:|");

@@ -382,15 +382,23 @@ impl Coordination {
     }
 
     /// Takes and renews the lease; starts the controller when it is taken
-    /// and stops it when it cannot be kept.
-    async fn hold_lease(&self, holder: &str, address: &str, mut shutdown: watch::Receiver<bool>) {
+    /// and stops it when it cannot be kept. Starting the enclave runs in a
+    /// task of its own, so renewals go on while it starts (a start slower
+    /// than the lease must not hand the lease to another replica).
+    async fn hold_lease(
+        self: &Arc<Self>,
+        holder: &str,
+        address: &str,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let lease_secs = self.ctx.config.federation.lease_secs;
         let renew_every = Duration::from_secs(lease_secs / 3).max(Duration::from_secs(1));
         // Renewed this long ago at most, a holder still has a third of the
         // lease left: it steps down then rather than risk running on after
         // another replica took over.
         let keep_for = Duration::from_secs(lease_secs) - renew_every;
-        let mut leading: Option<Tenure> = None;
+        let mut office = Office::Vacant;
+        let mut renewed = Instant::now();
         tracing::info!(
             holder,
             address,
@@ -407,24 +415,31 @@ impl Coordination {
                 .await
             {
                 Ok(lease) if lease.holder == holder => {
-                    if let Some(tenure) = leading.as_mut() {
-                        tenure.renewed = Instant::now();
-                    } else {
-                        leading = self.take_office(&lease).await;
-                        if leading.is_none() {
-                            // Let another replica try sooner than the lease would.
-                            let _ = self.ctx.store.release_lease(holder).await;
+                    renewed = Instant::now();
+                    office = match office {
+                        Office::Vacant => {
+                            Office::Starting(tokio::spawn(self.clone().take_office(lease)))
                         }
-                    }
+                        Office::Starting(start) if start.is_finished() => match start.await {
+                            Ok(Some(tenure)) => Office::Held(tenure),
+                            _ => {
+                                // Let another replica try sooner than the lease would.
+                                let _ = self.ctx.store.release_lease(holder).await;
+                                Office::Vacant
+                            }
+                        },
+                        other => other,
+                    };
                 }
                 Ok(lease) => {
-                    if let Some(tenure) = leading.take() {
+                    if !matches!(office, Office::Vacant) {
                         tracing::warn!(
                             now_held_by = %lease.holder,
                             epoch = lease.epoch,
                             "another replica holds the coordinator lease; stepping down"
                         );
-                        self.step_down(tenure).await;
+                        self.leave(std::mem::replace(&mut office, Office::Vacant))
+                            .await;
                     }
                     if let Ok(mut cached) = self.lease.lock() {
                         *cached = Some((lease, Instant::now()));
@@ -432,11 +447,12 @@ impl Coordination {
                 }
                 Err(err) => {
                     tracing::warn!(%err, "could not renew the coordinator lease");
-                    if let Some(tenure) = leading.take_if(|t| t.renewed.elapsed() >= keep_for) {
+                    if !matches!(office, Office::Vacant) && renewed.elapsed() >= keep_for {
                         tracing::warn!(
                             "the coordinator lease could not be renewed in time; stepping down"
                         );
-                        self.step_down(tenure).await;
+                        self.leave(std::mem::replace(&mut office, Office::Vacant))
+                            .await;
                     }
                 }
             }
@@ -445,8 +461,8 @@ impl Coordination {
                 _ = shutdown.changed() => break,
             }
         }
-        if let Some(tenure) = leading.take() {
-            self.step_down(tenure).await;
+        if !matches!(office, Office::Vacant) {
+            self.leave(office).await;
             // A clean stop hands over at once rather than after the lease.
             if let Err(err) = self.ctx.store.release_lease(holder).await {
                 tracing::warn!(%err, "could not release the coordinator lease");
@@ -454,8 +470,21 @@ impl Coordination {
         }
     }
 
+    /// Gives up the office: waits for a start in progress, then stops the
+    /// controller and its enclave.
+    async fn leave(&self, office: Office) {
+        let tenure = match office {
+            Office::Vacant => None,
+            Office::Starting(start) => start.await.ok().flatten(),
+            Office::Held(tenure) => Some(tenure),
+        };
+        if let Some(tenure) = tenure {
+            self.step_down(tenure).await;
+        }
+    }
+
     /// Starts the enclave and the controller under a freshly taken lease.
-    async fn take_office(&self, lease: &CoordinatorLease) -> Option<Tenure> {
+    async fn take_office(self: Arc<Self>, lease: CoordinatorLease) -> Option<Tenure> {
         tracing::info!(
             epoch = lease.epoch,
             "took the coordinator lease; starting the enclave"
@@ -479,11 +508,7 @@ impl Coordination {
         let (stop, stopped) = watch::channel(false);
         let controller = tokio::spawn(federation.clone().run(stopped));
         self.leader.send_replace(Some(federation));
-        Some(Tenure {
-            stop,
-            controller,
-            renewed: Instant::now(),
-        })
+        Some(Tenure { stop, controller })
     }
 
     /// Stops the controller and its enclave.
@@ -534,5 +559,14 @@ impl Coordination {
 struct Tenure {
     stop: watch::Sender<bool>,
     controller: tokio::task::JoinHandle<()>,
-    renewed: Instant,
+}
+
+/// Where this replica stands in the lease loop.
+enum Office {
+    /// Not coordinating.
+    Vacant,
+    /// The lease is held; the enclave is starting.
+    Starting(tokio::task::JoinHandle<Option<Tenure>>),
+    /// Coordinating.
+    Held(Tenure),
 }
