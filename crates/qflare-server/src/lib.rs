@@ -117,6 +117,10 @@ pub enum ServerError {
 /// 200; a device needs one or two at a time).
 const HTTP2_MAX_STREAMS: u32 = 32;
 
+/// The largest read buffer of an HTTP/1.1 connection (hyper's default is
+/// about 400 KiB); bodies stream through it in reads of this size.
+const HTTP1_MAX_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Header bytes one HTTP/2 request may carry (HTTP/1.1 is bounded by hyper's
 /// header buffer).
 const HTTP2_MAX_HEADER_BYTES: u32 = 64 * 1024;
@@ -329,10 +333,16 @@ impl Server {
                     request
                 });
                 let mut builder = ConnectionBuilder::new(TokioExecutor::new());
+                // The read buffer grows to hold what one read brings (an
+                // update body arrives in large reads) and stays that size
+                // for the life of the connection: hyper's default ceiling
+                // of about 400 KiB per connection made a server holding
+                // 10,000 devices' connections about 3.4 GiB.
                 builder
                     .http1()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10));
+                    .header_read_timeout(Duration::from_secs(10))
+                    .max_buf_size(HTTP1_MAX_BUFFER_BYTES);
                 // HTTP/2 is offered by ALPN too: the same idle rule holds
                 // (IdleIo, below the TLS layer), and a connection carries a
                 // bounded number of concurrent streams and header bytes.

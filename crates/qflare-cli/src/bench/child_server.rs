@@ -164,6 +164,8 @@ pub(super) struct ChildConfig<'a> {
     pub(super) update_encoding: Option<&'a str>,
     /// The `aggregation.defense` value as YAML flow text (`None`: the default).
     pub(super) defense: Option<&'a str>,
+    /// `limits.uploads_in_memory_bytes` (`None`: the default).
+    pub(super) uploads_in_memory_bytes: Option<u64>,
 }
 
 impl<'a> ChildConfig<'a> {
@@ -178,6 +180,7 @@ impl<'a> ChildConfig<'a> {
             max_connections_per_address: None,
             update_encoding: None,
             defense: None,
+            uploads_in_memory_bytes: None,
         }
     }
 }
@@ -196,6 +199,9 @@ fn minimal_config(state_dir: &Path, port: u16, settings: &ChildConfig<'_>) -> St
             "  max_connections_per_address: {max}\n  max_connections: {}\n",
             max.max(16_384)
         ));
+    }
+    if let Some(bytes) = settings.uploads_in_memory_bytes {
+        config.push_str(&format!("limits:\n  uploads_in_memory_bytes: {bytes}\n"));
     }
     if !settings.rate_limits.is_empty() {
         config.push_str("rate_limits:\n");

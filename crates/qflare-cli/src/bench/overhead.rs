@@ -24,7 +24,7 @@
 //! 2..R; CPU time and loopback bytes are the difference between snapshots
 //! taken when round 2 opens and when training finishes, divided by R − 1.
 //!
-//! About 600 lines in one file: the echo trainer, the event recorder, the
+//! About 670 lines in one file: the echo trainer, the event recorder, the
 //! summary and the printed report share a few private types (`Recorder`,
 //! `Snapshot`, `Report`); split apart, each would need the others' fields.
 
@@ -70,6 +70,11 @@ pub struct OverheadArgs {
     /// number of devices) or `off`.
     #[arg(long, default_value = "recommended")]
     pub defense: BenchDefense,
+    /// The server's `limits.uploads_in_memory_bytes`, in MiB: how much of
+    /// the update bodies waiting for the enclave it holds at once (default:
+    /// the server's, 1 GiB); devices beyond it are told to retry.
+    #[arg(long, value_name = "MIB")]
+    pub uploads_in_memory_mib: Option<u64>,
     /// The server executable to measure (default: this one). Its enclave
     /// executable must sit beside it, as in a build directory.
     #[arg(long, value_name = "PATH")]
@@ -98,7 +103,7 @@ impl BenchDefense {
             Self::Recommended => None,
             // The echo deltas' norms are about 0.03 (2NN) to 0.07 (CNN).
             Self::AbsoluteNorm => Some(
-                "{ norm_bound: { action: reject, absolute_max: 1.0 }, similarity: { reference: \"off\" } }",
+                "{ norm_bound: { action: reject, median_multiple: null, absolute_max: 1.0 }, similarity: { reference: \"off\" } }",
             ),
             Self::Off => Some("\"off\""),
         }
@@ -285,6 +290,7 @@ pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
                 max_connections_per_address: Some(2 * args.devices + 64),
                 update_encoding: Some(args.update_encoding.as_str()),
                 defense: args.defense.yaml(),
+                uploads_in_memory_bytes: args.uploads_in_memory_mib.map(|mib| mib << 20),
                 ..ChildConfig::new(&args.model, &limits)
             },
         )

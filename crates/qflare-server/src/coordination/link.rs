@@ -98,12 +98,16 @@ impl ReplicaLink {
             certificate,
             provider: provider.clone(),
         });
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| e.to_string())?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
+        // HTTP/2: a replica's calls for all its devices share one
+        // connection instead of opening one each, which the coordinator's
+        // per-address connection cap would soon refuse.
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .https_only(true)
