@@ -119,9 +119,13 @@ def test_ctrl_c_stops_a_waiting_device_cleanly(start_server, tmp_path):
         "    print('interrupted', flush=True)\n"
         "    sys.exit(130)\n"
     )
+    # Python turns SIGINT into KeyboardInterrupt only if its parent left
+    # SIGINT at the default; a test runner started in the background by a
+    # shell inherits it ignored, so the device gets the default back.
     device = subprocess.Popen(
         [sys.executable, "-c", script, str(tmp_path / "d"), server.measurement],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(3)  # the device is polling: a session is open, a poll is scheduled
     assert device.poll() is None, device.communicate()
