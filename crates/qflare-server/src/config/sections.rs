@@ -1,5 +1,5 @@
 //! The configuration's types: one struct per YAML section, with its
-//! defaults, and the checks that types alone cannot express. About 600
+//! defaults, and the checks that types alone cannot express. About 650
 //! lines in one file on purpose: `Config::validate` checks values across
 //! sections, and reads best beside every default it checks.
 
