@@ -167,11 +167,6 @@ impl Coordination {
         &self.link
     }
 
-    /// Watches this replica's controller coming and going (tests, the demo).
-    pub fn watch_leader(&self) -> watch::Receiver<Option<Arc<Federation>>> {
-        self.leader.subscribe()
-    }
-
     /// Who does the enclave's part now. `503 enclave_restarting` while no
     /// replica coordinates (a coordinator died and its lease has not run
     /// out, or the next one's enclave is starting).
