@@ -313,10 +313,13 @@ impl EnclaveClient {
     /// Sends one request and returns the answer. On a dead or silent process
     /// the process is killed and [`EnclaveError::Died`] returned; the next
     /// call starts and attests a new one.
-    pub async fn call(&self, frame: &Frame) -> Result<Frame, EnclaveError> {
+    ///
+    /// The frame is taken by value: it moves into the task that outlives a
+    /// cancelled caller, and a copy of every sealed update waiting for the
+    /// enclave doubled what a busy round held (at 1,000 devices, 80 MB).
+    pub async fn call(&self, frame: Frame) -> Result<Frame, EnclaveError> {
         let launcher = Arc::clone(&self.launcher);
         let running = Arc::clone(&self.running);
-        let frame = frame.clone();
         tokio::spawn(async move {
             let mut slot = running.lock_owned().await;
             launcher.exchange(&mut slot, &frame).await
@@ -326,7 +329,7 @@ impl EnclaveClient {
     }
 
     /// Sends a request and checks the answer's kind.
-    pub async fn call_expecting(&self, frame: &Frame, kind: Kind) -> Result<Frame, EnclaveError> {
+    pub async fn call_expecting(&self, frame: Frame, kind: Kind) -> Result<Frame, EnclaveError> {
         expect(self.call(frame).await?, kind)
     }
 
@@ -359,7 +362,7 @@ impl EnclaveClient {
     pub async fn attest(&self, nonce: [u8; 32]) -> Result<AttestationReport, EnclaveError> {
         let answer = self
             .call_expecting(
-                &Frame::new(Kind::Attest, &AttestRequest { nonce }, Vec::new()),
+                Frame::new(Kind::Attest, &AttestRequest { nonce }, Vec::new()),
                 Kind::Report,
             )
             .await?;

@@ -73,7 +73,7 @@ async fn attested_hardened_and_sandboxed() {
     // From inside, the forbidden operations fail.
     let answer = client
         .call_expecting(
-            &Frame::new(Kind::Probe, &ProbeRequest::default(), Vec::new()),
+            Frame::new(Kind::Probe, &ProbeRequest::default(), Vec::new()),
             Kind::ProbeResult,
         )
         .await
@@ -181,7 +181,7 @@ async fn the_enclave_inherits_only_allow_listed_environment() {
     let client = start().await;
     let answer = client
         .call_expecting(
-            &Frame::new(Kind::Probe, &ProbeRequest::default(), Vec::new()),
+            Frame::new(Kind::Probe, &ProbeRequest::default(), Vec::new()),
             Kind::ProbeResult,
         )
         .await
@@ -365,7 +365,7 @@ fn fleet(global: &TensorMap) -> Fleet {
 async fn init_2nn(client: &EnclaveClient) -> (Vec<u8>, ModelCertificate) {
     let answer = client
         .call_expecting(
-            &Frame::new(
+            Frame::new(
                 Kind::InitModel,
                 &InitModelRequest {
                     architecture: "mnist-2nn".into(),
@@ -410,7 +410,7 @@ async fn begin_encoded(
     };
     client
         .call_expecting(
-            &Frame::new(Kind::BeginRound, &request, vec![model.to_vec()]),
+            Frame::new(Kind::BeginRound, &request, vec![model.to_vec()]),
             Kind::Ack,
         )
         .await
@@ -444,7 +444,7 @@ async fn submit_bytes(
     let sealed = envelope::seal(&meta, update, key, &enclave_key, &mut rand::rng()).unwrap();
     let answer = client
         .call_expecting(
-            &Frame::new(
+            Frame::new(
                 Kind::Submit,
                 &SubmitRequest {
                     device_id: *device_id,
@@ -496,7 +496,7 @@ async fn killed_mid_round_restarted_and_the_retried_round_completes() {
     // The new enclave aggregates only on a model it certified: it refuses the
     // old round until the model is re-certified with the previous boot's key.
     let refused = client
-        .call(&Frame::new(
+        .call(Frame::new(
             Kind::BeginRound,
             &BeginRoundRequest {
                 round_id: 1,
@@ -514,7 +514,7 @@ async fn killed_mid_round_restarted_and_the_retried_round_completes() {
     assert!(matches!(refused, EnclaveError::Refused { .. }), "{refused}");
     let recertified = client
         .call_expecting(
-            &Frame::new(
+            Frame::new(
                 Kind::Certify,
                 &CertifyRequest {
                     certificate: certificate.clone(),
@@ -540,7 +540,7 @@ async fn killed_mid_round_restarted_and_the_retried_round_completes() {
     // An envelope sealed to the dead enclave's key is refused, not a crash.
     let answer = client
         .call_expecting(
-            &Frame::new(Kind::Finalize, &serde_json::json!({}), Vec::new()),
+            Frame::new(Kind::Finalize, &serde_json::json!({}), Vec::new()),
             Kind::Outcome,
         )
         .await
@@ -596,7 +596,7 @@ async fn killed_mid_round_restarted_and_the_retried_round_completes() {
     // Finished, round 1 cannot be begun again in this boot: a host keeping
     // the envelopes cannot re-run it with fewer devices to single one out.
     let again = client
-        .call(&Frame::new(
+        .call(Frame::new(
             Kind::BeginRound,
             &BeginRoundRequest {
                 round_id: 1,

@@ -87,7 +87,7 @@ impl Federation {
                 let answer = self
                     .enclave
                     .call_expecting(
-                        &Frame::new(Kind::InitModel, &request, Vec::new()),
+                        Frame::new(Kind::InitModel, &request, Vec::new()),
                         Kind::Model,
                     )
                     .await?;
@@ -132,7 +132,7 @@ impl Federation {
                     let answer = self
                         .enclave
                         .call_expecting(
-                            &Frame::new(Kind::Certify, &request, vec![record.bytes.clone()]),
+                            Frame::new(Kind::Certify, &request, vec![record.bytes.clone()]),
                             Kind::Model,
                         )
                         .await?;
@@ -194,7 +194,7 @@ impl Federation {
         let answer = self
             .enclave
             .call_expecting(
-                &Frame::new(Kind::ImportModel, &request, vec![file]),
+                Frame::new(Kind::ImportModel, &request, vec![file]),
                 Kind::Model,
             )
             .await

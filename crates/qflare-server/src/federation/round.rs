@@ -158,7 +158,7 @@ impl Federation {
             blobs.push(previous.bytes);
         }
         self.enclave
-            .call_expecting(&Frame::new(Kind::BeginRound, &request, blobs), Kind::Ack)
+            .call_expecting(Frame::new(Kind::BeginRound, &request, blobs), Kind::Ack)
             .await?;
         Ok(())
     }
@@ -404,7 +404,7 @@ impl Federation {
         }
         let answer = match self
             .timed(self.enclave.call_expecting(
-                &Frame::new(Kind::Finalize, &json!({}), Vec::new()),
+                Frame::new(Kind::Finalize, &json!({}), Vec::new()),
                 Kind::Outcome,
             ))
             .await
@@ -529,7 +529,7 @@ impl Federation {
     ) -> Result<LedgerVerdict, FederationError> {
         let answer = self
             .timed(self.enclave.call_expecting(
-                &Frame::new(Kind::Submit, &SubmitRequest { device_id }, vec![envelope]),
+                Frame::new(Kind::Submit, &SubmitRequest { device_id }, vec![envelope]),
                 Kind::Verdict,
             ))
             .await;
