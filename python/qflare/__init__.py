@@ -96,14 +96,20 @@ def enroll(
     name: Optional[str] = None,
     kem: Optional[str] = None,
     signature: Optional[str] = None,
+    also_servers: Iterable[str] = (),
 ) -> str:
     """Enrolls this device with a single-use token and returns its device id.
 
     ``server_key`` is the server fingerprint the admin hands out with the
     token; the device's private keys are generated here and written,
     owner-only, into ``identity_dir`` (which must not hold an identity yet).
+    ``also_servers`` are other replicas of the same server (``https://``
+    addresses): when the one in use cannot be reached, the device moves to
+    the next.
     """
-    return _native.enroll(server, token, server_key, str(identity_dir), name, kem, signature)
+    return _native.enroll(
+        server, token, server_key, str(identity_dir), name, kem, signature, list(also_servers)
+    )
 
 
 def run_device(

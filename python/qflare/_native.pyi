@@ -1,6 +1,6 @@
 """Type stubs of the Rust extension module (see ``python/src/lib.rs``)."""
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __version__: str
 
@@ -45,6 +45,7 @@ def enroll(
     name: Optional[str] = None,
     kem: Optional[str] = None,
     signature: Optional[str] = None,
+    also_servers: Sequence[str] = (),
 ) -> str: ...
 def run_device(
     identity_dir: str,

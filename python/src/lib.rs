@@ -54,9 +54,10 @@ use crate::trainer::PythonTrainer;
 /// Enrolls this device with a single-use token: generates its post-quantum
 /// key pairs, proves possession of them to the server (pinned by
 /// `server_key`, the fingerprint the admin hands out) and writes the
-/// owner-only identity file into `identity_dir`. Returns the device id.
+/// owner-only identity file into `identity_dir`, with `also_servers` (other
+/// replicas of the same server) to fail over to. Returns the device id.
 #[pyfunction]
-#[pyo3(signature = (server, token, server_key, identity_dir, name = None, kem = None, signature = None))]
+#[pyo3(signature = (server, token, server_key, identity_dir, name = None, kem = None, signature = None, also_servers = Vec::new()))]
 // The arguments are the Python signature's; a struct would only move them.
 #[allow(clippy::too_many_arguments)]
 fn enroll(
@@ -68,6 +69,7 @@ fn enroll(
     name: Option<String>,
     kem: Option<String>,
     signature: Option<String>,
+    also_servers: Vec<String>,
 ) -> PyResult<String> {
     init_logging();
     let token =
@@ -89,6 +91,7 @@ fn enroll(
         device_name: name.unwrap_or_else(|| "python-device".into()),
         kem_suite,
         signature_suite,
+        alternate_urls: also_servers,
     };
     let identity = block_on_interruptible(py, async move {
         qflare_edge::enroll(options, &identity_dir).await

@@ -8,7 +8,7 @@ import pytest
 import safetensors.numpy
 
 import qflare
-from conftest import SoftmaxDevice, run_in_threads, shards
+from conftest import SoftmaxDevice, free_port, run_in_threads, shards
 
 
 def test_a_hand_written_loop_federates_and_reports_evaluations(start_server, tmp_path, mnist):
@@ -99,6 +99,37 @@ def test_a_revoked_device_and_a_wrong_server_key_are_named(start_server, tmp_pat
         qflare.enroll(server.url, server.token(), wrong, str(tmp_path / "other"))
     with pytest.raises(qflare.EnrollmentRefused):
         qflare.enroll(server.url, "A" * 43, server.fingerprint, str(tmp_path / "third"))
+
+
+def test_a_device_moves_to_its_other_server_address(start_server, tmp_path):
+    import json
+
+    server = start_server(
+        architecture="custom", auto_start=True, clients_per_round=1, min_updates=1,
+        max_rounds=1, round_timeout_secs=60, poll_interval_secs=1,
+    )
+    safetensors.numpy.save_file(SoftmaxDevice.initial(), str(tmp_path / "m.safetensors"))
+    server.admin("model", "init", "--from", str(tmp_path / "m.safetensors"), "--name", "softmax")
+    # An address the device could never use is refused before anything is sent.
+    with pytest.raises(qflare.QflareError, match="not an https:// URL"):
+        qflare.enroll(server.url, server.token(), server.fingerprint, str(tmp_path / "bad"),
+                      also_servers=["http://127.0.0.1:1"])
+    qflare.enroll(server.url, server.token(), server.fingerprint, str(tmp_path / "d"),
+                  also_servers=[server.url])
+    # The replica the device enrolled through goes away: its first address
+    # now refuses connections, and the same server answers at the other.
+    identity = tmp_path / "d" / "identity.json"
+    document = json.loads(identity.read_text())
+    assert document["alternate_urls"] == [server.url]
+    document["server_url"] = f"https://127.0.0.1:{free_port()}"
+    identity.write_text(json.dumps(document))
+    summary = qflare.run_device(
+        lambda weights, config: (weights, 10, {}),
+        identity_dir=str(tmp_path / "d"),
+        enclave_measurements=[server.measurement],
+        allow_software_attestation=True,
+    )
+    assert [r["round_id"] for r in summary["rounds"]] == [1], summary
 
 
 def test_ctrl_c_stops_a_waiting_device_cleanly(start_server, tmp_path):

@@ -266,6 +266,7 @@ fn server_admin_enrollment_shutdown_and_audit() {
                 device_name: "cli-test-device".into(),
                 kem_suite: None,
                 signature_suite: None,
+                alternate_urls: Vec::new(),
             },
             &workdir.join("device"),
         ))

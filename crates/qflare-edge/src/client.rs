@@ -68,6 +68,9 @@ pub struct EnrollOptions {
     pub kem_suite: Option<KemSuite>,
     /// Signature suite; ML-DSA-65 when `None`.
     pub signature_suite: Option<SignatureSuite>,
+    /// Other replicas of the same server, written into the identity and
+    /// tried in turn when `server_url` cannot be reached.
+    pub alternate_urls: Vec<String>,
 }
 
 /// Enrolls: verifies the server against the fingerprint, generates the
@@ -77,6 +80,12 @@ pub async fn enroll(options: EnrollOptions, dir: &Path) -> Result<Identity, Edge
         return Err(EdgeError::Identity(format!(
             "{} already exists; refusing to overwrite an enrolled identity",
             Identity::path(dir).display()
+        )));
+    }
+    // Checked now rather than at the first failover, which may be months on.
+    if let Some(bad) = options.alternate_urls.iter().find(|url| !is_https_url(url)) {
+        return Err(EdgeError::Config(format!(
+            "alternate server address {bad:?} is not an https:// URL"
         )));
     }
     let server = Transport::discover(&options.server_url, &options.fingerprint).await?;
@@ -127,11 +136,15 @@ pub async fn enroll(options: EnrollOptions, dir: &Path) -> Result<Identity, Edge
         keys,
         key_version: 1,
         pending_keys: None,
-        alternate_urls: Vec::new(),
+        alternate_urls: options.alternate_urls,
     };
     identity.create(dir)?;
     tracing::info!(device_id = %device_id, kem = %kem_suite, signature = %signature_suite, "enrolled");
     Ok(identity)
+}
+
+fn is_https_url(url: &str) -> bool {
+    reqwest::Url::parse(url).is_ok_and(|parsed| parsed.scheme() == "https" && parsed.has_host())
 }
 
 /// The pinned transport for an enrolled identity.

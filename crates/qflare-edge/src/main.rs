@@ -182,12 +182,9 @@ async fn run(cli: Cli, interactive: bool) -> anyhow::Result<ExitCode> {
                 device_name: name,
                 kem_suite: kem,
                 signature_suite: signature,
+                alternate_urls: also_server,
             };
-            let mut identity = qflare_edge::enroll(options, &cli.identity).await?;
-            if !also_server.is_empty() {
-                identity.alternate_urls = also_server;
-                identity.replace(&cli.identity)?;
-            }
+            let identity = qflare_edge::enroll(options, &cli.identity).await?;
             println!(
                 "enrolled as device {} ({} + {}); identity written to {}",
                 identity.device_id,

@@ -356,6 +356,7 @@ impl ChildServer {
                 device_name: device_name.into(),
                 kem_suite: None,
                 signature_suite: None,
+                alternate_urls: Vec::new(),
             },
             &self.workdir.path().join(dir),
         )

@@ -131,6 +131,7 @@ impl Simulation {
                     ),
                     kem_suite: None,
                     signature_suite: None,
+                    alternate_urls: Vec::new(),
                 },
                 &dir,
             )

@@ -170,6 +170,7 @@ async fn fifty_concurrent(servers: &[&TestServer]) -> (usize, usize) {
                     device_name: format!("racer-{i}"),
                     kem_suite: Some(KemSuite::MlKem768),
                     signature_suite: None,
+                    alternate_urls: Vec::new(),
                 },
                 &path,
             )

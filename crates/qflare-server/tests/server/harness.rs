@@ -321,6 +321,7 @@ impl TestServer {
                 device_name: "edge-test".into(),
                 kem_suite: Some(kem),
                 signature_suite: Some(SignatureSuite::MlDsa65),
+                alternate_urls: Vec::new(),
             },
             dir,
         )

@@ -97,6 +97,7 @@ async fn the_device_client_refuses_another_certificate() {
             device_name: "victim".into(),
             kem_suite: None,
             signature_suite: None,
+            alternate_urls: Vec::new(),
         },
         &dir.path().join("victim"),
     )

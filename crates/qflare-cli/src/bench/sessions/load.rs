@@ -122,6 +122,7 @@ impl Worker for EnrollWorker {
                     device_name: format!("{}-{n}", self.name),
                     kem_suite: self.kem,
                     signature_suite: None,
+                    alternate_urls: Vec::new(),
                 },
                 &self.dir.join(n.to_string()),
             )

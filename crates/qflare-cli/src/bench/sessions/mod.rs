@@ -163,6 +163,7 @@ pub async fn sessions(options: SessionsOptions) -> anyhow::Result<()> {
             device_name: format!("bench-session-{i}"),
             kem_suite: Some(kem),
             signature_suite: None,
+            alternate_urls: Vec::new(),
         };
         let dir = workdir.path().join("devices").join(i.to_string());
         enrolling.spawn(async move { qflare_edge::enroll(options, &dir).await });
