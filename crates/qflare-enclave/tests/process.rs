@@ -1,6 +1,10 @@
 //! The real `qflare-enclave` process: attested, sandboxed, robust to bad
 //! frames, and survivable — killed mid-round with SIGKILL, restarted by the
 //! host, and the retried round completes (once: its id is then spent).
+//!
+//! About 640 lines: every test here starts the same real process through
+//! one set of helpers (start, fleet, seal, submit), which a split would have
+//! to share through a second module for no gain in reading.
 
 // A test fails loudly on any unexpected error; unwrap says so most plainly.
 #![allow(clippy::unwrap_used)]
