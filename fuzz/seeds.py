@@ -263,6 +263,100 @@ def wire_messages_seeds():
         write("wire_messages", name + ".json", json.dumps(message).encode())
 
 
+# --- hardware_evidence -------------------------------------------------------
+# The formats of crates/qflare-attest/src/evidence.rs: JSON around an SNP
+# report (AMD's ATTESTATION_REPORT layout), a DCAP quote with collateral, or
+# a Nitro COSE_Sign1 document. Synthetic throughout (the published evidence
+# under QFLARE_VECTORS_DIR is not copied into the project).
+
+
+def cbor(value):
+    """A minimal canonical CBOR encoder: what a Nitro document holds."""
+    def head(major, n):
+        if n < 24:
+            return bytes([major << 5 | n])
+        for info, fmt in ((24, ">B"), (25, ">H"), (26, ">I"), (27, ">Q")):
+            if n < 1 << (8 * struct.calcsize(fmt)):
+                return bytes([major << 5 | info]) + struct.pack(fmt, n)
+        raise ValueError(n)
+    if value is None:
+        return b"\xf6"
+    if isinstance(value, int):
+        return head(0, value) if value >= 0 else head(1, -1 - value)
+    if isinstance(value, bytes):
+        return head(2, len(value)) + value
+    if isinstance(value, str):
+        data = value.encode()
+        return head(3, len(data)) + data
+    if isinstance(value, list):
+        return head(4, len(value)) + b"".join(cbor(v) for v in value)
+    if isinstance(value, dict):
+        return head(5, len(value)) + b"".join(cbor(k) + cbor(v) for k, v in value.items())
+    raise TypeError(value)
+
+
+def snp_report(debug=False):
+    report = bytearray(0x4A0)
+    struct.pack_into("<IIQ", report, 0, 2, 0, 0x30000 | (1 << 19 if debug else 0))
+    struct.pack_into("<I", report, 0x34, 1)
+    report[0x50:0x90] = noise(64)
+    report[0x90:0xC0] = noise(48)
+    report[0x1A0:0x1E0] = noise(64)
+    report[0x2A0:0x2D0] = noise(48)
+    report[0x2E8:0x318] = noise(48)
+    return bytes(report)
+
+
+def pem(der):
+    body = base64.b64encode(der).decode()
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    return "-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n"
+
+
+def hardware_evidence_seeds():
+    write("hardware_evidence", "sev-snp.json", json.dumps(
+        {"kind": "sev-snp", "report": b64(snp_report()), "vcek": b64(b"\x30\x82\x05\x00" + noise(1280))}
+    ).encode())
+    write("hardware_evidence", "sev-snp-debug.json", json.dumps(
+        {"kind": "sev-snp", "report": b64(snp_report(debug=True)), "vcek": b64(noise(64))}
+    ).encode())
+    # Quote v4: header (version, attestation key type, TEE type 0x81 = TDX,
+    # reserved, QE vendor id, user data), the 584-byte TD report, then the
+    # signature data's length and an ECDSA signature, key and certification data.
+    header = struct.pack("<HHI", 4, 2, 0x81) + bytes(4) + noise(16) + noise(20)
+    body = noise(584)
+    signature_data = noise(64) + noise(64) + struct.pack("<HI", 6, 64) + noise(64)
+    quote = header + body + struct.pack("<I", len(signature_data)) + signature_data
+    chain = pem(b"\x30\x82\x02\x00" + noise(128)) + pem(b"\x30\x82\x02\x00" + noise(128))
+    collateral = {
+        "pck_crl_issuer_chain": chain, "root_ca_crl": noise(64).hex(), "pck_crl": noise(64).hex(),
+        "tcb_info_issuer_chain": chain,
+        "tcb_info": json.dumps({"id": "TDX", "version": 3, "issueDate": "2025-06-19T10:16:03Z",
+                                "nextUpdate": "2025-07-19T10:16:03Z", "tcbLevels": []}),
+        "tcb_info_signature": noise(64).hex(), "qe_identity_issuer_chain": chain,
+        "qe_identity": json.dumps({"id": "TD_QE", "version": 2, "issueDate": "2025-06-19T10:32:27Z"}),
+        "qe_identity_signature": noise(64).hex(),
+    }
+    write("hardware_evidence", "tdx.json", json.dumps(
+        {"kind": "tdx", "quote": b64(quote), "collateral": collateral}
+    ).encode())
+    payload = {
+        "module_id": "i-0123456789abcdef0-enc0123456789abcdef", "digest": "SHA384",
+        "timestamp": 1665651482136, "pcrs": {i: noise(48) for i in range(5)},
+        "certificate": b"\x30\x82\x02\x80" + noise(128),
+        "cabundle": [b"\x30\x82\x02\x10" + noise(96) for _ in range(4)],
+        "public_key": None, "user_data": noise(64), "nonce": None,
+    }
+    protected = cbor({1: -35})
+    document = cbor([protected, {}, cbor(payload), noise(96)])
+    write("hardware_evidence", "nitro.json", json.dumps(
+        {"kind": "nitro", "document": b64(document)}
+    ).encode())
+    write("hardware_evidence", "nitro-payload.cbor", cbor(payload))
+    write("hardware_evidence", "snp-report.bin", snp_report())
+    write("hardware_evidence", "tdx-quote.bin", quote)
+
+
 if __name__ == "__main__":
     tensors_seeds()
     update_validation_seeds()
@@ -270,3 +364,4 @@ if __name__ == "__main__":
     stored_state_seeds()
     sealed_record_seeds()
     wire_messages_seeds()
+    hardware_evidence_seeds()

@@ -23,6 +23,7 @@ Port a Flower ``NumPyClient`` by keeping its ``fit`` and ``evaluate``::
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
@@ -72,6 +73,11 @@ __all__ = [
 def decode_weights(data: bytes) -> Weights:
     """A safetensors file's tensors as NumPy arrays (float32 for the global model)."""
     return dict(safetensors.numpy.load(data))
+
+
+def _policy_json(policy: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """A hardware policy as the JSON the native layer parses (and checks)."""
+    return None if policy is None else json.dumps(dict(policy))
 
 
 def encode_weights(weights: Mapping[str, Any]) -> bytes:
@@ -124,6 +130,7 @@ def run_device(
     max_local_epochs: int = 50,
     stop_when_finished: bool = True,
     allow_unsandboxed_enclave: bool = False,
+    hardware_policy: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Takes part in federated training until the server finishes.
 
@@ -144,6 +151,10 @@ def run_device(
     trusted; ``allow_software_attestation`` accepts a software-mode enclave
     (development only); ``allow_unsandboxed_enclave`` accepts one whose
     signed report says its system-call sandbox is off (refused by default).
+    ``hardware_policy`` accepts enclaves in AMD SEV-SNP, Intel TDX or AWS
+    Nitro Enclaves on its terms (a dict as the ``qflare-edge
+    --hardware-policy`` JSON file: per kind, the measurement allow-list and
+    minimum security versions); their evidence is verified offline.
     Returns a summary of the rounds this device took
     part in. Ctrl-C stops it and raises ``KeyboardInterrupt``.
     """
@@ -184,6 +195,7 @@ def run_device(
         max_local_epochs=max_local_epochs,
         stop_when_finished=stop_when_finished,
         allow_unsandboxed_enclave=allow_unsandboxed_enclave,
+        hardware_policy=_policy_json(hardware_policy),
     )
 
 
@@ -250,6 +262,7 @@ class Client:
         allow_software_attestation: bool = False,
         max_report_age_secs: int = 300,
         allow_unsandboxed_enclave: bool = False,
+        hardware_policy: Optional[Mapping[str, Any]] = None,
     ):
         self._native = _native.Client(
             str(identity_dir),
@@ -257,6 +270,7 @@ class Client:
             allow_software_attestation=allow_software_attestation,
             max_report_age_secs=max_report_age_secs,
             allow_unsandboxed_enclave=allow_unsandboxed_enclave,
+            hardware_policy=_policy_json(hardware_policy),
         )
 
     @property

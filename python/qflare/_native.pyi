@@ -32,6 +32,7 @@ class Client:
         allow_software_attestation: bool = False,
         max_report_age_secs: int = 300,
         allow_unsandboxed_enclave: bool = False,
+        hardware_policy: Optional[str] = None,
     ) -> None: ...
     def wait_for_round(self, timeout_secs: Optional[float] = None) -> Optional[Round]: ...
     def submit(self, round: Round, weights: bytes, examples: int) -> Dict[str, Any]: ...
@@ -59,4 +60,5 @@ def run_device(
     max_local_epochs: int = 50,
     stop_when_finished: bool = True,
     allow_unsandboxed_enclave: bool = False,
+    hardware_policy: Optional[str] = None,
 ) -> Dict[str, Any]: ...

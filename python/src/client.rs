@@ -82,7 +82,7 @@ pub(crate) struct PyClient {
 #[pymethods]
 impl PyClient {
     #[new]
-    #[pyo3(signature = (identity_dir, *, enclave_measurements, allow_software_attestation = false, max_report_age_secs = 300, allow_unsandboxed_enclave = false))]
+    #[pyo3(signature = (identity_dir, *, enclave_measurements, allow_software_attestation = false, max_report_age_secs = 300, allow_unsandboxed_enclave = false, hardware_policy = None))]
     fn new(
         py: Python<'_>,
         identity_dir: PathBuf,
@@ -90,6 +90,7 @@ impl PyClient {
         allow_software_attestation: bool,
         max_report_age_secs: u64,
         allow_unsandboxed_enclave: bool,
+        hardware_policy: Option<String>,
     ) -> PyResult<Self> {
         init_logging();
         // Settles a key rotation whose answer was lost (see load_identity).
@@ -100,6 +101,7 @@ impl PyClient {
         let policy = policy(
             &enclave_measurements,
             allow_software_attestation,
+            hardware_policy.as_deref(),
             max_report_age_secs,
             allow_unsandboxed_enclave,
         )?;

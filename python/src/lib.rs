@@ -39,7 +39,10 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use qflare_edge::{DeviceConfig, EnrollOptions, Events, RunSummary};
-use qflare_protocol::attestation::{AttestationMode, AttestationPolicy, parse_measurement};
+use qflare_protocol::attestation::hardware::HardwarePolicy;
+use qflare_protocol::attestation::{
+    AttestationMode, AttestationPolicy, hardware_modes, parse_measurement,
+};
 use qflare_protocol::identity::{EnrollmentToken, ServerFingerprint};
 use qflare_protocol::{KemSuite, SignatureSuite};
 
@@ -101,11 +104,14 @@ fn enroll(
 }
 
 /// The enclaves a device trusts: these measurements, in software mode only
-/// when allowed, with reports at most `max_age_secs` old, whose signed
-/// runtime says the sandbox is enforced unless `allow_unsandboxed`.
+/// when allowed, in the hardware modes that `hardware_policy` (JSON, as the
+/// `qflare-edge --hardware-policy` file) accepts, with reports at most
+/// `max_age_secs` old, whose signed runtime says the sandbox is enforced
+/// unless `allow_unsandboxed`.
 pub(crate) fn policy(
     measurements: &[String],
     allow_software_attestation: bool,
+    hardware_policy: Option<&str>,
     max_age_secs: u64,
     allow_unsandboxed: bool,
 ) -> PyResult<AttestationPolicy> {
@@ -113,15 +119,21 @@ pub(crate) fn policy(
         .iter()
         .map(|m| parse_measurement(m).map_err(|e| PyValueError::new_err(e.to_string())))
         .collect::<PyResult<Vec<_>>>()?;
+    let hardware: HardwarePolicy = match hardware_policy {
+        Some(json) => serde_json::from_str(json)
+            .map_err(|e| PyValueError::new_err(format!("hardware_policy: {e}")))?,
+        None => HardwarePolicy::default(),
+    };
+    let mut allowed_modes = hardware_modes(&hardware);
+    if allow_software_attestation {
+        allowed_modes.push(AttestationMode::Software);
+    }
     Ok(AttestationPolicy {
         allowed_measurements,
-        allowed_modes: if allow_software_attestation {
-            vec![AttestationMode::Software]
-        } else {
-            Vec::new()
-        },
+        allowed_modes,
         max_age_secs,
         require_sandbox: !allow_unsandboxed,
+        hardware,
     })
 }
 
@@ -156,7 +168,8 @@ fn summary_dict<'py>(py: Python<'py>, summary: &RunSummary) -> PyResult<Bound<'p
 #[pyo3(signature = (
     identity_dir, fit, evaluate = None, *, enclave_measurements,
     allow_software_attestation = false, max_rounds = None, max_report_age_secs = 300,
-    max_local_epochs = 50, stop_when_finished = true, allow_unsandboxed_enclave = false
+    max_local_epochs = 50, stop_when_finished = true, allow_unsandboxed_enclave = false,
+    hardware_policy = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn run_device<'py>(
@@ -171,6 +184,7 @@ fn run_device<'py>(
     max_local_epochs: usize,
     stop_when_finished: bool,
     allow_unsandboxed_enclave: bool,
+    hardware_policy: Option<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
     init_logging();
     // Settles a key rotation whose answer was lost (see load_identity).
@@ -181,6 +195,7 @@ fn run_device<'py>(
     let policy = policy(
         &enclave_measurements,
         allow_software_attestation,
+        hardware_policy.as_deref(),
         max_report_age_secs,
         allow_unsandboxed_enclave,
     )?;

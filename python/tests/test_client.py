@@ -86,6 +86,25 @@ def test_an_unsandboxed_enclave_is_refused_unless_allowed(start_server, tmp_path
     assert round is not None and round.model == "softmax"
 
 
+def test_a_hardware_only_device_refuses_a_software_enclave(start_server, tmp_path):
+    # A device that trusts only Nitro enclaves (and says which image) meets
+    # the server's software-mode enclave: refused, by mode, before any model.
+    server = start_server(architecture="custom", auto_start=True, clients_per_round=1,
+                          min_updates=1, max_rounds=1, round_timeout_secs=60, poll_interval_secs=1)
+    safetensors.numpy.save_file(SoftmaxDevice.initial(), str(tmp_path / "m.safetensors"))
+    server.admin("model", "init", "--from", str(tmp_path / "m.safetensors"), "--name", "softmax")
+    server.enroll(tmp_path / "d")
+    nitro_only = {"nitro": {"pcr0": ["ab" * 48]}}
+    device = qflare.Client(str(tmp_path / "d"), enclave_measurements=[],
+                           hardware_policy=nitro_only)
+    with pytest.raises(qflare.AttestationRefused, match="mode not permitted"):
+        device.wait_for_round(timeout=60)
+    # A policy with a mistake is named at once.
+    with pytest.raises(ValueError, match="hardware_policy"):
+        qflare.Client(str(tmp_path / "d"), enclave_measurements=[],
+                      hardware_policy={"nitro": {"pcr0": ["ab" * 48], "debug": True}})
+
+
 def test_a_revoked_device_and_a_wrong_server_key_are_named(start_server, tmp_path):
     server = start_server(architecture="custom", auto_start=True)
     device_id = server.enroll(tmp_path / "d")

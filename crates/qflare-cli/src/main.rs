@@ -100,6 +100,12 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Enclave attestation: verify reports, certificates and hardware
+    /// evidence offline.
+    Attest {
+        #[command(subcommand)]
+        command: commands::attest::AttestCommand,
+    },
     /// The federation's model: register it from a file, export and verify it.
     Model {
         #[command(subcommand)]
@@ -216,6 +222,11 @@ async fn async_main(cli: Cli) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // An auditor checks evidence with no server configuration at all.
+    if let Command::Attest { command } = &cli.command {
+        commands::attest::run(command)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Server(args) => commands::server::run(config, args).await?,
@@ -236,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             commands::model::run_remote(&admin(&config, &remote).await?, command).await?;
         }
         Command::ServerKey { command } => commands::server_key::run(&config, command)?,
+        Command::Attest { command } => commands::attest::run(&command)?,
         Command::Audit { command } => return commands::audit::run(&config, command).await,
         Command::Bench { command } => bench::run(command).await?,
         Command::Demo(args) => demo::run(args).await?,

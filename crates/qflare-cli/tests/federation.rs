@@ -82,6 +82,13 @@ async fn a_federation_trains_the_2nn_over_real_https_with_the_enclave() {
                 assert_eq!(keys, ["code", "round_id"], "{}", entry.detail_json);
             }
             "round_aggregated" => {
+                // The attested enclave that made the model is named.
+                assert_eq!(detail["enclave_mode"], "software", "{detail}");
+                assert_eq!(
+                    detail["enclave_measurement"].as_str().map(str::len),
+                    Some(96)
+                );
+                assert!(detail["enclave_evidence_sha384"].is_null(), "{detail}");
                 let stats = detail["stats"].as_object().unwrap();
                 for key in stats.keys() {
                     assert!(

@@ -21,7 +21,10 @@ use qflare_edge::{
     Backoff, BurnTrainer, DEFAULT_PARTITION_SEED, DeviceConfig, EnrollOptions, Events, Identity,
     RoundTimings, Shard, StopReason,
 };
-use qflare_protocol::attestation::{AttestationMode, AttestationPolicy, MEASUREMENT_LEN};
+use qflare_protocol::attestation::hardware::HardwarePolicy;
+use qflare_protocol::attestation::{
+    AttestationMode, AttestationPolicy, MEASUREMENT_LEN, hardware_modes,
+};
 use qflare_protocol::identity::{EnrollmentToken, ServerFingerprint};
 use qflare_protocol::{KemSuite, SignatureSuite};
 
@@ -103,10 +106,21 @@ struct RunArgs {
     /// Keep only the first N examples (of the shard, if --partition is given).
     #[arg(long, value_name = "N")]
     examples: Option<usize>,
-    /// An enclave measurement (SHA-384 of its executable, 96 hex characters)
-    /// to trust; repeat for several. Reports with any other are refused.
-    #[arg(long = "enclave-measurement", value_name = "HEX", required = true)]
+    /// A software-mode enclave measurement (SHA-384 of its executable, 96
+    /// hex characters) to trust; repeat for several. Reports with any other
+    /// are refused.
+    #[arg(
+        long = "enclave-measurement",
+        value_name = "HEX",
+        required_unless_present = "hardware_policy"
+    )]
     enclave_measurements: Vec<String>,
+    /// Accept enclaves in AMD SEV-SNP, Intel TDX or AWS Nitro Enclaves on the
+    /// terms of this JSON file (per kind: the measurement allow-list and
+    /// minimum security versions; see docs/enclave.md §5.5). Their hardware
+    /// evidence is verified offline against the vendors' roots.
+    #[arg(long, value_name = "FILE")]
+    hardware_policy: Option<PathBuf>,
     /// Accept software-mode attestation (a self-signed report from a hardened
     /// process; a host controlling the machine could forge it). Without this
     /// flag software reports are refused.
@@ -231,12 +245,23 @@ async fn run_device(
     let mut allowed_modes = Vec::new();
     if args.allow_software_attestation {
         allowed_modes.push(AttestationMode::Software);
-    } else {
-        // Software mode is the only one this build can verify, so without
-        // the flag every report would be refused: say so now, not per round.
+    }
+    let hardware = match &args.hardware_policy {
+        Some(path) => {
+            let text = std::fs::read(path)
+                .with_context(|| format!("reading --hardware-policy {}", path.display()))?;
+            let policy: HardwarePolicy = serde_json::from_slice(&text)
+                .with_context(|| format!("--hardware-policy {}", path.display()))?;
+            allowed_modes.extend(hardware_modes(&policy));
+            policy
+        }
+        None => HardwarePolicy::default(),
+    };
+    if allowed_modes.is_empty() {
+        // Every report would be refused: say so now, not per round.
         anyhow::bail!(
-            "no attestation mode is allowed: this build verifies software-mode reports only, \
-             which are refused unless --allow-software-attestation is given"
+            "no attestation mode is allowed: give --hardware-policy for SEV-SNP, TDX or Nitro \
+             enclaves, or --allow-software-attestation for a software-mode one"
         );
     }
     if let Some(threads) = args.threads {
@@ -258,6 +283,7 @@ async fn run_device(
             allowed_modes,
             max_age_secs: args.max_report_age,
             require_sandbox: !args.allow_unsandboxed_enclave,
+            hardware,
         },
         Arc::new(BurnTrainer::new(data)),
     );

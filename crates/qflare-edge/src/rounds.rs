@@ -98,10 +98,8 @@ impl std::fmt::Debug for RoundClient {
 impl RoundClient {
     /// A client for `identity`, trusting enclaves that satisfy `policy`.
     pub fn new(identity: Identity, policy: AttestationPolicy) -> Result<Self, EdgeError> {
-        if policy.allowed_measurements.is_empty() || policy.allowed_modes.is_empty() {
-            return Err(EdgeError::Config(
-                "the attestation policy allows no enclave (no measurement or no mode)".into(),
-            ));
+        if let Some(why) = policy.why_nothing_passes() {
+            return Err(EdgeError::Config(why));
         }
         let transport = transport_for(&identity)?;
         Ok(Self {

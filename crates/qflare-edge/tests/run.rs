@@ -76,6 +76,7 @@ fn policy() -> AttestationPolicy {
         allowed_modes: vec![AttestationMode::Software],
         max_age_secs: 600,
         require_sandbox: true,
+        hardware: Default::default(),
     }
 }
 

@@ -51,7 +51,9 @@ impl Default for Options {
 
 const USAGE: &str = "usage: qflare-enclave [--kem SUITE] [--signature SUITE] [--root-data DIR] \
 [--root-examples N] [--threads N] [--seccomp enforce|log]\n\
-Speaks QFLARE's enclave frame protocol on stdin/stdout; started by the QFLARE server.";
+       qflare-enclave measure\n\
+Speaks QFLARE's enclave frame protocol on stdin/stdout; started by the QFLARE server. \
+`measure` prints what devices should pin for this build.";
 
 /// Parses the process's arguments.
 pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
@@ -230,11 +232,67 @@ pub fn main_with_args(args: Vec<String>) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+    if args.first().is_some_and(|first| first == "measure") {
+        return measure(&args[1..]);
+    }
     match parse_args(args) {
         Ok(options) => run(options),
         Err(message) => {
             eprintln!("{message}");
             ExitCode::from(64)
+        }
+    }
+}
+
+/// `qflare-enclave measure` (or `qflare enclave measure`): what a device
+/// should pin for the enclave this executable would run, per mode. Only the
+/// software measurement follows from the build: it is the SHA-384 of this
+/// very file, which is what the process reports about itself. A TEE's launch
+/// measurement also covers what the platform loads around the program
+/// (firmware, kernel, command line, the image format), so it comes from the
+/// platform's tooling (docs/enclave.md §5.5).
+fn measure(rest: &[String]) -> ExitCode {
+    if !rest.is_empty() {
+        eprintln!("{USAGE}");
+        return ExitCode::from(64);
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(err) => {
+            eprintln!("cannot find this executable: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match measure_file(&exe) {
+        Ok(measurement) => {
+            println!(
+                "software  {}  SHA-384 of {}; devices pin it with --enclave-measurement",
+                hex::encode(measurement),
+                exe.display()
+            );
+            for (mode, how) in [
+                (
+                    "sev-snp",
+                    "MEASUREMENT covers the guest firmware, kernel, initrd and command line: \
+                     compute it with the VM's launch tooling (e.g. sev-snp-measure)",
+                ),
+                (
+                    "tdx",
+                    "MRTD is the TD firmware's, the kernel and workload extend RTMR1..3: \
+                     take them from the platform's measurement tooling",
+                ),
+                (
+                    "nitro",
+                    "PCR0..2 are printed by `nitro-cli build-enclave` for the image",
+                ),
+            ] {
+                println!("{mode:<8}  not computable from this build: {how}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("cannot measure {}: {err}", exe.display());
+            ExitCode::from(1)
         }
     }
 }

@@ -300,6 +300,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             // The previous boot's certificate is what counts here, not how
             // that boot was sandboxed.
             require_sandbox: false,
+            hardware: Default::default(),
         };
         let previous = attestation::verify_report(
             &meta.previous_report,

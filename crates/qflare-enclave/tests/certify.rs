@@ -101,6 +101,7 @@ fn a_restarted_enclave_recertifies_its_predecessors_model() {
             allowed_modes: vec![qflare_protocol::attestation::AttestationMode::Software],
             max_age_secs: 600,
             require_sandbox: false,
+            hardware: Default::default(),
         },
         Some(&[1; 32]),
         NOW,

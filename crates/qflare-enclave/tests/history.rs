@@ -56,6 +56,7 @@ fn boot() -> Enclave {
         max_age_secs: 600,
         // An in-process service, not the sandboxed binary.
         require_sandbox: false,
+        hardware: Default::default(),
     };
     let verified = attestation::verify_report(&report, &policy, Some(&[1; 32]), NOW).unwrap();
     Enclave {

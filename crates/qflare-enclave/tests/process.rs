@@ -43,6 +43,7 @@ fn policy() -> AttestationPolicy {
         allowed_modes: vec![AttestationMode::Software],
         max_age_secs: 300,
         require_sandbox: true,
+        hardware: Default::default(),
     }
 }
 

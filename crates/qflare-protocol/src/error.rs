@@ -116,6 +116,11 @@ pub enum ProtocolError {
     /// An attestation report was refused by policy.
     #[error("attestation refused: {0}")]
     AttestationRefused(&'static str),
+    /// The hardware evidence in an attestation report was refused: not
+    /// committing to the report's keys, not vouched for by its vendor, or
+    /// not allowed by the hardware policy (the detail says which rule).
+    #[error("attestation refused: {0}")]
+    Evidence(#[from] qflare_attest::AttestError),
     /// The cryptographic backend failed internally.
     #[error("cryptographic backend failure in {0}")]
     Backend(&'static str),
@@ -137,7 +142,7 @@ impl ProtocolError {
             Self::Expired { .. } => ErrorCode::Expired,
             Self::Replay { .. } | Self::UnexpectedSequence { .. } => ErrorCode::Replayed,
             Self::SequenceExhausted => ErrorCode::SessionExhausted,
-            Self::AttestationRefused(_) => ErrorCode::AttestationRefused,
+            Self::AttestationRefused(_) | Self::Evidence(_) => ErrorCode::AttestationRefused,
             Self::Backend(_) => ErrorCode::InternalError,
             Self::BadSignature(_)
             | Self::Decapsulation

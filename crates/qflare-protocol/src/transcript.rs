@@ -55,6 +55,9 @@ pub enum Domain {
     LedgerCheckpoint,
     /// The server's hand-over of its identity to a new key.
     ServerKeyHandover,
+    /// What an enclave asks its TEE to sign: its keys, runtime and the
+    /// verifier's nonce, committed in the evidence's report data.
+    EvidenceBinding,
 }
 
 impl Domain {
@@ -77,6 +80,7 @@ impl Domain {
             Self::LedgerEntry => "audit/entry",
             Self::LedgerCheckpoint => "audit/checkpoint",
             Self::ServerKeyHandover => "server/key-handover",
+            Self::EvidenceBinding => "enclave/evidence-binding",
         }
     }
 }
@@ -195,6 +199,7 @@ mod tests {
             Domain::LedgerEntry,
             Domain::LedgerCheckpoint,
             Domain::ServerKeyHandover,
+            Domain::EvidenceBinding,
         ];
         let labels: HashSet<_> = all.iter().map(|d| d.label()).collect();
         assert_eq!(labels.len(), all.len());

@@ -361,6 +361,7 @@ fn device_policy(server_bin: &Path) -> anyhow::Result<AttestationPolicy> {
         allowed_modes: vec![AttestationMode::Software],
         max_age_secs: 600,
         require_sandbox: true,
+        hardware: Default::default(),
     })
 }
 

@@ -1,6 +1,7 @@
 //! The subcommands that run or administer a server: one module per noun.
 //! Admin commands reach the server over HTTPS, pinned as devices pin it.
 
+pub mod attest;
 pub mod audit;
 pub mod device;
 pub mod model;

@@ -72,6 +72,10 @@ pub struct VerifyArgs {
     /// Refuse a certificate from a software-mode enclave.
     #[arg(long)]
     pub require_hardware: bool,
+    /// The hardware policy that a hardware-mode enclave's evidence must meet
+    /// (YAML or JSON, as for `qflare attest verify`); required to accept one.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
 }
 
 /// `model.safetensors` → `model.cert.json`.
@@ -206,6 +210,7 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         // Which enclave signed the model is the question here; how it was
         // sandboxed then is the devices' concern at the time.
         require_sandbox: false,
+        hardware: super::attest::load_policy(args.policy.as_deref())?,
     };
     let enclave = attestation::verify_report(report, &policy, None, report.issued_at)
         .context("the signing enclave's attestation report")?;
@@ -223,6 +228,13 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         hex::encode(enclave.measurement),
         enclave.mode.as_str()
     );
+    if let Some(evidence) = &enclave.evidence {
+        println!(
+            "hardware evidence: {}, sha384 {}",
+            evidence.platform,
+            hex::encode(evidence.evidence_sha384)
+        );
+    }
     Ok(())
 }
 

@@ -162,6 +162,7 @@ impl Simulation {
             allowed_modes: vec![AttestationMode::Software],
             max_age_secs: 600,
             require_sandbox: true,
+            hardware: Default::default(),
         })
     }
 

@@ -131,15 +131,8 @@ impl DeviceConfig {
     }
 
     pub(super) fn validate(&self) -> Result<(), EdgeError> {
-        if self.policy.allowed_measurements.is_empty() {
-            return Err(EdgeError::Config(
-                "no enclave measurement is allowed, so no enclave can be trusted".into(),
-            ));
-        }
-        if self.policy.allowed_modes.is_empty() {
-            return Err(EdgeError::Config(
-                "no attestation mode is allowed (software mode must be allowed explicitly)".into(),
-            ));
+        if let Some(why) = self.policy.why_nothing_passes() {
+            return Err(EdgeError::Config(why));
         }
         self.trainer.check().map_err(EdgeError::Config)?;
         if self.max_local_epochs == 0 {

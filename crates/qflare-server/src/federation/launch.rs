@@ -72,5 +72,6 @@ pub(super) fn policy(
         // (`--seccomp log`) is warned about at start-up, and devices, which
         // require it by default, refuse that enclave's reports.
         require_sandbox: false,
+        hardware: Default::default(),
     })
 }

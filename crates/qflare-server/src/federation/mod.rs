@@ -384,6 +384,11 @@ impl Federation {
                         // What the enclave signed about its own process,
                         // not the unsigned summary it also sends.
                         "runtime": enclave.verified.runtime,
+                        // Hardware modes: the evidence and what it showed.
+                        "evidence_sha384": enclave.verified.evidence.as_ref()
+                            .map(|evidence| hex::encode(evidence.evidence_sha384)),
+                        "platform": enclave.verified.evidence.as_ref()
+                            .map(|evidence| evidence.platform.as_str()),
                     }),
                 )
                 .await;

@@ -432,12 +432,22 @@ impl Federation {
                     .iter()
                     .filter(|v| v.status == "accepted")
                     .count();
+                // Which attested enclave made the model: an auditor holding
+                // the model file matches these against its certificate's
+                // report (`qflare attest verify`).
                 let summary = json!({
                     "model_version": version,
                     "model_sha256": hex::encode(certificate.model_sha256),
                     "accepted": accepted,
                     "rejected": outcome.verdicts.len() - accepted,
                     "stats": outcome.stats,
+                    "enclave_mode": enclave.verified.mode.as_str(),
+                    "enclave_measurement": hex::encode(enclave.verified.measurement),
+                    "enclave_evidence_sha384": enclave
+                        .verified
+                        .evidence
+                        .as_ref()
+                        .map(|evidence| hex::encode(evidence.evidence_sha384)),
                 });
                 self.ctx
                     .store

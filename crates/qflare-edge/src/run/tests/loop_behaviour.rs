@@ -50,6 +50,7 @@ pub(super) fn config() -> DeviceConfig {
             allowed_modes: vec![AttestationMode::Software],
             max_age_secs: 600,
             require_sandbox: true,
+            hardware: Default::default(),
         },
         Arc::new(crate::trainer::BurnTrainer::new(data)),
     );
@@ -445,4 +446,37 @@ async fn a_server_that_does_not_hold_polls_is_polled_at_its_interval() {
         .filter(|e| matches!(e, DeviceEvent::Waiting { secs: 5 }))
         .count();
     assert_eq!(waits, 2);
+}
+
+#[test]
+fn a_policy_under_which_no_enclave_can_pass_is_refused_before_running() {
+    use qflare_protocol::attestation::hardware::{Digest48, HardwarePolicy, NitroPolicy};
+
+    let refusal = |edit: &dyn Fn(&mut AttestationPolicy)| {
+        let mut config = config();
+        edit(&mut config.policy);
+        match config.validate() {
+            Err(EdgeError::Config(message)) => message,
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    };
+    assert!(config().validate().is_ok());
+    assert!(refusal(&|p| p.allowed_modes.clear()).contains("no attestation mode"));
+    assert!(refusal(&|p| p.allowed_measurements.clear()).contains("no enclave measurement"));
+    // A hardware-only device needs no software measurement, but its
+    // policy must trust some launch measurement of the kinds it accepts.
+    let nitro_only = |pcr0: Vec<Digest48>| {
+        move |p: &mut AttestationPolicy| {
+            p.allowed_measurements.clear();
+            p.allowed_modes = vec![AttestationMode::Nitro];
+            p.hardware = HardwarePolicy {
+                nitro: Some(NitroPolicy::trusting(pcr0.clone())),
+                ..HardwarePolicy::default()
+            };
+        }
+    };
+    assert!(refusal(&nitro_only(Vec::new())).contains("accepts nitro"));
+    let mut config = config();
+    nitro_only(vec![Digest48([1; 48])])(&mut config.policy);
+    assert!(config.validate().is_ok());
 }
