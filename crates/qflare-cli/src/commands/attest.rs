@@ -4,9 +4,9 @@
 //! FILE may be any of the three places evidence travels:
 //! - a model certificate (`NAME.cert.json` from `qflare model export`): the
 //!   report of the enclave boot that signed the model is checked;
-//! - an attestation report (JSON, as `GET /v1/enclave/attestation` serves
-//!   it): signature, then for hardware modes the evidence, which must commit
-//!   to the report's keys and nonce;
+//! - an attestation report (JSON, as it reaches a device inside the sealed
+//!   answer to `POST /v1/rounds/current`): signature, then for hardware
+//!   modes the evidence, which must commit to the report's keys and nonce;
 //! - bare evidence (`{"kind": "sev-snp" | "tdx" | "nitro", ...}`): the
 //!   vendor's chain and the policy, printing the report data it carries
 //!   (compared with `--report-data` when given).
