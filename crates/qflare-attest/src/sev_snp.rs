@@ -17,7 +17,7 @@
 //! issued for) must equal the report's `REPORTED_TCB` and `CHIP_ID`, so a
 //! VCEK of another chip or of older firmware cannot vouch for this report.
 //!
-//! About 615 lines: half are the known-answer tests, which stay beside the
+//! About 640 lines: half are the known-answer tests, which stay beside the
 //! parser because they flip bytes at its private field offsets.
 
 use std::ops::Range;
@@ -309,6 +309,17 @@ pub fn verify(evidence: &SevSnpEvidence, policy: &SevSnpPolicy, now: u64) -> Res
             format!("version {version}, expected 2 or later"),
         ));
     }
+    // KEY_INFO.SIGNING_KEY (bits 4:2): 0 is the VCEK. A report signed with a
+    // VLEK would need AMD's VLEK chain, which this verifier does not take.
+    let signing_key = (u32::from_le_bytes(field(report, KEY_INFO)) >> 2) & 0b111;
+    if signing_key != 0 {
+        return Err(AttestError::signature(
+            KIND,
+            format!(
+                "signed with key {signing_key}, not the VCEK (0); VLEK reports are not accepted"
+            ),
+        ));
+    }
     let vcek = Certificate::from_der(&evidence.vcek)
         .map_err(|e| AttestError::malformed("VCEK certificate", e))?;
     let product = chain_to_amd_root(&vcek, policy, now)?;
@@ -324,17 +335,17 @@ pub fn verify(evidence: &SevSnpEvidence, policy: &SevSnpPolicy, now: u64) -> Res
             format!("the VCEK is for TCB {vcek_tcb}, the report says {reported_tcb}"),
         ));
     }
+    // A platform configured with MASK_CHIP_ID reports zeros here, and then
+    // nothing ties the VCEK to this chip: refused like any other mismatch.
     let chip_id: [u8; 64] = field(report, CHIP_ID);
-    let key_info = u32::from_le_bytes(field(report, KEY_INFO));
-    let chip_id_masked = key_info & 0b10 != 0;
     let same_chip = hw_id.len() <= chip_id.len()
         && !hw_id.is_empty()
         && chip_id[..hw_id.len()] == hw_id[..]
         && chip_id[hw_id.len()..].iter().all(|&b| b == 0);
-    if chip_id_masked || !same_chip {
+    if !same_chip {
         return Err(AttestError::chain(
             KIND,
-            "the report's CHIP_ID is masked or is not the VCEK's hwID",
+            "the report's CHIP_ID is not the VCEK's hwID (or is masked)",
         ));
     }
 
@@ -604,6 +615,19 @@ mod tests {
         let mut allowing = policy.clone();
         allowing.allow_migration_agent = true;
         assert!(judge(&with_agent, SnpProduct::Milan, &allowing).is_ok());
+    }
+
+    #[test]
+    fn vlek_signed_reports_are_refused_by_name() {
+        let Some((mut evidence, now)) = milan("vlek_signed_reports_are_refused_by_name") else {
+            return;
+        };
+        let policy = trusting_its_measurement(&evidence);
+        evidence.report[KEY_INFO.start] |= 1 << 2;
+        assert!(matches!(
+            verify(&evidence, &policy, now),
+            Err(AttestError::Signature { detail, .. }) if detail.contains("VLEK")
+        ));
     }
 
     #[test]
