@@ -17,10 +17,11 @@
 //! issued for) must equal the report's `REPORTED_TCB` and `CHIP_ID`, so a
 //! VCEK of another chip or of older firmware cannot vouch for this report.
 //!
-//! About 640 lines: half are the known-answer tests, which stay beside the
+//! About 670 lines: half are the known-answer tests, which stay beside the
 //! parser because they flip bytes at its private field offsets.
 
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use aws_lc_rs::signature::{ECDSA_P384_SHA384_FIXED, UnparsedPublicKey};
 use sev::certs::snp::{Certificate, Verifiable, builtin, ca};
@@ -168,6 +169,40 @@ fn builtin_chain(product: SnpProduct) -> Result<ca::Chain> {
     }
 }
 
+/// A generation's built-in ARK and ASK with their signatures (the ARK's over
+/// itself and over the ASK) checked once per process: they are constants
+/// compiled in, so a report costs only the VCEK's link (RSA-PSS in pure Rust
+/// is most of the verification time) and the validity checks, which depend
+/// on the time and are made every time.
+struct Roots {
+    chain: ca::Chain,
+    ark: x509_cert_sev::Certificate,
+    ask: x509_cert_sev::Certificate,
+}
+
+fn roots(product: SnpProduct) -> Result<&'static Roots> {
+    static CHECKED: [OnceLock<Result<Roots, String>>; 3] = [const { OnceLock::new() }; 3];
+    let index = match product {
+        SnpProduct::Milan => 0,
+        SnpProduct::Genoa => 1,
+        SnpProduct::Turin => 2,
+    };
+    CHECKED[index]
+        .get_or_init(|| {
+            let chain = builtin_chain(product).map_err(|e| e.to_string())?;
+            chain
+                .verify()
+                .map_err(|e| format!("{} ARK/ASK: {e}", product.as_str()))?;
+            Ok(Roots {
+                ark: x509(&chain.ark),
+                ask: x509(&chain.ask),
+                chain,
+            })
+        })
+        .as_ref()
+        .map_err(|detail| AttestError::chain(KIND, detail))
+}
+
 fn x509(certificate: &Certificate) -> x509_cert_sev::Certificate {
     certificate.clone().into()
 }
@@ -193,21 +228,18 @@ fn chain_to_amd_root(vcek: &Certificate, policy: &SevSnpPolicy, now: u64) -> Res
     let vcek_x509 = x509(vcek);
     let issuer = &vcek_x509.tbs_certificate.issuer;
     for &product in &policy.products {
-        let chain = builtin_chain(product)?;
-        if x509(&chain.ask).tbs_certificate.subject != *issuer {
+        let roots = roots(product)?;
+        if roots.ask.tbs_certificate.subject != *issuer {
             continue;
         }
-        chain
-            .verify()
-            .map_err(|e| AttestError::chain(KIND, format!("{} ARK/ASK: {e}", product.as_str())))?;
-        (&chain.ask, vcek).verify().map_err(|e| {
+        (&roots.chain.ask, vcek).verify().map_err(|e| {
             AttestError::chain(
                 KIND,
                 format!("the {} ASK did not sign the VCEK: {e}", product.as_str()),
             )
         })?;
-        check_validity("ARK", &x509(&chain.ark), now)?;
-        check_validity("ASK", &x509(&chain.ask), now)?;
+        check_validity("ARK", &roots.ark, now)?;
+        check_validity("ASK", &roots.ask, now)?;
         check_validity("VCEK", &vcek_x509, now)?;
         return Ok(product);
     }
