@@ -8,8 +8,11 @@
 //!
 //! `cargo bench -p qflare-protocol --bench attestation`
 
+mod common;
+
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+
+use common::interleaved;
 
 use qflare_protocol::attestation::hardware::{
     self, Digest48, NitroEvidence, NitroPolicy, SevSnpEvidence, SevSnpPolicy, TdxEvidence,
@@ -23,32 +26,6 @@ use qflare_protocol::kem::KemKeyPair;
 use qflare_protocol::sig::SigningKey;
 use qflare_protocol::{KemSuite, SignatureSuite};
 use rand::SeedableRng;
-
-/// Median per-call times of `a` and `b`, timed in alternating batches.
-fn interleaved(
-    mut a: impl FnMut(),
-    mut b: impl FnMut(),
-    batch: u32,
-    rounds: usize,
-) -> (Duration, Duration) {
-    let time = |f: &mut dyn FnMut()| {
-        let start = Instant::now();
-        for _ in 0..batch {
-            f();
-        }
-        start.elapsed() / batch
-    };
-    time(&mut a);
-    time(&mut b);
-    let (mut ta, mut tb) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
-    for _ in 0..rounds {
-        ta.push(time(&mut a));
-        tb.push(time(&mut b));
-    }
-    ta.sort();
-    tb.sort();
-    (ta[rounds / 2], tb[rounds / 2])
-}
 
 /// A verifier for a software-mode report: the check a device runs each round today.
 fn software_check() -> impl FnMut() {

@@ -18,11 +18,14 @@
 //!   sides with ML-DSA-65 and establishes keys with ML-KEM-768).
 //! * raw aws-lc-rs AES-256-GCM in place, for the sealed channel.
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_lc_rs::aead;
+use common::interleaved;
 use criterion::{BatchSize, Criterion, Throughput};
 use qflare_protocol::channel::{ClientChannel, ServerChannel};
 use qflare_protocol::envelope::{self, UpdateMetadata};
@@ -544,35 +547,6 @@ fn envelopes(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------- same-run ratios
-
-/// Runs `a` and `b` alternately in batches and returns their median
-/// per-call times; alternation keeps machine-load drift out of the ratio.
-fn interleaved(
-    mut a: impl FnMut(),
-    mut b: impl FnMut(),
-    batch: u32,
-    rounds: usize,
-) -> (Duration, Duration) {
-    let time = |f: &mut dyn FnMut()| {
-        let start = Instant::now();
-        for _ in 0..batch {
-            f();
-        }
-        start.elapsed() / batch
-    };
-    // Warm caches and lazy initialisation on both sides first.
-    time(&mut a);
-    time(&mut b);
-    let mut ta = Vec::with_capacity(rounds);
-    let mut tb = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        ta.push(time(&mut a));
-        tb.push(time(&mut b));
-    }
-    ta.sort();
-    tb.sort();
-    (ta[rounds / 2], tb[rounds / 2])
-}
 
 fn report(label: &str, ours: Duration, yardstick: Duration, target: &str) {
     println!(
