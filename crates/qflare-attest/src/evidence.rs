@@ -18,7 +18,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AttestError, Result};
-use crate::{REPORT_DATA_LEN, nitro, sev_snp, tdx};
+use crate::{MEASUREMENT_LEN, REPORT_DATA_LEN, nitro, sev_snp, tdx};
 
 /// The kinds of hardware TEE whose evidence QFLARE verifies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -140,6 +140,17 @@ impl Evidence {
             Self::SevSnp(snp) => sev_snp::claimed_report_data(&snp.report),
             Self::Tdx(tdx) => tdx::claimed_report_data(&tdx.quote),
             Self::Nitro(nitro) => nitro::claimed_report_data(&nitro.document),
+        }
+    }
+
+    /// The launch measurement the evidence *claims* (SEV-SNP `MEASUREMENT`,
+    /// TDX `MRTD`, Nitro `PCR0`), unverified: an enclave copies it into its
+    /// own report, and verifiers hold that copy to the signed value.
+    pub fn claimed_measurement(&self) -> Result<[u8; MEASUREMENT_LEN]> {
+        match self {
+            Self::SevSnp(snp) => sev_snp::claimed_measurement(&snp.report),
+            Self::Tdx(tdx) => tdx::claimed_measurement(&tdx.quote),
+            Self::Nitro(nitro) => nitro::claimed_measurement(&nitro.document),
         }
     }
 }

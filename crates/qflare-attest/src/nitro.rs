@@ -208,6 +208,16 @@ pub fn claimed_report_data(document: &[u8]) -> Result<[u8; REPORT_DATA_LEN]> {
         .ok_or(AttestError::BindingMismatch)
 }
 
+/// PCR0 (the enclave image) as the document states it, unverified (see
+/// [`crate::sev_snp::claimed_measurement`] for why that is wanted).
+pub fn claimed_measurement(document: &[u8]) -> Result<[u8; MEASUREMENT_LEN]> {
+    let parsed = payload(&parse_cose(document)?)?;
+    parsed
+        .pcr(0)
+        .and_then(|pcr| <[u8; MEASUREMENT_LEN]>::try_from(pcr).ok())
+        .ok_or_else(|| malformed("PCR0 is not a SHA-384 value"))
+}
+
 fn check_chain(document: &AttestationDocument, now: u64) -> Result<()> {
     let root = &document.cabundle[0];
     let fingerprint = digest::digest(&digest::SHA256, root);
@@ -404,6 +414,10 @@ mod tests {
         let root = digest::digest(&digest::SHA256, &parsed.cabundle[0]);
         assert_eq!(root.as_ref(), AWS_NITRO_ROOT_G1_SHA256);
         let policy = trusting_its_pcr0(&document, now);
+        assert_eq!(
+            claimed_measurement(&document).unwrap(),
+            pcr48(&parsed, 0).unwrap()
+        );
         let checked = verify(&NitroEvidence { document }, &policy, now).unwrap();
         assert_eq!(checked.measurement, pcr48(&parsed, 0).unwrap());
         assert!(checked.platform.contains(&parsed.module_id));

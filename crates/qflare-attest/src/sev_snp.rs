@@ -153,6 +153,13 @@ pub fn claimed_report_data(report: &[u8]) -> Result<[u8; REPORT_DATA_LEN]> {
     Ok(field(report, REPORT_DATA))
 }
 
+/// The launch measurement as the report states it, unverified: what an
+/// enclave puts in its own report, which verifiers then hold to the signed one.
+pub fn claimed_measurement(report: &[u8]) -> Result<[u8; MEASUREMENT_LEN]> {
+    check_length(report)?;
+    Ok(field(report, MEASUREMENT))
+}
+
 fn builtin_chain(product: SnpProduct) -> Result<ca::Chain> {
     let pair = match product {
         SnpProduct::Milan => (builtin::milan::ark(), builtin::milan::ask()),
@@ -467,6 +474,10 @@ mod tests {
         let policy = trusting_its_measurement(&evidence);
         let checked = verify(&evidence, &policy, now).unwrap();
         assert_eq!(checked.measurement, field(&evidence.report, MEASUREMENT));
+        assert_eq!(
+            claimed_measurement(&evidence.report).unwrap(),
+            checked.measurement
+        );
         assert!(
             checked.platform.starts_with("AMD Milan SEV-SNP"),
             "{}",

@@ -19,7 +19,7 @@ use dcap_qvl::verify::{QuoteVerifier, VerifiedReport};
 use crate::error::{AttestError, Result};
 use crate::evidence::{TdxEvidence, TeeKind};
 use crate::policy::TdxPolicy;
-use crate::{Checked, REPORT_DATA_LEN};
+use crate::{Checked, MEASUREMENT_LEN, REPORT_DATA_LEN};
 
 const KIND: TeeKind = TeeKind::Tdx;
 
@@ -35,6 +35,17 @@ pub fn claimed_report_data(quote: &[u8]) -> Result<[u8; REPORT_DATA_LEN]> {
         (None, Some(enclave)) => Ok(enclave.report_data),
         (None, None) => Err(AttestError::malformed("DCAP quote", "no report body")),
     }
+}
+
+/// The TD's MRTD as the quote states it, unverified (see
+/// [`crate::sev_snp::claimed_measurement`] for why that is wanted).
+pub fn claimed_measurement(quote: &[u8]) -> Result<[u8; MEASUREMENT_LEN]> {
+    let parsed = Quote::parse(quote).map_err(|e| AttestError::malformed("DCAP quote", e))?;
+    parsed
+        .report
+        .as_td10()
+        .map(|td| td.mr_td)
+        .ok_or_else(|| AttestError::malformed("DCAP quote", "not a TD quote"))
 }
 
 /// Checks that Intel vouches for `quote` at `now` given `collateral`:
@@ -199,6 +210,10 @@ mod tests {
         let policy = TdxPolicy::trusting(vec![mr_td(&evidence)]);
         let checked = verify(&evidence, &policy, now).unwrap();
         assert_eq!(checked.measurement, mr_td(&evidence).0);
+        assert_eq!(
+            claimed_measurement(&evidence.quote).unwrap(),
+            mr_td(&evidence).0
+        );
         assert!(
             checked.platform.contains("UpToDate"),
             "{}",
@@ -246,6 +261,10 @@ mod tests {
         assert!(matches!(
             verify(&sgx, &TdxPolicy::trusting(vec![]), now),
             Err(AttestError::Policy { rule, .. }) if rule.contains("SGX enclave")
+        ));
+        assert!(matches!(
+            claimed_measurement(&sgx.quote),
+            Err(AttestError::Malformed { .. })
         ));
     }
 

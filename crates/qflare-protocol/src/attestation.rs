@@ -97,6 +97,15 @@ impl AttestationMode {
             Self::Nitro => Some(TeeKind::Nitro),
         }
     }
+
+    /// The mode of an enclave running in `kind`.
+    pub const fn of_tee(kind: TeeKind) -> Self {
+        match kind {
+            TeeKind::SevSnp => Self::SevSnp,
+            TeeKind::Tdx => Self::Tdx,
+            TeeKind::Nitro => Self::Nitro,
+        }
+    }
 }
 
 /// The hardware modes whose evidence `policy` can accept, for a verifier's

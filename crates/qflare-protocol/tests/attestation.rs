@@ -299,6 +299,9 @@ fn modes_parse_from_their_names() {
             mode.tee_kind().map(|k| k.as_str()).unwrap_or("software"),
             mode.as_str()
         );
+        if let Some(kind) = mode.tee_kind() {
+            assert_eq!(AttestationMode::of_tee(kind), mode);
+        }
     }
     assert!("sgx".parse::<AttestationMode>().is_err());
 }
