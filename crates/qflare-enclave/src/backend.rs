@@ -5,9 +5,13 @@
 //! update envelopes, certifying models — goes through it, so an SGX, TDX,
 //! SEV-SNP or Nitro backend can keep the keys inside the TEE and add its
 //! quote as report `evidence` without the frame protocol or the host
-//! changing. [`SoftwareBackend`] is the implementation for a hardened OS
-//! process: keys in process memory (zeroized on drop), measurement = SHA-384
-//! of its own executable, self-signed reports in mode `software`.
+//! changing. Both implementations keep this boot's [`BootKeys`] in process
+//! memory (zeroized on drop):
+//! - [`SoftwareBackend`], a hardened OS process: measurement = SHA-384 of its
+//!   own executable, self-signed reports in mode `software`;
+//! - [`crate::tee::HardwareBackend`], the same process inside a confidential
+//!   VM or Nitro Enclave: each report also carries the TEE's evidence, whose
+//!   report data commits to the keys, the nonce and the runtime.
 
 use qflare_protocol::attestation::{
     self, AttestationMode, AttestationReport, EnclaveRuntime, MEASUREMENT_LEN, ReportBody,
@@ -23,12 +27,17 @@ use rand_core::CryptoRng;
 pub trait EnclaveBackend: Send {
     /// How isolated this enclave is.
     fn mode(&self) -> AttestationMode;
-    /// SHA-384 of the enclave's code.
+    /// SHA-384 of the enclave's code (software), or the launch measurement
+    /// its hardware signs (SEV-SNP `MEASUREMENT`, TDX `MRTD`, Nitro `PCR0`).
     fn measurement(&self) -> [u8; MEASUREMENT_LEN];
     /// The key devices seal updates to.
     fn kem_public_key(&self) -> &KemPublicKey;
     /// The key reports and certificates verify under.
     fn verifying_key(&self) -> &VerifyingKey;
+    /// Sets what every later report says about the process's arguments
+    /// and hardening; until then reports say it is unhardened. The process
+    /// calls this once, after its sandbox is closed.
+    fn set_runtime(&mut self, runtime: EnclaveRuntime);
     /// A signed report binding measurement, keys, `nonce` and `now`.
     fn attest(&self, nonce: [u8; 32], now: u64) -> Result<AttestationReport, ProtocolError>;
     /// Opens an envelope sealed to this enclave and checks both device signatures.
@@ -47,22 +56,117 @@ pub trait EnclaveBackend: Send {
     ) -> Result<ModelCertificate, ProtocolError>;
 }
 
-/// The software backend: a hardened process, self-signed reports.
-pub struct SoftwareBackend {
-    measurement: [u8; MEASUREMENT_LEN],
-    kem: KemKeyPair,
-    signing: SigningKey,
-    runtime: EnclaveRuntime,
+/// The process chooses its backend at start (`--tee`), so it serves a boxed one.
+impl<B: EnclaveBackend + ?Sized> EnclaveBackend for Box<B> {
+    fn mode(&self) -> AttestationMode {
+        (**self).mode()
+    }
+    fn measurement(&self) -> [u8; MEASUREMENT_LEN] {
+        (**self).measurement()
+    }
+    fn kem_public_key(&self) -> &KemPublicKey {
+        (**self).kem_public_key()
+    }
+    fn verifying_key(&self) -> &VerifyingKey {
+        (**self).verifying_key()
+    }
+    fn set_runtime(&mut self, runtime: EnclaveRuntime) {
+        (**self).set_runtime(runtime);
+    }
+    fn attest(&self, nonce: [u8; 32], now: u64) -> Result<AttestationReport, ProtocolError> {
+        (**self).attest(nonce, now)
+    }
+    fn open(
+        &self,
+        envelope: &UpdateEnvelope,
+        device_key: &VerifyingKey,
+    ) -> Result<OpenedUpdate, ProtocolError> {
+        (**self).open(envelope, device_key)
+    }
+    fn certify(
+        &self,
+        architecture: &str,
+        model_version: u64,
+        round_id: u64,
+        model: &[u8],
+    ) -> Result<ModelCertificate, ProtocolError> {
+        (**self).certify(architecture, model_version, round_id, model)
+    }
 }
 
-impl std::fmt::Debug for SoftwareBackend {
+/// This boot's key pairs, whichever backend attests them: generated in the
+/// process at start, zeroized on drop, never leaving it. In a confidential
+/// VM or Nitro Enclave the process's memory is the TEE's, which is what
+/// protects them from the host there.
+pub struct BootKeys {
+    kem: KemKeyPair,
+    signing: SigningKey,
+}
+
+impl BootKeys {
+    /// Generates both key pairs.
+    pub fn generate<R: CryptoRng + ?Sized>(
+        kem_suite: KemSuite,
+        signature_suite: SignatureSuite,
+        rng: &mut R,
+    ) -> Result<Self, ProtocolError> {
+        Ok(Self {
+            kem: KemKeyPair::generate(kem_suite, rng)?,
+            signing: SigningKey::generate(signature_suite, rng)?,
+        })
+    }
+
+    /// The key devices seal updates to.
+    pub fn kem_public_key(&self) -> &KemPublicKey {
+        &self.kem.public
+    }
+
+    /// The key reports and certificates verify under.
+    pub fn verifying_key(&self) -> &VerifyingKey {
+        self.signing.verifying_key()
+    }
+
+    /// Signs a report about these keys; `body` must name them.
+    pub fn sign_report(&self, body: &ReportBody) -> Result<AttestationReport, ProtocolError> {
+        attestation::sign_report(body, &self.signing)
+    }
+
+    /// See [`EnclaveBackend::open`].
+    pub fn open(
+        &self,
+        envelope: &UpdateEnvelope,
+        device_key: &VerifyingKey,
+    ) -> Result<OpenedUpdate, ProtocolError> {
+        envelope::open(envelope, &self.kem.secret, &self.kem.public, device_key)
+    }
+
+    /// See [`EnclaveBackend::certify`].
+    pub fn certify(
+        &self,
+        architecture: &str,
+        model_version: u64,
+        round_id: u64,
+        model: &[u8],
+    ) -> Result<ModelCertificate, ProtocolError> {
+        model::certify(architecture, model_version, round_id, model, &self.signing)
+    }
+}
+
+impl std::fmt::Debug for BootKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SoftwareBackend")
-            .field("measurement", &hex::encode(self.measurement))
+        f.debug_struct("BootKeys")
             .field("kem", &self.kem.public)
             .field("verifying_key", self.signing.verifying_key())
             .finish_non_exhaustive()
     }
+}
+
+/// The software backend: a hardened process, self-signed reports.
+#[derive(Debug)]
+pub struct SoftwareBackend {
+    measurement: [u8; MEASUREMENT_LEN],
+    keys: BootKeys,
+    runtime: EnclaveRuntime,
 }
 
 impl SoftwareBackend {
@@ -75,17 +179,9 @@ impl SoftwareBackend {
     ) -> Result<Self, ProtocolError> {
         Ok(Self {
             measurement,
-            kem: KemKeyPair::generate(kem_suite, rng)?,
-            signing: SigningKey::generate(signature_suite, rng)?,
+            keys: BootKeys::generate(kem_suite, signature_suite, rng)?,
             runtime: EnclaveRuntime::unhardened(),
         })
-    }
-
-    /// Sets what every later report says about the process's arguments
-    /// and hardening; until then reports say it is unhardened. The process
-    /// calls this once, after its sandbox is closed.
-    pub fn set_runtime(&mut self, runtime: EnclaveRuntime) {
-        self.runtime = runtime;
     }
 }
 
@@ -99,27 +195,28 @@ impl EnclaveBackend for SoftwareBackend {
     }
 
     fn kem_public_key(&self) -> &KemPublicKey {
-        &self.kem.public
+        self.keys.kem_public_key()
     }
 
     fn verifying_key(&self) -> &VerifyingKey {
-        self.signing.verifying_key()
+        self.keys.verifying_key()
+    }
+
+    fn set_runtime(&mut self, runtime: EnclaveRuntime) {
+        self.runtime = runtime;
     }
 
     fn attest(&self, nonce: [u8; 32], now: u64) -> Result<AttestationReport, ProtocolError> {
-        attestation::sign_report(
-            &ReportBody {
-                mode: AttestationMode::Software,
-                measurement: self.measurement,
-                kem_public_key: self.kem.public.clone(),
-                verifying_key: self.signing.verifying_key().clone(),
-                nonce,
-                issued_at: now,
-                evidence: Vec::new(),
-                runtime: Some(self.runtime.clone()),
-            },
-            &self.signing,
-        )
+        self.keys.sign_report(&ReportBody {
+            mode: AttestationMode::Software,
+            measurement: self.measurement,
+            kem_public_key: self.keys.kem_public_key().clone(),
+            verifying_key: self.keys.verifying_key().clone(),
+            nonce,
+            issued_at: now,
+            evidence: Vec::new(),
+            runtime: Some(self.runtime.clone()),
+        })
     }
 
     fn open(
@@ -127,7 +224,7 @@ impl EnclaveBackend for SoftwareBackend {
         envelope: &UpdateEnvelope,
         device_key: &VerifyingKey,
     ) -> Result<OpenedUpdate, ProtocolError> {
-        envelope::open(envelope, &self.kem.secret, &self.kem.public, device_key)
+        self.keys.open(envelope, device_key)
     }
 
     fn certify(
@@ -137,7 +234,8 @@ impl EnclaveBackend for SoftwareBackend {
         round_id: u64,
         model: &[u8],
     ) -> Result<ModelCertificate, ProtocolError> {
-        model::certify(architecture, model_version, round_id, model, &self.signing)
+        self.keys
+            .certify(architecture, model_version, round_id, model)
     }
 }
 

@@ -10,8 +10,9 @@
 //! * the **enclave process** (`qflare-enclave`): a length-prefixed frame
 //!   protocol on stdin/stdout ([`frame`], [`messages`]), a pure request state
 //!   machine ([`service`]), key custody and attestation behind a trait
-//!   ([`backend`]), and self-hardening with a seccomp allow-list
-//!   ([`sandbox`], [`process`]);
+//!   ([`backend`]; in an SEV-SNP or TDX confidential VM or a Nitro Enclave,
+//!   [`tee`] adds the hardware's evidence to every report), and
+//!   self-hardening with a seccomp allow-list ([`sandbox`], [`process`]);
 //! * the **host side** ([`host`], feature `host`): spawn, attest with a fresh
 //!   nonce, forward frames, restart a dead process.
 //!
@@ -78,6 +79,8 @@ pub mod round;
 pub mod sandbox;
 #[cfg(feature = "runtime")]
 pub mod service;
+#[cfg(feature = "runtime")]
+pub mod tee;
 pub mod validate;
 pub mod verdict;
 

@@ -1,20 +1,23 @@
-//! The `qflare-enclave` process: harden, measure, generate this boot's keys,
-//! close the sandbox, then serve frames on stdin/stdout until stdin closes.
-//! Logs go to stderr (never keys or weights).
+//! The `qflare-enclave` process: harden, measure, generate this boot's keys
+//! (in a TEE: open its evidence source and ask it once), close the sandbox,
+//! then serve frames on stdin/stdout until stdin closes. Logs go to stderr
+//! (never keys or weights).
 
 use std::io::{BufReader, BufWriter};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use qflare_ml::{Dataset, Split};
+use qflare_protocol::attestation::hardware::TeeKind;
 use qflare_protocol::attestation::{EnclaveRuntime, SeccompState};
 use qflare_protocol::{KemSuite, SignatureSuite};
 
-use crate::backend::{SoftwareBackend, measure_file};
+use crate::backend::{EnclaveBackend, SoftwareBackend, measure_file};
 use crate::frame::{Frame, FrameReader, Kind, stream_still_aligned};
 use crate::messages::ProbeRequest;
-use crate::sandbox::{self, SeccompMode};
+use crate::sandbox::{self, DeviceIoctl, SeccompMode};
 use crate::service::EnclaveService;
+use crate::tee::{self, HardwareBackend, HelperCommand, TeeOptions};
 
 /// Command-line options of the enclave process.
 #[derive(Debug, Clone)]
@@ -31,6 +34,8 @@ pub struct Options {
     pub threads: usize,
     /// Seccomp enforcement.
     pub seccomp: SeccompMode,
+    /// The TEE the process runs in; `None`: software mode.
+    pub tee: Option<TeeOptions>,
     /// The arguments as given, for the signed report.
     pub arguments: Vec<String>,
 }
@@ -44,16 +49,19 @@ impl Default for Options {
             root_examples: 500,
             threads: 1,
             seccomp: SeccompMode::Enforce,
+            tee: None,
             arguments: Vec::new(),
         }
     }
 }
 
 const USAGE: &str = "usage: qflare-enclave [--kem SUITE] [--signature SUITE] [--root-data DIR] \
-[--root-examples N] [--threads N] [--seccomp enforce|log]\n\
+[--root-examples N] [--threads N] [--seccomp enforce|log] \
+[--tee sev-snp|tdx|nitro [--vcek FILE] [--tdx-collateral FILE] [--tsm-root DIR]]\n\
        qflare-enclave measure\n\
 Speaks QFLARE's enclave frame protocol on stdin/stdout; started by the QFLARE server. \
-`measure` prints what devices should pin for this build.";
+`--tee` runs it inside that TEE, attaching its evidence to every report \
+(docs/enclave.md). `measure` prints what devices should pin for this build.";
 
 /// Parses the process's arguments.
 pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
@@ -90,6 +98,21 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, Str
                     other => return Err(format!("--seccomp: unknown mode {other}")),
                 }
             }
+            "--tee" => {
+                let kind: TeeKind = value()?.parse().map_err(|e| format!("--tee: {e}"))?;
+                options.tee = Some(TeeOptions::new(kind));
+            }
+            "--vcek" | "--tdx-collateral" | "--tsm-root" => {
+                let path = PathBuf::from(value()?);
+                let Some(tee) = options.tee.as_mut() else {
+                    return Err(format!("{flag} needs --tee before it\n{USAGE}"));
+                };
+                match flag.as_str() {
+                    "--vcek" => tee.vcek = Some(path),
+                    "--tdx-collateral" => tee.tdx_collateral = Some(path),
+                    _ => tee.tsm_root = path,
+                }
+            }
             "--help" | "-h" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
@@ -114,28 +137,60 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs the enclave until stdin closes.
-pub fn run(options: Options) -> ExitCode {
-    let mut hardening = sandbox::harden_process();
-    let measurement = match std::env::current_exe().and_then(|exe| measure_file(&exe)) {
-        Ok(measurement) => measurement,
-        Err(err) => {
-            tracing::error!(%err, "cannot measure the enclave executable");
-            return ExitCode::from(2);
-        }
-    };
-    let mut backend = match SoftwareBackend::new(
-        measurement,
-        options.kem_suite,
-        options.signature_suite,
-        &mut rand::rng(),
-    ) {
-        Ok(backend) => backend,
-        Err(err) => {
+/// This boot's backend: software, or the TEE `options.tee` names (whose
+/// device is opened here, before the sandbox closes), with the device
+/// requests its sandbox must let through.
+fn start_backend(
+    options: &Options,
+    helper: &HelperCommand,
+) -> Result<(Box<dyn EnclaveBackend>, Vec<DeviceIoctl>), ExitCode> {
+    let Some(tee_options) = &options.tee else {
+        let measurement = std::env::current_exe()
+            .and_then(|exe| measure_file(&exe))
+            .map_err(|err| {
+                tracing::error!(%err, "cannot measure the enclave executable");
+                ExitCode::from(2)
+            })?;
+        return SoftwareBackend::new(
+            measurement,
+            options.kem_suite,
+            options.signature_suite,
+            &mut rand::rng(),
+        )
+        .map(|backend| (Box::new(backend) as Box<dyn EnclaveBackend>, Vec::new()))
+        .map_err(|err| {
             tracing::error!(%err, "cannot generate the enclave keys");
-            return ExitCode::from(2);
-        }
+            ExitCode::from(2)
+        });
     };
+    tee::open_source(tee_options, helper)
+        .and_then(|source| {
+            HardwareBackend::start(
+                source,
+                options.kem_suite,
+                options.signature_suite,
+                &mut rand::rng(),
+            )
+        })
+        .map(|backend| {
+            let ioctls = backend.device_ioctls();
+            (Box::new(backend) as Box<dyn EnclaveBackend>, ioctls)
+        })
+        .map_err(|err| {
+            tracing::error!(%err, "refusing to run without the TEE --tee names");
+            ExitCode::from(6)
+        })
+}
+
+/// Runs the enclave until stdin closes. `helper` is how to start this
+/// executable again (the TDX backend's configfs-tsm helper).
+pub fn run(options: Options, helper: &HelperCommand) -> ExitCode {
+    let mut hardening = sandbox::harden_process();
+    let (mut backend, device_ioctls) = match start_backend(&options, helper) {
+        Ok(started) => started,
+        Err(code) => return code,
+    };
+    let measurement = backend.measurement();
     let root_data = match &options.root_data {
         Some(dir) => match Dataset::load(dir, Split::Train) {
             Ok(data) => Some(data.head(options.root_examples)),
@@ -152,7 +207,7 @@ pub fn run(options: Options) -> ExitCode {
         return ExitCode::from(2);
     }
     hardening.memory_locked = sandbox::lock_memory();
-    if let Err(err) = sandbox::install_seccomp(options.seccomp) {
+    if let Err(err) = sandbox::install_seccomp(options.seccomp, &device_ioctls) {
         tracing::error!(%err, "refusing to run without the seccomp sandbox");
         return ExitCode::from(3);
     }
@@ -172,6 +227,7 @@ pub fn run(options: Options) -> ExitCode {
         root_data_sha256: root_data.as_ref().map(dataset_sha256),
     });
     tracing::info!(
+        mode = backend.mode().as_str(),
         measurement = %hex::encode(measurement),
         kem = %options.kem_suite,
         ?hardening,
@@ -235,13 +291,38 @@ pub fn main_with_args(args: Vec<String>) -> ExitCode {
     if args.first().is_some_and(|first| first == "measure") {
         return measure(&args[1..]);
     }
+    #[cfg(feature = "tdx")]
+    if args
+        .first()
+        .is_some_and(|first| first == tee::tsm::HELPER_ARGUMENT)
+    {
+        return tee::tsm::run_helper(&args[1..]);
+    }
+    let helper = match helper_command(args.len()) {
+        Ok(helper) => helper,
+        Err(err) => {
+            eprintln!("cannot find this executable: {err}");
+            return ExitCode::from(2);
+        }
+    };
     match parse_args(args) {
-        Ok(options) => run(options),
+        Ok(options) => run(options, &helper),
         Err(message) => {
             eprintln!("{message}");
             ExitCode::from(64)
         }
     }
+}
+
+/// This executable and the arguments before the enclave's own `own_args`
+/// (`enclave` when run as `qflare enclave ...`).
+fn helper_command(own_args: usize) -> std::io::Result<HelperCommand> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let prefix = argv[..argv.len().saturating_sub(own_args)].to_vec();
+    Ok(HelperCommand {
+        program: std::env::current_exe()?,
+        prefix,
+    })
 }
 
 /// `qflare-enclave measure` (or `qflare enclave measure`): what a device

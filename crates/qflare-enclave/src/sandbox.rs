@@ -136,6 +136,40 @@ fn allowed_syscalls() -> Vec<i64> {
     calls
 }
 
+/// The file calls of one configfs-tsm request (mkdir, write, read, rmdir),
+/// for the helper's allow-list on top of the pipe, memory and exit calls.
+fn helper_file_syscalls() -> Vec<i64> {
+    let mut calls = vec![
+        libc::SYS_openat,
+        libc::SYS_mkdirat,
+        libc::SYS_unlinkat,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_lseek,
+        libc::SYS_fcntl,
+    ];
+    #[cfg(target_arch = "x86_64")]
+    calls.extend([libc::SYS_mkdir, libc::SYS_rmdir, libc::SYS_open]);
+    calls
+}
+
+/// An `ioctl` the sandbox lets through for a TEE device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceIoctl {
+    /// The device's descriptor, when known (then only on it).
+    pub fd: Option<i32>,
+    /// The request number.
+    pub request: u32,
+}
+
+/// `_IOWR(kind, number, size)` of linux/ioctl.h (the generic layout, which
+/// x86_64 and aarch64 use): direction read|write in the top two bits, then
+/// 14 bits of argument size, the type byte and the number.
+pub const fn ioctl_write_read(kind: u8, number: u8, size: u32) -> u32 {
+    (3 << 30) | ((size & 0x3FFF) << 16) | ((kind as u32) << 8) | number as u32
+}
+
 /// How forbidden system calls are treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeccompMode {
@@ -181,23 +215,56 @@ fn compile_fatal(mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
     build(rules, SeccompAction::Allow, matched)
 }
 
-/// The second filter: the allow-list, with `mmap` and `mprotect` allowed
-/// only when `prot & PROT_EXEC == 0`.
-fn compile_allow_list(mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
+fn condition(
+    argument: u8,
+    operation: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompCondition, SeccompError> {
+    SeccompCondition::new(argument, SeccompCmpArgLen::Dword, operation, value)
+        .map_err(|e| SeccompError(e.to_string()))
+}
+
+fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, SeccompError> {
+    SeccompRule::new(conditions).map_err(|e| SeccompError(e.to_string()))
+}
+
+/// One rule per device request: `ioctl(fd, request, ...)` with the request
+/// number (and the descriptor, when given) equal.
+fn ioctl_rules(ioctls: &[DeviceIoctl]) -> Result<Vec<SeccompRule>, SeccompError> {
+    ioctls
+        .iter()
+        .map(|allowed| {
+            let mut conditions = vec![condition(1, SeccompCmpOp::Eq, u64::from(allowed.request))?];
+            if let Some(fd) = allowed.fd {
+                let fd = u64::try_from(fd)
+                    .map_err(|_| SeccompError(format!("device descriptor {fd}")))?;
+                conditions.push(condition(0, SeccompCmpOp::Eq, fd)?);
+            }
+            rule(conditions)
+        })
+        .collect()
+}
+
+/// The second filter: the allow-list (`calls`), with `mmap` and `mprotect`
+/// allowed only when `prot & PROT_EXEC == 0`, and `ioctl` only as `ioctls`
+/// name.
+fn compile_allow_list(
+    mode: SeccompMode,
+    calls: Vec<i64>,
+    ioctls: &[DeviceIoctl],
+) -> Result<BpfProgram, SeccompError> {
     let without_exec = || -> Result<Vec<SeccompRule>, SeccompError> {
-        let condition = SeccompCondition::new(
+        Ok(vec![rule(vec![condition(
             2,
-            SeccompCmpArgLen::Dword,
             SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
             0,
-        )
-        .map_err(|e| SeccompError(e.to_string()))?;
-        Ok(vec![
-            SeccompRule::new(vec![condition]).map_err(|e| SeccompError(e.to_string()))?,
-        ])
+        )?])?])
     };
     let mut rules = BTreeMap::new();
-    for call in allowed_syscalls() {
+    if !ioctls.is_empty() {
+        rules.insert(libc::SYS_ioctl, ioctl_rules(ioctls)?);
+    }
+    for call in calls {
         let conditions = if NO_EXEC_MAPPING_SYSCALLS.contains(&call) {
             without_exec()?
         } else {
@@ -214,9 +281,27 @@ fn compile_allow_list(mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
 
 /// Step 4: installs both filters on every thread of the process, the kill
 /// filter first (once the allow-list is in, `seccomp(2)` itself is refused).
-pub fn install_seccomp(mode: SeccompMode) -> Result<(), SeccompError> {
-    let fatal = compile_fatal(mode)?;
-    let allow_list = compile_allow_list(mode)?;
+/// `device_ioctls` are a TEE backend's evidence requests (none in software
+/// mode).
+pub fn install_seccomp(
+    mode: SeccompMode,
+    device_ioctls: &[DeviceIoctl],
+) -> Result<(), SeccompError> {
+    apply(
+        compile_fatal(mode)?,
+        compile_allow_list(mode, allowed_syscalls(), device_ioctls)?,
+    )
+}
+
+/// The configfs-tsm helper's filters: the enclave's kill filter, then its
+/// allow-list plus [`helper_file_syscalls`].
+pub fn install_helper_seccomp(mode: SeccompMode) -> Result<(), SeccompError> {
+    let mut calls = allowed_syscalls();
+    calls.extend(helper_file_syscalls());
+    apply(compile_fatal(mode)?, compile_allow_list(mode, calls, &[])?)
+}
+
+fn apply(fatal: BpfProgram, allow_list: BpfProgram) -> Result<(), SeccompError> {
     seccompiler::apply_filter_all_threads(&fatal).map_err(|e| SeccompError(e.to_string()))?;
     seccompiler::apply_filter_all_threads(&allow_list).map_err(|e| SeccompError(e.to_string()))
 }
@@ -263,9 +348,32 @@ mod tests {
 
     #[test]
     fn the_filters_compile_for_this_machine() {
+        let device = [
+            DeviceIoctl {
+                fd: None,
+                request: ioctl_write_read(b'S', 0, 32),
+            },
+            DeviceIoctl {
+                fd: Some(3),
+                request: ioctl_write_read(0x0A, 0, 32),
+            },
+        ];
         for mode in [SeccompMode::Enforce, SeccompMode::Log] {
             assert!(compile_fatal(mode).is_ok_and(|program| !program.is_empty()));
-            assert!(compile_allow_list(mode).is_ok_and(|program| !program.is_empty()));
+            let plain = compile_allow_list(mode, allowed_syscalls(), &[]).unwrap();
+            let with_devices = compile_allow_list(mode, allowed_syscalls(), &device).unwrap();
+            assert!(!plain.is_empty() && with_devices.len() > plain.len());
+        }
+        assert!(matches!(
+            ioctl_rules(&[DeviceIoctl {
+                fd: Some(-1),
+                request: 1
+            }]),
+            Err(SeccompError(_))
+        ));
+        // The helper's extra calls are file calls, never the fatal ones.
+        for call in helper_file_syscalls() {
+            assert!(!fatal_syscalls().contains(&call));
         }
         let allowed = allowed_syscalls();
         let fatal = fatal_syscalls();

@@ -14,12 +14,19 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus, Stdio};
 
-use qflare_enclave::sandbox::{SeccompMode, install_seccomp};
+use qflare_enclave::sandbox::{
+    DeviceIoctl, SeccompMode, install_helper_seccomp, install_seccomp, ioctl_write_read,
+};
 
 /// Names the case a child runs; unset in the parent.
 const CASE: &str = "QFLARE_SANDBOX_CASE";
 /// The child's test; it does nothing unless [`CASE`] is set.
 const CHILD_TEST: &str = "sandboxed_child";
+
+/// The device request the children's filter lets through on stdin (which
+/// is `/dev/null`, so the kernel answers it with `ENOTTY`): SEV-SNP's
+/// `SNP_GET_REPORT` number.
+const DEVICE_REQUEST: u32 = ioctl_write_read(b'S', 0, 32);
 
 /// A child exits with 0 when its call succeeded, else with the call's errno.
 fn outcome(result: libc::c_long) -> i32 {
@@ -86,6 +93,13 @@ fn make_call(case: &str) -> libc::c_long {
                 libc::O_RDONLY,
             )
         },
+        "ioctl-allowed" => unsafe { libc::syscall(libc::SYS_ioctl, 0, DEVICE_REQUEST, 0) },
+        "ioctl-other-request" => unsafe {
+            libc::syscall(libc::SYS_ioctl, 0, DEVICE_REQUEST + 2, 0)
+        },
+        "ioctl-other-fd" => unsafe { libc::syscall(libc::SYS_ioctl, 2, DEVICE_REQUEST, 0) },
+        "helper-openat" => make_call("openat"),
+        "helper-socket" => make_call("socket"),
         "mmap-data" => page_map(libc::PROT_READ | libc::PROT_WRITE),
         "mmap-exec" => page_map(libc::PROT_READ | libc::PROT_EXEC),
         "mprotect-exec" => {
@@ -109,7 +123,15 @@ fn sandboxed_child() {
     let Ok(case) = std::env::var(CASE) else {
         return;
     };
-    install_seccomp(SeccompMode::Enforce).unwrap();
+    if case.starts_with("helper-") {
+        install_helper_seccomp(SeccompMode::Enforce).unwrap();
+    } else {
+        let device = DeviceIoctl {
+            fd: Some(0),
+            request: DEVICE_REQUEST,
+        };
+        install_seccomp(SeccompMode::Enforce, &[device]).unwrap();
+    }
     let code = outcome(make_call(&case));
     std::process::exit(code);
 }
@@ -148,4 +170,26 @@ fn executable_mappings_are_refused_and_data_mappings_allowed() {
 fn files_stay_closed_without_killing() {
     let status = run_case("openat");
     assert_eq!(status.code(), Some(libc::EPERM), "{status:?}");
+}
+
+#[test]
+fn a_tee_device_request_passes_only_as_named() {
+    let status = run_case("ioctl-allowed");
+    assert_eq!(
+        status.code(),
+        Some(libc::ENOTTY),
+        "reached the kernel: {status:?}"
+    );
+    for case in ["ioctl-other-request", "ioctl-other-fd"] {
+        let status = run_case(case);
+        assert_eq!(status.code(), Some(libc::EPERM), "{case}: {status:?}");
+    }
+}
+
+#[test]
+fn the_tsm_helper_may_open_files_but_never_a_socket() {
+    let status = run_case("helper-openat");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let status = run_case("helper-socket");
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}");
 }
