@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use qflare_protocol::attestation::hardware::HardwarePolicy;
 use qflare_protocol::{KemSuite, SignatureSuite};
 use serde::{Deserialize, Serialize};
 
@@ -360,6 +361,11 @@ pub struct EnclaveSection {
     pub allowed_measurements: Vec<String>,
     /// Accept self-signed `software` reports.
     pub allow_software_mode: bool,
+    /// Hardware evidence the server accepts from its enclave (an enclave run
+    /// with `--tee`): per TEE kind its measurement allow-list and minimum
+    /// TCB, in the format devices and `qflare attest verify` read
+    /// (docs/enclave.md §5.5). Empty: none.
+    pub hardware: HardwarePolicy,
     /// Longest time one enclave request may take before the process is restarted.
     pub request_timeout_secs: u64,
     /// FLTrust's root data set (an MNIST-format directory), read by the enclave at start.
@@ -377,6 +383,7 @@ impl Default for EnclaveSection {
             trust_spawned_binary: true,
             allowed_measurements: Vec::new(),
             allow_software_mode: true,
+            hardware: HardwarePolicy::default(),
             request_timeout_secs: 600,
             root_data: None,
             threads: 1,
@@ -581,6 +588,22 @@ impl Config {
                 return fail("enclave.allowed_measurements holds 96-hex-character SHA-384 values");
             }
         }
+        if let Some(kind) = self.enclave.hardware.first_trusting_nothing() {
+            return fail(&format!(
+                "enclave.hardware.{} accepts no measurement: list the launch measurements \
+                 to trust, or remove it",
+                kind.as_str().replace('-', "_")
+            ));
+        }
+        if self.federation.enabled
+            && !self.enclave.allow_software_mode
+            && self.enclave.hardware == HardwarePolicy::default()
+        {
+            return fail(
+                "with enclave.allow_software_mode off, enclave.hardware must accept a TEE: \
+                 no enclave could attest",
+            );
+        }
         if self.audit.checkpoint_every == 0 {
             return fail("audit.checkpoint_every must be positive");
         }
@@ -635,6 +658,31 @@ mod tests {
             section.update_encoding,
             qflare_protocol::update_encoding::UpdateEncoding::Int8
         );
+    }
+
+    #[test]
+    fn the_enclave_hardware_policy_reads_from_yaml_and_must_trust_something() {
+        let measurement = "ab".repeat(48);
+        let section: EnclaveSection = serde_yaml_ng::from_str(&format!(
+            "allow_software_mode: false\nhardware:\n  nitro:\n    pcr0: [\"{measurement}\"]\n"
+        ))
+        .unwrap();
+        assert!(section.hardware.nitro.is_some() && section.hardware.sev_snp.is_none());
+        let mut config = Config {
+            enclave: section,
+            ..Config::default()
+        };
+        assert!(config.validate().is_ok());
+        // An accepted kind with an empty allow-list trusts nothing.
+        config.enclave.hardware = serde_yaml_ng::from_str("tdx: {mr_td: []}").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("enclave.hardware.tdx"), "{err}");
+        // Neither software nor any TEE: no enclave could ever attest.
+        config.enclave.hardware = HardwarePolicy::default();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("no enclave could attest"), "{err}");
+        // Unknown keys are mistakes, not ignored.
+        assert!(serde_yaml_ng::from_str::<EnclaveSection>("hardware: {sgx: {}}").is_err());
     }
 
     #[test]

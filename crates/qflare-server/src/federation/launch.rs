@@ -2,7 +2,7 @@
 //! measurements and attestation modes the server accepts from it.
 
 use qflare_enclave::host::EnclaveCommand;
-use qflare_protocol::attestation::{AttestationMode, AttestationPolicy};
+use qflare_protocol::attestation::{self, AttestationMode, AttestationPolicy};
 
 use super::FederationError;
 use crate::config::Config;
@@ -60,18 +60,18 @@ pub(super) fn policy(
         })?;
         allowed.push(measurement);
     }
+    let mut allowed_modes = attestation::hardware_modes(&config.enclave.hardware);
+    if config.enclave.allow_software_mode {
+        allowed_modes.push(AttestationMode::Software);
+    }
     Ok(AttestationPolicy {
         allowed_measurements: allowed,
-        allowed_modes: if config.enclave.allow_software_mode {
-            vec![AttestationMode::Software]
-        } else {
-            Vec::new()
-        },
+        allowed_modes,
         max_age_secs: 600,
         // The operator chose the enclave's arguments; a sandbox left off
         // (`--seccomp log`) is warned about at start-up, and devices, which
         // require it by default, refuse that enclave's reports.
         require_sandbox: false,
-        hardware: Default::default(),
+        hardware: config.enclave.hardware.clone(),
     })
 }
