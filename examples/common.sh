@@ -25,6 +25,8 @@ server:
   state_dir: $work/state
 enclave:
   command: $bin_dir/qflare-enclave
+  # No TEE on a laptop: the enclave is a hardened process.
+  allow_software_mode: true
 federation:
   architecture: custom
   auto_start: true

@@ -75,6 +75,8 @@ class Server:
             "enclave:",
             f"  command: {self.enclave}",
             f"  args: {json.dumps(enclave_args or [])}",
+            # No TEE in the tests: the enclave is a hardened process.
+            "  allow_software_mode: true",
             "federation:",
         ]
         for key, value in federation.items():

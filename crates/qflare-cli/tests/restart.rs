@@ -81,7 +81,7 @@ fn kill_mid_round(victim: Victim) {
              rate_limits:\n  enroll: {{ per_minute: 600, burst: 100 }}\n\
              \x20 sessions: {{ per_minute: 6000, burst: 1000 }}\n\
              \x20 public: {{ per_minute: 6000, burst: 1000 }}\n\
-             enclave:\n  command: {QFLARE}\n  args: [enclave]\n\
+             enclave:\n  command: {QFLARE}\n  args: [enclave]\n  allow_software_mode: true\n\
              federation:\n  enabled: true\n  architecture: mnist-2nn\n  auto_start: true\n\
              \x20 clients_per_round: 3\n  min_updates: 3\n  max_rounds: 1\n\
              \x20 round_timeout_secs: 600\n  poll_interval_secs: 1\n\

@@ -212,6 +212,8 @@ fn minimal_config(state_dir: &Path, port: u16, settings: &ChildConfig<'_>) -> St
             ));
         }
     }
+    // One machine, no TEE: the enclave is a hardened process.
+    config.push_str("enclave:\n  allow_software_mode: true\n");
     config.push_str(&format!(
         "federation:\n  enabled: true\n  architecture: {}\n  auto_start: {}\n  clients_per_round: {n}\n  min_updates: {n}\n  round_timeout_secs: 600\n  eval_data: null\n",
         settings.architecture,

@@ -37,6 +37,8 @@ impl Simulation {
     pub async fn start(options: SimOptions) -> anyhow::Result<Self> {
         qflare_ml::set_compute_threads(options.compute_threads)?;
         let mut config = Config::default();
+        // A simulation on one machine: the enclave is a hardened process.
+        config.enclave.allow_software_mode = true;
         config.server.state_dir = options.state_dir.clone();
         config.server.metrics_listen = None;
         // A simulation is many devices behind one address.

@@ -151,10 +151,24 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_valid() {
-        let config = Config::load_from(None, &[]).unwrap();
-        config.validate().unwrap();
+    fn defaults_are_valid_once_the_enclave_trust_is_chosen() {
+        let mut config = Config::load_from(None, &[]).unwrap();
         assert_eq!(config.crypto.default_kem_suite, KemSuite::MlKem768);
+        // Software mode is off and no TEE is named: a server with the
+        // federation on must be told which enclave to trust.
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("QFLARE_ENCLAVE__ALLOW_SOFTWARE_MODE=true"),
+            "{err}"
+        );
+        let chosen = Config::load_from(
+            None,
+            &env(&[("QFLARE_ENCLAVE__ALLOW_SOFTWARE_MODE", "true")]),
+        )
+        .unwrap();
+        chosen.validate().unwrap();
+        config.federation.enabled = false;
+        config.validate().unwrap();
     }
 
     #[test]
@@ -202,7 +216,6 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/global_config.yaml");
         let from_file = Config::load_from(Some(&path), &[]).unwrap();
         assert_eq!(from_file, Config::default());
-        from_file.validate().unwrap();
     }
 
     #[test]

@@ -359,7 +359,9 @@ pub struct EnclaveSection {
     pub trust_spawned_binary: bool,
     /// Trusted measurements (96 hex characters each).
     pub allowed_measurements: Vec<String>,
-    /// Accept self-signed `software` reports.
+    /// Accept self-signed `software` reports: an enclave that is a plain
+    /// hardened process on this host, which the host's root could read.
+    /// Off by default; the demo, the benches and the tests turn it on.
     pub allow_software_mode: bool,
     /// Hardware evidence the server accepts from its enclave (an enclave run
     /// with `--tee`): per TEE kind its measurement allow-list and minimum
@@ -382,7 +384,7 @@ impl Default for EnclaveSection {
             kem_suite: KemSuite::MlKem768,
             trust_spawned_binary: true,
             allowed_measurements: Vec::new(),
-            allow_software_mode: true,
+            allow_software_mode: false,
             hardware: HardwarePolicy::default(),
             request_timeout_secs: 600,
             root_data: None,
@@ -600,8 +602,10 @@ impl Config {
             && self.enclave.hardware == HardwarePolicy::default()
         {
             return fail(
-                "with enclave.allow_software_mode off, enclave.hardware must accept a TEE: \
-                 no enclave could attest",
+                "no enclave could attest: enclave.allow_software_mode is off and \
+                 enclave.hardware accepts no TEE. Without a TEE, set \
+                 enclave.allow_software_mode: true (QFLARE_ENCLAVE__ALLOW_SOFTWARE_MODE=true) \
+                 to accept the enclave as a hardened process on this host (docs/enclave.md §9)",
             );
         }
         if self.audit.checkpoint_every == 0 {
@@ -630,24 +634,32 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The defaults with the choice the defaults leave open made: no TEE,
+    /// the enclave accepted as a hardened process.
+    fn software_enclave() -> Config {
+        let mut config = Config::default();
+        config.enclave.allow_software_mode = true;
+        config
+    }
+
     #[test]
     fn validation_catches_inconsistent_values() {
-        let mut config = Config::default();
+        let mut config = software_enclave();
         config.crypto.default_kem_suite = KemSuite::FrodoKem976Aes;
         config.crypto.kem_suites = vec![KemSuite::MlKem768];
         assert!(config.validate().is_err());
-        let mut config = Config::default();
+        let mut config = software_enclave();
         config.sessions.lifetime_secs = 100_000;
         assert!(config.validate().is_err());
         // A held poll must end before its request times out, where the
         // federation (and so the long poll) runs.
-        let mut config = Config::default();
+        let mut config = software_enclave();
         config.federation.long_poll_secs = config.server.request_timeout_secs;
         assert!(config.validate().is_err());
         config.federation.enabled = false;
         assert!(config.validate().is_ok());
         // A round's BeginRound must fit the enclave frame.
-        let mut config = Config::default();
+        let mut config = software_enclave();
         config.federation.clients_per_round = qflare_enclave::frame::MAX_ROUND_DEVICES;
         assert!(config.validate().is_ok());
         config.federation.clients_per_round += 1;
@@ -670,7 +682,7 @@ mod tests {
         assert!(section.hardware.nitro.is_some() && section.hardware.sev_snp.is_none());
         let mut config = Config {
             enclave: section,
-            ..Config::default()
+            ..software_enclave()
         };
         assert!(config.validate().is_ok());
         // An accepted kind with an empty allow-list trusts nothing.

@@ -176,6 +176,8 @@ pub fn generous() -> RateLimit {
 /// A configuration for tests: its own state directory, generous limits.
 pub fn config(state_dir: &Path) -> Config {
     let mut config = Config::default();
+    // No TEE here: the enclave is a hardened process.
+    config.enclave.allow_software_mode = true;
     config.server.state_dir = state_dir.to_path_buf();
     config.server.metrics_listen = None;
     // These tests exercise enrollment and sessions; the federation tests
