@@ -9,7 +9,7 @@ use qflare_protocol::api::{ErrorCode, SEALED_CONTENT_TYPE, SESSION_HEADER, route
 use qflare_protocol::channel::ClientChannel;
 use qflare_protocol::enrollment::{self, EnrollResponse};
 use qflare_protocol::envelope::UpdateEnvelope;
-use qflare_protocol::federation::SubmitReceipt;
+use qflare_protocol::federation::{SubmitReceipt, UploadAdmission, UploadAdmissionRequest};
 use qflare_protocol::handover;
 use qflare_protocol::handshake::{ClientHello, ClientIdentity, ClientStart, ServerHello};
 use qflare_protocol::identity::{DeviceKeys, EnrollmentToken, ServerFingerprint};
@@ -278,14 +278,31 @@ impl Session {
     /// `POST /v1/updates`: sends `envelope` in its binary encoding (a third
     /// smaller than its JSON, and parsed by the host and the enclave without
     /// base64) and opens the sealed receipt.
+    ///
+    /// First `POST /v1/updates/admission` asks whether the server will take
+    /// a body of that length now: a refusal there (`busy` at the server's
+    /// upload budget, with `Retry-After`) costs a small request instead of
+    /// the whole update. A server that does not know the route (404) is
+    /// sent the update directly.
     pub async fn submit_update(
         &mut self,
         envelope: &UpdateEnvelope,
         receipt_limit: usize,
     ) -> Result<SubmitReceipt, EdgeError> {
-        let receipt = self
-            .call_raw(routes::UPDATES, envelope.to_bytes(), receipt_limit)
-            .await?;
+        let body = envelope.to_bytes();
+        let admission = UploadAdmissionRequest {
+            round_id: envelope.round_id,
+            bytes: u64::try_from(body.len() + qflare_protocol::channel::RECORD_OVERHEAD)
+                .unwrap_or(u64::MAX),
+        };
+        match self
+            .call::<_, UploadAdmission>(routes::UPDATE_ADMISSION, &admission, 1024)
+            .await
+        {
+            Ok(_) | Err(EdgeError::Server { status: 404, .. }) => {}
+            Err(err) => return Err(err),
+        }
+        let receipt = self.call_raw(routes::UPDATES, body, receipt_limit).await?;
         Ok(wire::decode("submit receipt", &receipt, receipt_limit)?)
     }
 

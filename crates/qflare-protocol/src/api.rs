@@ -41,6 +41,8 @@ pub mod routes {
     pub const CURRENT_MODEL: &str = "/v1/models/current";
     /// `POST` (sealed): a signed update sealed to the enclave.
     pub const UPDATES: &str = "/v1/updates";
+    /// `POST` (sealed): admission of an update before its body is sent.
+    pub const UPDATE_ADMISSION: &str = "/v1/updates/admission";
     /// `POST` (sealed): the device's evaluation of the round's global model.
     pub const EVALUATIONS: &str = "/v1/evaluations";
 

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `POST /v1/rounds/current` | [`RoundQuery`] | [`RoundInfo`] |
 //! | `POST /v1/models/current` | [`ModelQuery`] | [`encode_model_download`] bytes |
+//! | `POST /v1/updates/admission` | [`UploadAdmissionRequest`] | [`UploadAdmission`] |
 //! | `POST /v1/updates` | [`crate::envelope::UpdateEnvelope`] | [`SubmitReceipt`] |
 //! | `POST /v1/evaluations` | [`EvaluationReport`] | [`EvaluationReceipt`] |
 //!
@@ -270,6 +271,29 @@ impl EvaluationReport {
 pub struct EvaluationReceipt {
     /// The model version the report was recorded for.
     pub model_version: u64,
+}
+
+/// `POST /v1/updates/admission`: may this device send its update now? Asked
+/// before the body goes, so a server at its upload budget refuses a small
+/// request instead of a model-sized one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UploadAdmissionRequest {
+    /// The round the update is for.
+    pub round_id: u64,
+    /// The sealed record's length in bytes (what `POST /v1/updates` will carry).
+    pub bytes: u64,
+}
+
+/// `POST /v1/updates/admission` answer: the device's place and bytes are
+/// held for its upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UploadAdmission {
+    /// Seconds the place is held; an upload after them is admitted afresh.
+    pub expires_in_secs: u64,
 }
 
 /// `POST /v1/updates` answer.

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub audit_entries: Counter,
     /// Update envelopes by outcome.
     pub updates: Family<OutcomeLabels, Counter>,
+    /// Upload admissions (`POST /v1/updates/admission`) by outcome.
+    pub upload_admissions: Family<OutcomeLabels, Counter>,
     /// The current round id.
     pub current_round: Gauge,
     /// The latest global model version.
@@ -81,6 +83,7 @@ impl Metrics {
             rate_limited: Family::default(),
             audit_entries: Counter::default(),
             updates: Family::default(),
+            upload_admissions: Family::default(),
             current_round: Gauge::default(),
             model_version: Gauge::default(),
             long_polls_held: Gauge::default(),
@@ -135,6 +138,11 @@ impl Metrics {
             "updates",
             "Update envelopes by outcome",
             metrics.updates.clone(),
+        );
+        registry.register(
+            "upload_admissions",
+            "Upload admissions asked before an update's body, by outcome",
+            metrics.upload_admissions.clone(),
         );
         registry.register(
             "long_polls_held",

@@ -20,6 +20,7 @@
 //! | GET | `/v1/admin/audit` | admin token | [`admin::list_audit`] |
 //! | POST | `/v1/rounds/current` | sealed session | [`federation::current_round`] |
 //! | POST | `/v1/models/current` | sealed session | [`federation::current_model`] |
+//! | POST | `/v1/updates/admission` | sealed session | [`federation::admit_update`] |
 //! | POST | `/v1/updates` | sealed session | [`federation::submit_update`] |
 //! | POST | `/v1/evaluations` | sealed session | [`federation::submit_evaluation`] |
 //! | GET | `/v1/admin/rounds` | admin token | [`federation::list_rounds`] |
@@ -76,6 +77,7 @@ pub fn router(state: SharedState) -> Router {
         .routes(utoipa_axum::routes!(device::rotate_keys))
         .routes(utoipa_axum::routes!(federation::current_round))
         .routes(utoipa_axum::routes!(federation::current_model))
+        .routes(utoipa_axum::routes!(federation::admit_update))
         .routes(utoipa_axum::routes!(federation::submit_update))
         .routes(utoipa_axum::routes!(federation::submit_evaluation))
         .route_layer(from_fn_with_state(state.clone(), limit_public));

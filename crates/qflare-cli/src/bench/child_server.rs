@@ -166,6 +166,8 @@ pub(super) struct ChildConfig<'a> {
     pub(super) defense: Option<&'a str>,
     /// `limits.uploads_in_memory_bytes` (`None`: the default).
     pub(super) uploads_in_memory_bytes: Option<u64>,
+    /// `limits.downloads_in_memory_bytes` (`None`: the default).
+    pub(super) downloads_in_memory_bytes: Option<u64>,
 }
 
 impl<'a> ChildConfig<'a> {
@@ -181,6 +183,7 @@ impl<'a> ChildConfig<'a> {
             update_encoding: None,
             defense: None,
             uploads_in_memory_bytes: None,
+            downloads_in_memory_bytes: None,
         }
     }
 }
@@ -200,8 +203,14 @@ fn minimal_config(state_dir: &Path, port: u16, settings: &ChildConfig<'_>) -> St
             max.max(16_384)
         ));
     }
+    if settings.uploads_in_memory_bytes.is_some() || settings.downloads_in_memory_bytes.is_some() {
+        config.push_str("limits:\n");
+    }
     if let Some(bytes) = settings.uploads_in_memory_bytes {
-        config.push_str(&format!("limits:\n  uploads_in_memory_bytes: {bytes}\n"));
+        config.push_str(&format!("  uploads_in_memory_bytes: {bytes}\n"));
+    }
+    if let Some(bytes) = settings.downloads_in_memory_bytes {
+        config.push_str(&format!("  downloads_in_memory_bytes: {bytes}\n"));
     }
     if !settings.rate_limits.is_empty() {
         config.push_str("rate_limits:\n");

@@ -75,6 +75,11 @@ pub struct OverheadArgs {
     /// the server's, 1 GiB); devices beyond it are told to retry.
     #[arg(long, value_name = "MIB")]
     pub uploads_in_memory_mib: Option<u64>,
+    /// The server's `limits.downloads_in_memory_bytes`, in MiB: how much of
+    /// the model copies sealed for devices it holds at once (default: the
+    /// server's, 256 MiB); downloads beyond it wait their turn.
+    #[arg(long, value_name = "MIB")]
+    pub downloads_in_memory_mib: Option<u64>,
     /// The server executable to measure (default: this one). Its enclave
     /// executable must sit beside it, as in a build directory.
     #[arg(long, value_name = "PATH")]
@@ -291,6 +296,7 @@ pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
                 update_encoding: Some(args.update_encoding.as_str()),
                 defense: args.defense.yaml(),
                 uploads_in_memory_bytes: args.uploads_in_memory_mib.map(|mib| mib << 20),
+                downloads_in_memory_bytes: args.downloads_in_memory_mib.map(|mib| mib << 20),
                 ..ChildConfig::new(&args.model, &limits)
             },
         )

@@ -12,7 +12,7 @@ use qflare_protocol::crypto::sha256;
 use qflare_protocol::envelope::{self, UpdateEnvelope};
 use qflare_protocol::federation::{
     EvaluationReceipt, EvaluationReport, ModelDownload, ModelQuery, RoundInfo, RoundQuery,
-    RoundStatus, SubmitReceipt, encode_model_download,
+    RoundStatus, SubmitReceipt, UploadAdmission, UploadAdmissionRequest, encode_model_download,
 };
 use qflare_protocol::identity::DeviceId;
 use qflare_protocol::wire::limits;
@@ -211,6 +211,47 @@ async fn model_download(
         &model.bytes,
     )?;
     Ok((body, share))
+}
+
+/// `POST /v1/updates/admission`: hold this device's place and bytes for the
+/// update it is about to send (see `crate::uploads`).
+#[utoipa::path(
+    post, path = routes::UPDATE_ADMISSION, tag = "device",
+    request_body(content = SealedRecord, content_type = "application/vnd.qflare.sealed", description = "A sealed `UploadAdmissionRequest`."),
+    responses((status = 200, description = "A sealed `UploadAdmission`; refusals are those of `POST /v1/updates` before its body (`round_closed`, `not_selected`, `duplicate`, `rate_limited`, `busy` with `Retry-After`, `payload_too_large`).", content_type = "application/vnd.qflare.sealed", body = SealedRecord)),
+)]
+pub async fn admit_update(State(state): State<SharedState>, request: SealedRequest) -> Response {
+    let result = admit_upload(&state, &request).await;
+    if let Err(err) = &result {
+        Metrics::count(&state.metrics.upload_admissions, err.code.as_str());
+    } else {
+        Metrics::count(&state.metrics.upload_admissions, "admitted");
+    }
+    request.respond(result)
+}
+
+async fn admit_upload(state: &SharedState, request: &SealedRequest) -> ApiResult<UploadAdmission> {
+    let coordination = federation(state)?;
+    let asked: UploadAdmissionRequest = request.json("upload admission", 1024)?;
+    let limit = coordination.update_body_limit().await;
+    let bytes = usize::try_from(asked.bytes).unwrap_or(usize::MAX);
+    if bytes > limit {
+        return Err(ApiError::too_large(format!(
+            "an update of {bytes} bytes is over the limit {limit}"
+        )));
+    }
+    let held = state
+        .uploads
+        .reserve(
+            state.store.as_ref(),
+            &request.device.id,
+            asked.round_id,
+            bytes,
+        )
+        .await?;
+    Ok(UploadAdmission {
+        expires_in_secs: held.as_secs(),
+    })
 }
 
 /// `POST /v1/updates`: check who sent it, record it, forward it sealed.

@@ -20,6 +20,7 @@ fn api_routes() -> BTreeSet<(&'static str, &'static str)> {
         ("post", routes::ROTATE_KEYS),
         ("post", routes::CURRENT_ROUND),
         ("post", routes::CURRENT_MODEL),
+        ("post", routes::UPDATE_ADMISSION),
         ("post", routes::UPDATES),
         ("post", routes::EVALUATIONS),
         ("post", routes::ADMIN_TOKENS),
