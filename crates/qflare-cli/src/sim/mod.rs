@@ -9,6 +9,7 @@
 //! train, sign and seal their updates exactly as a separate machine would.
 
 mod attack;
+pub mod crafted;
 mod federation;
 
 use std::path::{Path, PathBuf};
