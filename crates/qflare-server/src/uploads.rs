@@ -265,6 +265,27 @@ mod tests {
         store.enroll_with_token(&hash, 1, &device).await.unwrap();
     }
 
+    /// Opens round 1 with devices `a` and `b` selected.
+    async fn open_round_for_a_and_b(store: &Arc<dyn Store>) {
+        let round = RoundRecord {
+            id: 1,
+            state: RoundState::Open,
+            base_model_version: 0,
+            config_json: "{}".into(),
+            min_updates: 1,
+            target_updates: 2,
+            opened_at: 1,
+            deadline: 1_000_000,
+            closed_at: None,
+            attempt: 1,
+            outcome_json: None,
+        };
+        store
+            .create_round(&round, &["a".into(), "b".into()])
+            .await
+            .unwrap();
+    }
+
     fn code(result: Result<UploadTicket, ApiError>) -> &'static str {
         result.unwrap_err().code.as_str()
     }
@@ -285,23 +306,7 @@ mod tests {
             "round_closed"
         );
 
-        let round = RoundRecord {
-            id: 1,
-            state: RoundState::Open,
-            base_model_version: 0,
-            config_json: "{}".into(),
-            min_updates: 1,
-            target_updates: 2,
-            opened_at: 1,
-            deadline: 1_000_000,
-            closed_at: None,
-            attempt: 1,
-            outcome_json: None,
-        };
-        store
-            .create_round(&round, &["a".into(), "b".into()])
-            .await
-            .unwrap();
+        open_round_for_a_and_b(&store).await;
         assert_eq!(
             code(gate.admit(store.as_ref(), "outsider", 1).await),
             "not_selected"
@@ -348,23 +353,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code.as_str(), "round_closed");
-        let round = RoundRecord {
-            id: 1,
-            state: RoundState::Open,
-            base_model_version: 0,
-            config_json: "{}".into(),
-            min_updates: 1,
-            target_updates: 2,
-            opened_at: 1,
-            deadline: 1_000_000,
-            closed_at: None,
-            attempt: 1,
-            outcome_json: None,
-        };
-        store
-            .create_round(&round, &["a".into(), "b".into()])
-            .await
-            .unwrap();
+        open_round_for_a_and_b(&store).await;
         let err = gate
             .reserve(store.as_ref(), "a", 2, UNIT)
             .await

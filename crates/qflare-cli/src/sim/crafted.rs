@@ -277,6 +277,15 @@ mod tests {
         vec![vec![0.0, -2.0], vec![2.0, -1.0], vec![4.0, 0.0]]
     }
 
+    /// `μ + γ·p` for [`benign`]: μ = (2, −1), p = −μ/‖μ‖ = (−2, 1)/√5.
+    fn beyond_the_mean(gamma: f64) -> [f32; 2] {
+        let root5 = 5f64.sqrt();
+        [
+            (2.0 - 2.0 * gamma / root5) as f32,
+            (-1.0 + gamma / root5) as f32,
+        ]
+    }
+
     #[test]
     fn alie_moves_each_coordinate_z_deviations_below_the_mean() {
         // n = 10, m = 2: s = ⌊10/2 + 1⌋ − 2 = 4, z = Φ⁻¹(6/10) = 0.253347.
@@ -308,12 +317,8 @@ mod tests {
         // = (−2, 1)/√5; the farthest benign update from μ + γp is (4, 0), at
         // squared distance (2 + 2γ/√5)² + (γ/√5 − 1)² = γ² + (6/√5)γ + 5.
         // Set to 20: γ² + (6/√5)γ − 15 = 0, γ = (−6/√5 + √(36/5 + 60)) / 2.
-        let root5 = 5f64.sqrt();
-        let gamma = (-6.0 / root5 + (36.0 / 5.0 + 60.0f64).sqrt()) / 2.0;
-        let expected = [
-            (2.0 - 2.0 * gamma / root5) as f32,
-            (-1.0 + gamma / root5) as f32,
-        ];
+        let gamma = (-6.0 / 5f64.sqrt() + (36.0 / 5.0 + 60.0f64).sqrt()) / 2.0;
+        let expected = beyond_the_mean(gamma);
         let crafted = min_max(&benign()).unwrap();
         assert!(
             close(&crafted, &expected, 1e-4),
@@ -330,12 +335,7 @@ mod tests {
         // Benign sums of squared distances: (0,−2): 5 + 20 = 25; (2,−1): 5 + 5
         // = 10; (4,0): 25. For x = μ + γp the sum is Σ‖μ − g‖² + 3γ² = 10 +
         // 3γ² (p is a unit vector and Σ(μ − g) = 0); 10 + 3γ² = 25 → γ = √5.
-        let gamma = 5f64.sqrt();
-        let root5 = 5f64.sqrt();
-        let expected = [
-            (2.0 - 2.0 * gamma / root5) as f32,
-            (-1.0 + gamma / root5) as f32,
-        ];
+        let expected = beyond_the_mean(5f64.sqrt());
         let crafted = min_sum(&benign()).unwrap();
         assert!(
             close(&crafted, &expected, 1e-4),
