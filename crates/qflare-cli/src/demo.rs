@@ -38,7 +38,9 @@ pub struct DemoArgs {
     #[arg(long)]
     pub examples_per_device: Option<usize>,
     /// Turn COUNT devices malicious: COUNT:KIND with KIND sign-flip, scale[:FACTOR],
-    /// noise[:SIGMA] or label-flip. Example: --attack 2:sign-flip
+    /// noise[:SIGMA], label-flip, or one crafted from the round's honest updates
+    /// (omniscient; needs every device in every round): alie, ipm[:EPSILON]
+    /// (default 0.5), min-max, min-sum or fang. Example: --attack 2:sign-flip
     #[arg(long)]
     pub attack: Option<String>,
     /// recommended, original_design or off.

@@ -1,4 +1,9 @@
 //! Malicious devices: how an attacker corrupts its update or its data.
+//!
+//! The crafted attacks (ALIE, IPM, min-max, min-sum, Fang) are omniscient:
+//! the colluding attackers compute their update from the honest updates of
+//! the round, which the simulation shows them (`collusion.rs`), as their
+//! papers evaluate them; the arithmetic is in `crafted.rs`.
 
 use std::sync::Arc;
 
@@ -18,6 +23,27 @@ pub enum Attack {
     GaussianNoise(f32),
     /// Trains on labels y → 9 − y (data poisoning; the update looks honest in size).
     LabelFlip,
+    /// "A little is enough" (Baruch et al. 2019): `μ − z·σ` of the honest updates.
+    Alie,
+    /// Inner-product manipulation (Xie et al. 2020): `−ε·μ`.
+    Ipm(f32),
+    /// Min-max (Shejwalkar & Houmansadr 2021).
+    MinMax,
+    /// Min-sum (Shejwalkar & Houmansadr 2021).
+    MinSum,
+    /// Fang et al.'s attack on trimmed mean and median (2020).
+    Fang,
+}
+
+impl Attack {
+    /// Whether the attack is computed from the round's honest updates, so
+    /// the simulation must show them to the attackers.
+    pub const fn is_crafted(self) -> bool {
+        matches!(
+            self,
+            Self::Alie | Self::Ipm(_) | Self::MinMax | Self::MinSum | Self::Fang
+        )
+    }
 }
 
 impl std::str::FromStr for Attack {
@@ -29,15 +55,30 @@ impl std::str::FromStr for Attack {
             "scale" => Ok(Self::Scale(10.0)),
             "noise" => Ok(Self::GaussianNoise(0.1)),
             "label-flip" => Ok(Self::LabelFlip),
-            other => match other.strip_prefix("scale:").and_then(|f| f.parse().ok()) {
-                Some(factor) => Ok(Self::Scale(factor)),
-                None => match other.strip_prefix("noise:").and_then(|s| s.parse().ok()) {
-                    Some(sigma) => Ok(Self::GaussianNoise(sigma)),
-                    None => Err(format!(
-                        "unknown attack {other}: use sign-flip, scale[:FACTOR], noise[:SIGMA] or label-flip"
-                    )),
-                },
-            },
+            "alie" => Ok(Self::Alie),
+            "ipm" => Ok(Self::Ipm(0.5)),
+            "min-max" => Ok(Self::MinMax),
+            "min-sum" => Ok(Self::MinSum),
+            "fang" => Ok(Self::Fang),
+            other => {
+                let with = |prefix: &str| {
+                    other
+                        .strip_prefix(prefix)
+                        .and_then(|value| value.parse::<f32>().ok())
+                };
+                if let Some(factor) = with("scale:") {
+                    Ok(Self::Scale(factor))
+                } else if let Some(sigma) = with("noise:") {
+                    Ok(Self::GaussianNoise(sigma))
+                } else if let Some(epsilon) = with("ipm:") {
+                    Ok(Self::Ipm(epsilon))
+                } else {
+                    Err(format!(
+                        "unknown attack {other}: use sign-flip, scale[:FACTOR], noise[:SIGMA], \
+                         label-flip, alie, ipm[:EPSILON], min-max, min-sum or fang"
+                    ))
+                }
+            }
         }
     }
 }
@@ -49,6 +90,11 @@ impl std::fmt::Display for Attack {
             Self::Scale(factor) => write!(f, "scale x{factor}"),
             Self::GaussianNoise(sigma) => write!(f, "gaussian noise σ={sigma}"),
             Self::LabelFlip => f.write_str("label-flip"),
+            Self::Alie => f.write_str("ALIE"),
+            Self::Ipm(epsilon) => write!(f, "IPM ε={epsilon}"),
+            Self::MinMax => f.write_str("min-max"),
+            Self::MinSum => f.write_str("min-sum"),
+            Self::Fang => f.write_str("Fang trim"),
         }
     }
 }
@@ -58,21 +104,23 @@ pub(super) fn flip_labels(data: &Dataset) -> anyhow::Result<Dataset> {
     Ok(Dataset::new(data.images().to_vec(), labels, 28, 28)?)
 }
 
+/// The hook of a malicious device with `attack` (crafted attacks are
+/// hooked up by `collusion.rs` instead).
 pub(super) fn tamper(attack: Attack, seed: u64) -> Option<TamperFn> {
     let f: TamperFn = match attack {
-        Attack::SignFlip => Arc::new(|mut delta: TensorMap| {
+        Attack::SignFlip => Arc::new(|_round, mut delta: TensorMap| {
             for (_, t) in delta.iter_mut() {
                 t.data_mut().iter_mut().for_each(|v| *v = -*v);
             }
             delta
         }),
-        Attack::Scale(factor) => Arc::new(move |mut delta: TensorMap| {
+        Attack::Scale(factor) => Arc::new(move |_round, mut delta: TensorMap| {
             for (_, t) in delta.iter_mut() {
                 t.data_mut().iter_mut().for_each(|v| *v *= factor);
             }
             delta
         }),
-        Attack::GaussianNoise(sigma) => Arc::new(move |mut delta: TensorMap| {
+        Attack::GaussianNoise(sigma) => Arc::new(move |_round, mut delta: TensorMap| {
             let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
             for (_, t) in delta.iter_mut() {
                 t.data_mut().iter_mut().for_each(|v| {
@@ -83,7 +131,12 @@ pub(super) fn tamper(attack: Attack, seed: u64) -> Option<TamperFn> {
             }
             delta
         }),
-        Attack::LabelFlip => return None,
+        Attack::LabelFlip
+        | Attack::Alie
+        | Attack::Ipm(_)
+        | Attack::MinMax
+        | Attack::MinSum
+        | Attack::Fang => return None,
     };
     Some(f)
 }

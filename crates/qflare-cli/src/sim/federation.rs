@@ -17,6 +17,7 @@ use qflare_server::{Config, Server, ServerOptions, SharedState};
 use tokio::sync::{oneshot, watch};
 
 use super::attack::{flip_labels, tamper};
+use super::collusion::Collusion;
 use super::{Attack, DataSplit, PhaseSeconds, RoundRow, SimOptions, SimReport};
 
 /// A running simulation: server, enclave and enrolled devices.
@@ -98,6 +99,27 @@ impl Simulation {
         };
         let parts = qflare_ml::partition(train.labels(), options.devices, &scheme, options.seed)?;
         let attackers = options.attack.map_or(0, |(n, _)| n);
+        // Crafted attacks see the round's honest updates: all devices must
+        // be in every round so that the attackers know how many to wait for.
+        let collusion = match options.attack {
+            Some((_, attack)) if attack.is_crafted() => {
+                anyhow::ensure!(
+                    options.clients_per_round == options.devices
+                        && attackers > 0
+                        && attackers < options.devices,
+                    "the {attack} attack needs every device in every round \
+                     (clients per round = devices) and 0 < attackers < devices"
+                );
+                Some(Collusion::new(
+                    attack,
+                    options.devices,
+                    attackers,
+                    Duration::from_secs(options.round_timeout_secs),
+                    options.seed,
+                ))
+            }
+            _ => None,
+        };
         let mut devices = Vec::with_capacity(options.devices);
         for (index, part) in parts.iter().enumerate() {
             let mut data = train.subset(part)?;
@@ -111,6 +133,13 @@ impl Simulation {
                     data = flip_labels(&data)?;
                 }
                 tamper_fn = tamper(attack, options.seed + index as u64);
+            }
+            if let Some(board) = &collusion {
+                tamper_fn = Some(if malicious {
+                    board.attacker_hook(index)
+                } else {
+                    board.honest_hook(index)
+                });
             }
             let dir = options
                 .state_dir

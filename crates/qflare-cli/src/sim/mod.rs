@@ -9,6 +9,7 @@
 //! train, sign and seal their updates exactly as a separate machine would.
 
 mod attack;
+mod collusion;
 pub mod crafted;
 mod federation;
 

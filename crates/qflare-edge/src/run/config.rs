@@ -12,12 +12,14 @@ use rand::RngExt;
 use crate::error::EdgeError;
 use crate::trainer::LocalTrainer;
 
-/// A hook that rewrites the update before it is sealed.
+/// A hook that rewrites the update before it is sealed, given the round it
+/// is for.
 ///
-/// **For simulations of malicious devices only** (the demo's poisoning
-/// attacks: scaled, sign-flipped or noisy updates). An honest device never
-/// sets one.
-pub type TamperFn = Arc<dyn Fn(TensorMap) -> TensorMap + Send + Sync>;
+/// **For simulations only**: malicious devices' poisoning attacks (scaled,
+/// sign-flipped or noisy updates, or updates crafted from the round's
+/// honest ones), and honest devices showing their updates to the
+/// simulation's omniscient attackers. A real device never sets one.
+pub type TamperFn = Arc<dyn Fn(u64, TensorMap) -> TensorMap + Send + Sync>;
 
 /// Exponential back-off with jitter for retryable failures.
 ///

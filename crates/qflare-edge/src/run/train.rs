@@ -247,7 +247,7 @@ impl<L: Link> Runner<'_, L> {
                 )));
             }
             if let Some(tamper) = tamper {
-                update = tamper(update);
+                update = tamper(round_id, update);
             }
             let bytes = Zeroizing::new(
                 update_encoding::encode(&update, update_encoding, &mut rand::rng())

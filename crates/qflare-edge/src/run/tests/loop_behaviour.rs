@@ -383,7 +383,7 @@ async fn a_lost_receipt_is_recovered_from_the_round_status() {
 async fn the_tamper_hook_rewrites_the_sealed_update() {
     let run = run(&[train(1, 0)], |_, config| {
         config.max_rounds = Some(1);
-        config.tamper = Some(Arc::new(|update: TensorMap| {
+        config.tamper = Some(Arc::new(|_round: u64, update: TensorMap| {
             let flat = vec![0.25f32; update.num_parameters()];
             update.with_flat(&flat).unwrap()
         }));
