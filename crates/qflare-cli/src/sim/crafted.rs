@@ -167,55 +167,50 @@ const GAMMA_TOLERANCE: f64 = 1e-5;
 /// Min-max: as far as possible along `p` while no farther from any benign
 /// update than the two farthest benign updates are from each other.
 pub fn min_max(benign: &[Vec<f32>]) -> Result<Vec<f32>, CraftError> {
-    let (mean, _) = mean_and_std(benign)?;
     let mut widest = 0f64;
     for (i, a) in benign.iter().enumerate() {
         for b in &benign[i + 1..] {
             widest = widest.max(squared_distance_f32(a, b));
         }
     }
-    let direction = inverse_unit(&mean);
-    let crafted = largest_gamma(
-        &mean,
-        &direction,
-        |candidate| {
-            benign
-                .iter()
-                .all(|update| squared_distance(candidate, update) <= widest)
-        },
-        GAMMA_TOLERANCE,
-    );
-    Ok(to_f32(crafted))
+    farthest_along_inverse_unit(benign, |candidate| {
+        benign
+            .iter()
+            .all(|update| squared_distance(candidate, update) <= widest)
+    })
 }
 
 /// Min-sum: as far as possible along `p` while its summed squared distance
 /// to the benign updates is no more than the largest such sum of a benign
 /// update.
 pub fn min_sum(benign: &[Vec<f32>]) -> Result<Vec<f32>, CraftError> {
-    let (mean, _) = mean_and_std(benign)?;
     let worst_sum = benign
         .iter()
-        .map(|a| {
-            benign
-                .iter()
-                .map(|b| squared_distance_f32(a, b))
-                .sum::<f64>()
-        })
+        .map(|a| benign.iter().map(|b| squared_distance_f32(a, b)).sum())
         .fold(0f64, f64::max);
+    farthest_along_inverse_unit(benign, |candidate| {
+        let sum: f64 = benign
+            .iter()
+            .map(|update| squared_distance(candidate, update))
+            .sum();
+        sum <= worst_sum
+    })
+}
+
+/// Min-max's and min-sum's common part: `μ + γ·p` for the largest `γ`
+/// that `fits`, with `p` the inverse unit vector of the benign mean.
+fn farthest_along_inverse_unit(
+    benign: &[Vec<f32>],
+    fits: impl Fn(&[f64]) -> bool,
+) -> Result<Vec<f32>, CraftError> {
+    let (mean, _) = mean_and_std(benign)?;
     let direction = inverse_unit(&mean);
-    let crafted = largest_gamma(
+    Ok(to_f32(largest_gamma(
         &mean,
         &direction,
-        |candidate| {
-            benign
-                .iter()
-                .map(|update| squared_distance(candidate, update))
-                .sum::<f64>()
-                <= worst_sum
-        },
+        fits,
         GAMMA_TOLERANCE,
-    );
-    Ok(to_f32(crafted))
+    )))
 }
 
 /// Fang et al.'s attack on trimmed mean and median (their full-knowledge
