@@ -1,6 +1,11 @@
 //! `qflare bench overhead`: what the framework itself costs per round, with
 //! training taken out.
 //!
+//! About 680 lines in one file on purpose: one benchmark's arguments, its
+//! echo trainer, the run and the report it prints read top to bottom; the
+//! parts shared with other benches (the child server, `/proc` readings)
+//! already live in `child_server.rs`.
+//!
 //! The server runs as a child process (`--server-bin`, default this
 //! executable) with its enclave as its own child, so each process's CPU time
 //! and peak memory are read from `/proc` separately. N devices enroll through

@@ -1,5 +1,11 @@
 //! Federated-learning routes: the device side inside sealed sessions, and
 //! the admin's round controls.
+//!
+//! A little over 600 lines: the five device routes (round, model, upload
+//! admission, update, evaluation) and the admin view they feed share the
+//! coordination lookups and error mapping here. The seam to split along,
+//! when it grows, is the admin half (`view` and the round controls, from
+//! `FederationView` down) into its own module.
 
 use std::sync::Arc;
 use std::time::Duration;
