@@ -106,6 +106,12 @@ enum Command {
         #[command(subcommand)]
         command: commands::attest::AttestCommand,
     },
+    /// Central differential privacy, offline: ε for a plan, or the noise
+    /// for a target ε (the accountant the server uses).
+    Privacy {
+        #[command(subcommand)]
+        command: commands::privacy::PrivacyCommand,
+    },
     /// The federation's model: register it from a file, export and verify it.
     Model {
         #[command(subcommand)]
@@ -227,6 +233,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         commands::attest::run(command)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Privacy { command } = &cli.command {
+        commands::privacy::run(command)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Server(args) => commands::server::run(config, args).await?,
@@ -248,6 +258,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::ServerKey { command } => commands::server_key::run(&config, command)?,
         Command::Attest { command } => commands::attest::run(&command)?,
+        Command::Privacy { command } => commands::privacy::run(&command)?,
         Command::Audit { command } => return commands::audit::run(&config, command).await,
         Command::Bench { command } => bench::run(command).await?,
         Command::Demo(args) => demo::run(args).await?,

@@ -220,6 +220,74 @@ async fn two_malicious_devices_of_ten_are_rejected_and_accuracy_holds() {
     }
 }
 
+/// Central DP end to end: the controller samples every device with q = 1
+/// (all four of four), the enclave clips and adds noise, each round's ledger
+/// entry carries the cumulative ε the accountant gives, and training stops
+/// when the next round would pass the budget (here: after two rounds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_privacy_budget_stops_training_and_the_ledger_records_epsilon() {
+    use qflare_enclave::config::{AggregatorKind, DefenseConfig};
+    use qflare_enclave::privacy::PrivacyConfig;
+    use qflare_enclave::privacy::accountant::RdpAccountant;
+
+    let Some(data) = common::data_dir() else {
+        eprintln!("skipped: set QFLARE_DATA_DIR to the MNIST directory");
+        return;
+    };
+    let epsilon = |rounds| {
+        RdpAccountant::new()
+            .epsilon_after(1.0, 1.0, rounds, 1e-5)
+            .unwrap()
+    };
+    let budget = (epsilon(2) + epsilon(3)) / 2.0;
+    let state = tempfile::tempdir().unwrap();
+    let mut o = options(data, &state, 4, 10);
+    o.aggregation = AggregationConfig {
+        aggregator: AggregatorKind::FedAvg,
+        defense: DefenseConfig::off(),
+        privacy: Some(PrivacyConfig {
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            delta: 1e-5,
+            epsilon_budget: Some(budget),
+        }),
+        ..AggregationConfig::default()
+    };
+    let mut sim = Simulation::start(o).await.unwrap();
+    let report = sim.run(&[], |_| {}).await.unwrap();
+    assert_eq!(
+        report.rounds.len(),
+        2,
+        "two rounds fit the budget: {report:?}"
+    );
+    assert!(sim.status().borrow().finished);
+    let ledger = sim.state.store.audit_entries(0, 10_000).await.unwrap();
+    let spent: Vec<f64> = ledger
+        .iter()
+        .filter(|e| e.kind == "round_aggregated")
+        .map(|e| {
+            let detail: serde_json::Value = serde_json::from_str(&e.detail_json).unwrap();
+            assert_eq!(detail["stats"]["privacy"]["expected_participants"], 4.0);
+            detail["privacy"]["epsilon"].as_f64().unwrap()
+        })
+        .collect();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b;
+    assert_eq!(spent.len(), 2);
+    assert!(
+        close(spent[0], epsilon(1)) && close(spent[1], epsilon(2)),
+        "{spent:?}"
+    );
+    let reached: Vec<serde_json::Value> = ledger
+        .iter()
+        .filter(|e| e.kind == "privacy_budget_reached")
+        .map(|e| serde_json::from_str(&e.detail_json).unwrap())
+        .collect();
+    assert_eq!(reached.len(), 1, "said once");
+    let next = reached[0]["next_round_epsilon"].as_f64().unwrap();
+    assert!(close(next, epsilon(3)), "{next}");
+    sim.stop().await.unwrap();
+}
+
 // ------------------------------------------------------------ refusals
 
 use qflare_edge::run::{verify_model_download, verify_round_report};

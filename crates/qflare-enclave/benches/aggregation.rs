@@ -131,6 +131,7 @@ fn report_buffered_bytes(global: &TensorMap, pool: &[TensorMap], largest: usize)
                 previous_global_update: None,
                 trusted_reference: None,
                 config,
+                expected_participants: None,
             })
             .expect("round");
             for i in 0..n {

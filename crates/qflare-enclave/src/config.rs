@@ -7,12 +7,15 @@
 //!
 //! ```yaml
 //! aggregation:
-//!   aggregator: fed_avg            # fed_avg | trimmed_mean | median | multi_krum | fltrust
+//!   aggregator: fed_avg            # fed_avg | trimmed_mean | median | multi_krum | fltrust | centered_clipping
 //!   trimmed_mean:
 //!     trim_fraction: 0.1           # β: drop ⌊β·n⌋ lowest and highest per coordinate
 //!   multi_krum:
 //!     byzantine: 1                 # f
 //!     select: null                 # m; null means n − f
+//!   centered_clipping:
+//!     radius_multiple: 1.0         # τ = 1.0 × median distance from the round's median
+//!     iterations: 3                # L
 //!   max_example_count: 100000
 //!   min_accepted: 1
 //!   max_buffered_bytes: 4294967296
@@ -83,6 +86,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::privacy::PrivacyConfig;
 
 /// The `aggregation` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,8 +98,13 @@ pub struct AggregationConfig {
     pub trimmed_mean: TrimmedMeanConfig,
     /// Settings of the Multi-Krum aggregator.
     pub multi_krum: MultiKrumConfig,
+    /// Settings of the centered-clipping aggregator.
+    pub centered_clipping: CenteredClippingConfig,
     /// The poisoning defense run before the aggregator.
     pub defense: DefenseConfig,
+    /// Central differential privacy ([`crate::privacy`]); needs FedAvg and
+    /// no defense (its clip is the bound).
+    pub privacy: Option<PrivacyConfig>,
     /// Largest example count an update may claim. FedAvg weighs updates by
     /// their claimed count, which the enclave cannot verify, so this cap
     /// bounds how far one device can outweigh the others: set it near the
@@ -114,7 +123,9 @@ impl Default for AggregationConfig {
             aggregator: AggregatorKind::FedAvg,
             trimmed_mean: TrimmedMeanConfig::default(),
             multi_krum: MultiKrumConfig::default(),
+            centered_clipping: CenteredClippingConfig::default(),
             defense: DefenseConfig::default(),
+            privacy: None,
             max_example_count: 100_000,
             min_accepted: 1,
             // 4 GiB: about 600 MNIST-CNN updates (6.65 MB each) or 5,000
@@ -139,6 +150,8 @@ pub enum AggregatorKind {
     MultiKrum,
     /// FLTrust (Cao et al., 2021); needs a trusted reference update.
     Fltrust,
+    /// Centered clipping (Karimireddy et al., 2021) from the round's median.
+    CenteredClipping,
 }
 
 impl AggregatorKind {
@@ -150,6 +163,7 @@ impl AggregatorKind {
             Self::Median => "median",
             Self::MultiKrum => "multi_krum",
             Self::Fltrust => "fltrust",
+            Self::CenteredClipping => "centered_clipping",
         }
     }
 }
@@ -184,6 +198,26 @@ impl Default for MultiKrumConfig {
         Self {
             byzantine: 1,
             select: None,
+        }
+    }
+}
+
+/// Settings of the centered-clipping aggregator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CenteredClippingConfig {
+    /// τ as a multiple of the median distance of the round's updates from
+    /// their coordinate-wise median (> 0).
+    pub radius_multiple: f64,
+    /// L: clipping steps from the median (1 to 100).
+    pub iterations: usize,
+}
+
+impl Default for CenteredClippingConfig {
+    fn default() -> Self {
+        Self {
+            radius_multiple: 1.0,
+            iterations: 3,
         }
     }
 }
@@ -300,6 +334,12 @@ impl DefenseConfig {
     /// directions opposed to the round's coordinate-wise median, and reject
     /// similarity outliers at k = 3.5. Why: see the [module documentation](self).
     pub fn recommended() -> Self {
+        Self::reject_outliers()
+    }
+
+    /// Reject norms above 3× the round median, directions opposed to the
+    /// round's coordinate-wise median, and similarity outliers at k = 3.5.
+    pub fn reject_outliers() -> Self {
         Self {
             norm_bound: NormBoundConfig {
                 action: NormAction::Reject,
@@ -417,6 +457,16 @@ impl AggregationConfig {
         if !(0.0..0.5).contains(&beta) {
             return Err(invalid("trimmed_mean.trim_fraction", "must be in [0, 0.5)"));
         }
+        positive(
+            "centered_clipping.radius_multiple",
+            Some(self.centered_clipping.radius_multiple),
+        )?;
+        if !(1..=100).contains(&self.centered_clipping.iterations) {
+            return Err(invalid(
+                "centered_clipping.iterations",
+                "must be in 1..=100",
+            ));
+        }
         if self.multi_krum.select == Some(0) {
             return Err(invalid("multi_krum.select", "must be at least 1"));
         }
@@ -429,7 +479,23 @@ impl AggregationConfig {
         if self.max_buffered_bytes == 0 {
             return Err(invalid("max_buffered_bytes", "must be at least 1"));
         }
-        self.defense.validate()
+        self.defense.validate()?;
+        if let Some(privacy) = &self.privacy {
+            privacy.validate()?;
+            // The sum's sensitivity is the clip norm only if each update's
+            // contribution depends on nothing but the update itself:
+            // weight 1 and no rule relative to the rest of the round.
+            if self.aggregator != AggregatorKind::FedAvg {
+                return Err(invalid("privacy", "needs aggregator: fed_avg"));
+            }
+            if self.defense != DefenseConfig::off() {
+                return Err(invalid(
+                    "privacy",
+                    "needs defense: off (privacy.clip_norm bounds every update)",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -102,6 +102,10 @@ pub enum AggregationError {
     /// Adding the aggregate to the global model overflowed `f32`.
     #[error("the new global model would hold a NaN or an infinity")]
     NonFiniteModel,
+    /// A round under central DP was finalized without the enclave's
+    /// randomness for its noise: nothing is released.
+    #[error("a differentially private round needs randomness for its noise (finalize_with_noise)")]
+    PrivacyNeedsRandomness,
 }
 
 impl AggregationError {

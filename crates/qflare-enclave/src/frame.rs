@@ -446,6 +446,7 @@ mod tests {
             update_encoding: Default::default(),
             devices: vec![device; MAX_ROUND_DEVICES],
             reference_training: None,
+            expected_participants: None,
         };
         let frame = Frame::new(Kind::BeginRound, &request, vec![vec![0; 16]]);
         let decoded = Frame::decode(&frame.encode().unwrap()).unwrap();

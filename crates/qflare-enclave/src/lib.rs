@@ -72,6 +72,7 @@ pub mod host;
 mod kernels;
 #[cfg(feature = "runtime")]
 pub mod messages;
+pub mod privacy;
 #[cfg(feature = "runtime")]
 pub mod process;
 pub mod round;

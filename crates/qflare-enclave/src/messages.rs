@@ -129,6 +129,10 @@ pub struct BeginRoundRequest {
     /// Local training settings, for FLTrust's reference update on the root data.
     #[serde(default)]
     pub reference_training: Option<qflare_ml::TrainConfig>,
+    /// Under central DP: the sampling rate times the devices it was applied
+    /// to, the noised sum's fixed denominator.
+    #[serde(default)]
+    pub expected_participants: Option<f64>,
 }
 
 /// `Submit`: blob 0 is the envelope (its binary encoding, or JSON from
@@ -190,6 +194,10 @@ pub struct RoundSummary {
     pub peak_buffered_bytes: u64,
     /// Bytes of the streaming accumulator (0 when buffering).
     pub accumulator_bytes: u64,
+    /// Central DP's parameters for the round (public settings, nothing
+    /// measured on an update).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::privacy::PrivacyRoundStats>,
 }
 
 impl From<&RoundStats> for RoundSummary {
@@ -206,6 +214,7 @@ impl From<&RoundStats> for RoundSummary {
             aggregated_norm: stats.aggregated_norm,
             peak_buffered_bytes: stats.peak_buffered_bytes,
             accumulator_bytes: stats.accumulator_bytes,
+            privacy: stats.privacy.clone(),
         }
     }
 }

@@ -395,6 +395,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             previous_global_update,
             trusted_reference,
             config: meta.config,
+            expected_participants: meta.expected_participants,
         })?;
         if let Some(old) = self.round.take() {
             tracing::warn!(
@@ -522,7 +523,7 @@ impl<B: EnclaveBackend> EnclaveService<B> {
             .ok_or(ServiceError::State("no round is open in the enclave"))?;
         self.history.used();
         let mut verdicts = round.refused;
-        match round.aggregator.finalize() {
+        match round.aggregator.finalize_with_noise(&mut rand::rng()) {
             Ok(result) => {
                 verdicts.extend(result.verdicts.iter().map(ledger));
                 let model = result.new_global.to_safetensors();

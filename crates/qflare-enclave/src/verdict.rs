@@ -169,7 +169,8 @@ impl Verdict {
 /// the norm for `norm_exceeded` and `clipped`, the cosine for
 /// `low_similarity` and `fltrust_zero_trust`, the robust z-score for
 /// `similarity_outlier`, the Krum score for `krum_excluded` (and for a
-/// Multi-Krum selection), the trust score for an FLTrust acceptance; `None`
+/// Multi-Krum selection), the trust score for an FLTrust acceptance, the
+/// last clipping factor min(1, τ/‖Δᵢ − v‖) under centered clipping; `None`
 /// for validation failures and a plain acceptance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

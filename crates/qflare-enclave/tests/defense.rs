@@ -164,6 +164,7 @@ fn run(
         previous_global_update: previous.map(|p| map_from_flat(&SHAPES, &p)),
         trusted_reference: trusted.map(|t| map_from_flat(&SHAPES, &t)),
         config,
+        expected_participants: None,
     })
     .unwrap();
     let mut expected = Vec::new();
@@ -331,6 +332,7 @@ fn streaming_defense_decides_on_arrival() {
         previous_global_update: Some(map_from_flat(&SHAPES, &previous)),
         trusted_reference: None,
         config,
+        expected_participants: None,
     })
     .unwrap();
     assert!(round.is_streaming());

@@ -120,6 +120,7 @@ impl Enclave {
                 })
                 .collect(),
             reference_training: None,
+            expected_participants: None,
         };
         self.call(Kind::BeginRound, &request, vec![model.to_vec()])
     }

@@ -118,6 +118,7 @@ fn a_half_precision_model_is_certified_as_canonical_f32() {
                 update_encoding: Default::default(),
                 devices: Vec::new(),
                 reference_training: None,
+                expected_participants: None,
             },
             vec![model_bytes.clone()],
         )

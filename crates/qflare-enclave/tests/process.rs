@@ -412,6 +412,7 @@ async fn begin_encoded(
             })
             .collect(),
         reference_training: None,
+        expected_participants: None,
     };
     client
         .call_expecting(
@@ -511,6 +512,7 @@ async fn killed_mid_round_restarted_and_the_retried_round_completes() {
                 update_encoding: Default::default(),
                 devices: vec![],
                 reference_training: None,
+                expected_participants: None,
             },
             vec![model_bytes.clone()],
         ))
@@ -611,6 +613,7 @@ async fn killed_mid_round_restarted_and_the_retried_round_completes() {
                 update_encoding: Default::default(),
                 devices: vec![],
                 reference_training: None,
+                expected_participants: None,
             },
             vec![model_bytes.clone()],
         ))

@@ -74,6 +74,9 @@ pub enum AuditKind {
     /// A replica took the coordinator lease (it runs the round controller
     /// and the enclave from now on).
     CoordinatorElected,
+    /// Central DP: the next round would take ε past the configured budget,
+    /// so no more rounds open.
+    PrivacyBudgetReached,
 }
 
 impl AuditKind {
@@ -100,6 +103,7 @@ impl AuditKind {
             Self::ModelRecertified => "model_recertified",
             Self::ServerKeyRotated => "server_key_rotated",
             Self::CoordinatorElected => "coordinator_elected",
+            Self::PrivacyBudgetReached => "privacy_budget_reached",
         }
     }
 }

@@ -1,4 +1,6 @@
-//! `qflare bench`: benchmarks against a real server, one module per family:
+//! `qflare bench`: benchmarks, one module per family:
+//! [`attacks`] (the attack table: real training, attacks and enclave
+//! rounds, in process without the transport),
 //! [`fedavg`] (the FedAvg paper's experiments over the whole stack) and
 //! [`sessions`] (handshakes and enrollments per second) in-process, and
 //! [`uploads`] (the server's memory under an upload flood), [`flood`]
@@ -7,6 +9,7 @@
 //! process, which [`child_server`] starts and watches.
 //! Results go to stdout, progress to stderr.
 
+pub mod attacks;
 mod child_server;
 pub mod fedavg;
 pub mod flood;
@@ -21,6 +24,21 @@ use qflare_protocol::KemSuite;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// The attack table: final accuracy and honest updates rejected, per
+    /// attack and aggregation.
+    ///
+    /// MNIST 2NN (E = 1, B = 10), --devices devices of which --malicious
+    /// (the share) are attackers, --per-round selected uniformly at random
+    /// each round, --rounds rounds per cell; IID and Dirichlet(0.5) splits.
+    /// Rows: no attack, sign flip, scaling ×10, Gaussian noise, label flip,
+    /// ALIE, IPM (ε = 0.5 and 100), min-max, min-sum, Fang. Columns: the
+    /// aggregations named by --columns. Devices train for real and every
+    /// round is the enclave's own `RoundAggregator`; the transport
+    /// (sessions, sealing, the process boundary) is left out, since it
+    /// changes no weight. Prints one markdown table per split on stdout,
+    /// progress on stderr.
+    #[command(verbatim_doc_comment)]
+    Attacks(attacks::AttacksArgs),
     /// The FedAvg paper's MNIST experiments with every security layer on.
     ///
     /// 100 devices, C = 0.1; 2NN E=1 B=10 to 97% (paper: 87 rounds IID, 664
@@ -134,6 +152,7 @@ pub enum BenchCommand {
 /// Runs one benchmark.
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
+        BenchCommand::Attacks(args) => attacks::run(args).await,
         BenchCommand::Fedavg(args) => fedavg::run(args).await,
         BenchCommand::Uploads(args) => uploads::run(args).await,
         BenchCommand::Flood(args) => flood::run(args).await,

@@ -5,6 +5,7 @@ pub mod attest;
 pub mod audit;
 pub mod device;
 pub mod model;
+pub mod privacy;
 pub mod round;
 pub mod server;
 pub mod server_key;

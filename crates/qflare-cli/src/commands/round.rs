@@ -53,6 +53,17 @@ fn render(view: &FederationView) -> String {
             coordinator.address, coordinator.epoch
         ));
     }
+    if let Some(privacy) = &view.privacy {
+        out.push_str(&format!(
+            "differential privacy: ε = {:.3}{} at δ = {:e} after {} private rounds\n",
+            privacy.epsilon,
+            privacy
+                .budget
+                .map_or_else(String::new, |b| format!(" of a budget of {b}")),
+            privacy.delta,
+            privacy.rounds
+        ));
+    }
     out.push('\n');
     let mut rounds = Table::new(&[
         ("round", Align::Right),
@@ -204,6 +215,12 @@ mod tests {
                     metrics: [("accuracy".to_owned(), 0.875), ("loss".to_owned(), 0.4)].into(),
                 }),
             }],
+            privacy: Some(qflare_server::api::federation::PrivacyView {
+                epsilon: 2.345_67,
+                delta: 1e-5,
+                budget: Some(8.0),
+                rounds: 12,
+            }),
         };
         let text = render(&view);
         assert!(
@@ -213,6 +230,12 @@ mod tests {
         assert!(text.contains("1m 5s"), "{text}");
         assert!(text.contains("97.12%"), "{text}");
         assert!(text.contains("model 12: 10 accepted, 0 rejected"), "{text}");
+        assert!(
+            text.contains(
+                "differential privacy: ε = 2.346 of a budget of 8 at δ = 1e-5 after 12 private rounds"
+            ),
+            "{text}"
+        );
         assert!(!text.contains('{'), "no raw JSON: {text}");
         assert!(text.lines().all(|l| !l.ends_with(' ')), "{text}");
     }

@@ -12,6 +12,8 @@ use qflare_ml::Dataset;
 use qflare_protocol::tensor::TensorMap;
 use rand::SeedableRng;
 
+use super::crafted::{self, CraftError};
+
 /// How a malicious device corrupts its update.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Attack {
@@ -43,6 +45,33 @@ impl Attack {
             self,
             Self::Alie | Self::Ipm(_) | Self::MinMax | Self::MinSum | Self::Fang
         )
+    }
+}
+
+impl Attack {
+    /// The update every colluding attacker sends in a round of `devices`
+    /// with `attackers` of them colluding, crafted from the round's `honest`
+    /// updates (flat). `seed` feeds the attacks that draw randomness (Fang).
+    /// An attack that is not crafted has nothing to compute: `NoBenignUpdates`.
+    pub fn craft(
+        self,
+        honest: &[Vec<f32>],
+        devices: usize,
+        attackers: usize,
+        seed: u64,
+    ) -> Result<Vec<f32>, CraftError> {
+        match self {
+            Self::Alie => crafted::alie(honest, devices, attackers),
+            Self::Ipm(epsilon) => crafted::ipm(honest, epsilon),
+            Self::MinMax => crafted::min_max(honest),
+            Self::MinSum => crafted::min_sum(honest),
+            Self::Fang => {
+                crafted::fang_trim(honest, &mut rand_chacha::ChaCha20Rng::seed_from_u64(seed))
+            }
+            Self::SignFlip | Self::Scale(_) | Self::GaussianNoise(_) | Self::LabelFlip => {
+                Err(CraftError::NoBenignUpdates)
+            }
+        }
     }
 }
 
@@ -99,14 +128,15 @@ impl std::fmt::Display for Attack {
     }
 }
 
-pub(super) fn flip_labels(data: &Dataset) -> anyhow::Result<Dataset> {
+/// `data` with every label y replaced by 9 − y (the label-flip attack's data).
+pub fn flip_labels(data: &Dataset) -> anyhow::Result<Dataset> {
     let labels: Vec<u8> = data.labels().iter().map(|y| 9 - y).collect();
     Ok(Dataset::new(data.images().to_vec(), labels, 28, 28)?)
 }
 
 /// The hook of a malicious device with `attack` (crafted attacks are
-/// hooked up by `collusion.rs` instead).
-pub(super) fn tamper(attack: Attack, seed: u64) -> Option<TamperFn> {
+/// hooked up by `collusion.rs` instead, and label flips change the data).
+pub fn tamper(attack: Attack, seed: u64) -> Option<TamperFn> {
     let f: TamperFn = match attack {
         Attack::SignFlip => Arc::new(|_round, mut delta: TensorMap| {
             for (_, t) in delta.iter_mut() {

@@ -17,10 +17,9 @@ use std::time::Duration;
 
 use qflare_edge::run::TamperFn;
 use qflare_protocol::tensor::TensorMap;
-use rand::SeedableRng;
 
 use super::Attack;
-use super::crafted::{self, CraftError};
+use super::crafted::CraftError;
 
 /// See the module documentation.
 pub(super) struct Collusion {
@@ -111,21 +110,9 @@ impl Collusion {
     /// What attacker `index` sends in `round`.
     fn craft(&self, round: u64, index: usize) -> Result<Vec<f32>, CraftError> {
         let honest = self.honest(round);
-        match self.attack {
-            Attack::Alie => crafted::alie(&honest, self.devices, self.attackers),
-            Attack::Ipm(epsilon) => crafted::ipm(&honest, epsilon),
-            Attack::MinMax => crafted::min_max(&honest),
-            Attack::MinSum => crafted::min_sum(&honest),
-            Attack::Fang => {
-                let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(
-                    self.seed ^ round.rotate_left(32) ^ index as u64,
-                );
-                crafted::fang_trim(&honest, &mut rng)
-            }
-            Attack::SignFlip | Attack::Scale(_) | Attack::GaussianNoise(_) | Attack::LabelFlip => {
-                Err(CraftError::NoBenignUpdates)
-            }
-        }
+        let seed = self.seed ^ round.rotate_left(32) ^ index as u64;
+        self.attack
+            .craft(&honest, self.devices, self.attackers, seed)
     }
 }
 

@@ -8,7 +8,7 @@
 //! sessions, verify the enclave's attestation and the model certificate,
 //! train, sign and seal their updates exactly as a separate machine would.
 
-mod attack;
+pub mod attack;
 mod collusion;
 pub mod crafted;
 mod federation;

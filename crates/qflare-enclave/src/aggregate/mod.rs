@@ -11,6 +11,7 @@
 //! | median | per coordinate, the median (mean of the two middle values for even n) | none | Yin et al., 2018 |
 //! | Multi-Krum | score(i) = Σ of the n − f − 2 smallest ‖Δᵢ − Δⱼ‖²; average the m lowest-scored | none (plain mean of the m) | Blanchard et al., *Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent*, NeurIPS 2017 |
 //! | FLTrust | tᵢ = ReLU(cos(Δᵢ, g₀)); Σ tᵢ·(‖g₀‖/‖Δᵢ‖)·Δᵢ / Σ tᵢ | trust score tᵢ | Cao et al., *FLTrust: Byzantine-robust Federated Learning via Trust Bootstrapping*, NDSS 2021 |
+//! | centered clipping | from v = the coordinate-wise median, L times v ← v + (1/n) Σ (Δᵢ − v)·min(1, τ/‖Δᵢ − v‖), τ = k × median ‖Δᵢ − median‖ | none (each offset clipped) | Karimireddy, He & Jaggi, *Learning from History for Byzantine Robust Optimization*, ICML 2021 |
 //!
 //! The robust aggregators ignore example counts on purpose: a count is the
 //! device's unverifiable claim, and weighting by it would let one attacker
@@ -49,16 +50,19 @@
 //!   or selection).
 //! * `krum.rs`: Multi-Krum.
 //! * `fltrust.rs`: FLTrust.
+//! * `centered_clipping.rs`: centered clipping, the default.
 
 use qflare_protocol::tensor::TensorMap;
 use zeroize::Zeroize;
 
+mod centered_clipping;
 mod coordinate_wise;
 mod fedavg;
 mod fltrust;
 mod krum;
 mod layout;
 
+pub use centered_clipping::{CenteredClippingOutcome, centered_clipping};
 pub use coordinate_wise::{coordinate_median, trimmed_mean};
 pub(crate) use fedavg::linear_combination;
 pub use fedavg::{GROUP, RunningSum, Tentative, weighted_mean};

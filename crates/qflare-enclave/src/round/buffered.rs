@@ -280,6 +280,19 @@ impl Screen<'_> {
                 let ones = vec![1.0; chosen.len()];
                 aggregate::weighted_mean(&chosen, &ones, layout)
             }
+            AggregatorKind::CenteredClipping => {
+                let settings = &self.config.centered_clipping;
+                let outcome = aggregate::centered_clipping(
+                    &updates,
+                    settings.radius_multiple,
+                    settings.iterations,
+                    layout,
+                )?;
+                for (&i, &factor) in live.iter().zip(&outcome.clip_factors) {
+                    verdicts[held[i].verdict].score = Some(factor);
+                }
+                Ok(outcome.aggregate)
+            }
             AggregatorKind::Fltrust => {
                 let Some(reference) = self.trusted else {
                     return Err(ConfigError::MissingTrustedReference.into());

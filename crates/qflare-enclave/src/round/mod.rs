@@ -39,9 +39,12 @@ use qflare_protocol::identity::DeviceId;
 use qflare_protocol::tensor::TensorMap;
 
 use crate::aggregate::{Layout, RunningSum};
-use crate::config::{AggregationConfig, AggregatorKind, SimilarityReference};
+use crate::config::{
+    AggregationConfig, AggregatorKind, NormAction, NormBoundConfig, SimilarityReference,
+};
 use crate::defense;
 use crate::error::{AggregationError, ConfigError, Result};
+use crate::privacy::add_noise;
 use crate::validate::{CandidateUpdate, RoundExpectations, check_layout, scan_update};
 use crate::verdict::{DeviceVerdict, Verdict, VerdictReason};
 
@@ -72,6 +75,8 @@ pub struct RoundAggregator {
     previous: Option<Reference>,
     trusted: Option<Reference>,
     mode: Mode,
+    /// q·N under central DP.
+    expected_participants: Option<f64>,
     seen: BTreeSet<DeviceId>,
     verdicts: Vec<DeviceVerdict>,
     example_counts: Vec<u64>,
@@ -104,9 +109,30 @@ impl RoundAggregator {
             global,
             previous_global_update,
             trusted_reference,
-            config,
+            mut config,
+            expected_participants,
         } = spec;
         config.validate()?;
+        let privacy = match &config.privacy {
+            Some(privacy) => {
+                let Some(m) = expected_participants.filter(|m| m.is_finite() && *m > 0.0) else {
+                    return Err(ConfigError::Invalid {
+                        field: "privacy",
+                        reason: "a private round needs its expected participants (> 0)".into(),
+                    }
+                    .into());
+                };
+                // The clip is the only bound, absolute so every update is
+                // judged on its own (and the round streams).
+                config.defense.norm_bound = NormBoundConfig {
+                    action: NormAction::Clip,
+                    median_multiple: None,
+                    absolute_max: Some(privacy.clip_norm),
+                };
+                Some(m)
+            }
+            None => None,
+        };
         let layout = Layout::of(&global);
         if layout.num_parameters() == 0 || scan_update(&global, None, None).is_err() {
             return Err(ConfigError::InvalidGlobal.into());
@@ -154,6 +180,7 @@ impl RoundAggregator {
             previous,
             trusted,
             mode,
+            expected_participants: privacy,
             seen: BTreeSet::new(),
             verdicts: Vec::new(),
             example_counts: Vec::new(),
@@ -246,6 +273,13 @@ impl RoundAggregator {
             return Ok(self.reject(device, reason, None, None));
         }
         let count = update.example_count;
+        // Under DP every update weighs 1: a claimed count would scale a
+        // device's contribution past the clip norm.
+        let weight = if self.expected_participants.is_some() {
+            1
+        } else {
+            count
+        };
         let delta = update.take_delta();
         let uses_previous = self.uses_previous();
         match &mut self.mode {
@@ -257,7 +291,7 @@ impl RoundAggregator {
                     &self.config.defense,
                     self.largest_accepted_norm,
                     &delta.0,
-                    count,
+                    weight,
                 );
                 drop(delta);
                 self.seen.insert(device);
@@ -287,8 +321,26 @@ impl RoundAggregator {
     /// Runs the defense (buffered mode), aggregates, and adds the result to
     /// the global model. Fails, returning the verdicts so far, when no
     /// update or fewer than `min_accepted` survive, when Multi-Krum has too
-    /// few updates, or when the new model would not be finite.
+    /// few updates, or when the new model would not be finite. A round under
+    /// central DP fails here (`PrivacyNeedsRandomness`): use
+    /// [`finalize_with_noise`](Self::finalize_with_noise).
     pub fn finalize(self) -> Result<RoundResult, Box<RoundFailure>> {
+        self.finish(None)
+    }
+
+    /// [`finalize`](Self::finalize), drawing central DP's noise (if
+    /// configured) from `rng`, which must be the enclave's own CSPRNG.
+    pub fn finalize_with_noise(
+        self,
+        rng: &mut dyn rand::CryptoRng,
+    ) -> Result<RoundResult, Box<RoundFailure>> {
+        self.finish(Some(rng))
+    }
+
+    fn finish(
+        self,
+        rng: Option<&mut dyn rand::CryptoRng>,
+    ) -> Result<RoundResult, Box<RoundFailure>> {
         let RoundAggregator {
             expect,
             mut global,
@@ -297,6 +349,7 @@ impl RoundAggregator {
             previous,
             trusted,
             mode,
+            expected_participants,
             seen: _,
             mut verdicts,
             example_counts,
@@ -323,6 +376,7 @@ impl RoundAggregator {
             aggregated_norm: None,
             peak_buffered_bytes,
             accumulator_bytes: 0,
+            privacy: None,
         };
         let outcome = match mode {
             Mode::Streaming(sum) => {
@@ -335,7 +389,21 @@ impl RoundAggregator {
                 {
                     stats.similarity_reference = Some(ReferenceKind::PreviousGlobalUpdate);
                 }
-                streaming::finish_streaming(&sum, &mut verdicts, &example_counts)
+                match (&config.privacy, expected_participants) {
+                    (Some(privacy), Some(m)) => {
+                        let ones = vec![1; example_counts.len()];
+                        let accepted = verdicts.iter().filter(|v| v.accepted).count();
+                        streaming::finish_streaming(&sum, &mut verdicts, &ones).and_then(
+                            |mut mean| {
+                                let rng = rng.ok_or(AggregationError::PrivacyNeedsRandomness)?;
+                                stats.privacy =
+                                    Some(add_noise(&mut mean, accepted, privacy, m, rng));
+                                Ok(mean)
+                            },
+                        )
+                    }
+                    _ => streaming::finish_streaming(&sum, &mut verdicts, &example_counts),
+                }
             }
             Mode::Buffered(mut held) => {
                 let screen = buffered::Screen {

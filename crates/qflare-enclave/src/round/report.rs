@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::AggregatorKind;
 use crate::error::AggregationError;
+use crate::privacy::PrivacyRoundStats;
 use crate::verdict::DeviceVerdict;
 
 /// Which reference direction the similarity check used.
@@ -55,6 +56,9 @@ pub struct RoundStats {
     pub peak_buffered_bytes: u64,
     /// Bytes of the streaming accumulator (0 when buffering).
     pub accumulator_bytes: u64,
+    /// What central DP added, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyRoundStats>,
 }
 
 /// A successful round.

@@ -28,6 +28,10 @@ pub struct RoundSpec {
     pub trusted_reference: Option<TensorMap>,
     /// The settings.
     pub config: AggregationConfig,
+    /// Under central DP (`config.privacy`), the fixed denominator: the
+    /// sampling rate times the devices it was applied to. Required then,
+    /// ignored otherwise.
+    pub expected_participants: Option<f64>,
 }
 
 /// A reference direction and its norm, checked against the round's layout.

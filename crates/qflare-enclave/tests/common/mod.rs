@@ -108,6 +108,7 @@ pub fn spec(config: AggregationConfig, global: TensorMap) -> RoundSpec {
         previous_global_update: None,
         trusted_reference: None,
         config,
+        expected_participants: None,
     }
 }
 

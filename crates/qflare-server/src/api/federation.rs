@@ -140,10 +140,17 @@ async fn position(state: &SharedState, request: &SealedRequest) -> ApiResult<Rou
     let poll = state.config.federation.poll_interval_secs;
     let latest = state.store.latest_round().await?;
     let model = state.store.latest_model_summary().await?;
-    let finished = state.config.federation.max_rounds > 0
+    // The controller's own verdict covers central DP's budget too; a
+    // replica that does not coordinate sees only `max_rounds` (its devices
+    // wait instead, as for a paused federation).
+    let finished = (state.config.federation.max_rounds > 0
         && model
             .as_ref()
-            .is_some_and(|m| m.version >= state.config.federation.max_rounds);
+            .is_some_and(|m| m.version >= state.config.federation.max_rounds))
+        || state
+            .federation
+            .as_ref()
+            .is_some_and(|f| f.subscribe().borrow().finished);
     let mut info = RoundInfo {
         status: if finished {
             RoundStatus::Finished
@@ -449,6 +456,23 @@ pub struct FederationView {
     pub rounds: Vec<RoundView>,
     /// Every model with its test metrics, oldest first.
     pub models: Vec<ModelView>,
+    /// Central DP's budget, when `aggregation.privacy` is set.
+    #[serde(default)]
+    pub privacy: Option<PrivacyView>,
+}
+
+/// ε spent by the private rounds so far.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyView {
+    /// ε of the (ε, δ) guarantee over every private round recorded.
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
+    /// The configured budget, if any.
+    pub budget: Option<f64>,
+    /// Private rounds counted.
+    pub rounds: u64,
 }
 
 /// The replica holding the coordinator lease.
@@ -583,6 +607,20 @@ pub async fn view(state: &SharedState, limit: u32) -> ApiResult<FederationView> 
         })
         .collect();
     let enclave = coordination.enclave_summary().await;
+    let privacy = match &state.config.aggregation.privacy {
+        Some(settings) => {
+            let all = state.store.list_rounds(u32::MAX).await?;
+            crate::federation::privacy::spent(settings, &all)
+                .ok()
+                .map(|spent| PrivacyView {
+                    epsilon: spent.epsilon,
+                    delta: spent.delta,
+                    budget: spent.budget,
+                    rounds: spent.rounds,
+                })
+        }
+        None => None,
+    };
     Ok(FederationView {
         running: coordination.running().await?,
         enclave_generation: enclave.generation,
@@ -595,6 +633,7 @@ pub async fn view(state: &SharedState, limit: u32) -> ApiResult<FederationView> 
         }),
         rounds,
         models,
+        privacy,
     })
 }
 

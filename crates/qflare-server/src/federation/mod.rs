@@ -43,6 +43,7 @@
 
 mod launch;
 mod model;
+pub mod privacy;
 mod round;
 
 use std::collections::HashSet;
@@ -146,6 +147,8 @@ struct Inner {
     waiting_logged: bool,
     waiting_for_model_logged: bool,
     audited_generation: u64,
+    /// Central DP's budget stopped training (logged once).
+    privacy_exhausted: bool,
 }
 
 /// A snapshot for watchers (tests, the web page, the demo).
@@ -162,7 +165,8 @@ pub struct FederationStatus {
     pub model_version: Option<u64>,
     /// The enclave's generation.
     pub enclave_generation: u64,
-    /// True once `max_rounds` models have been aggregated.
+    /// True once `max_rounds` models have been aggregated, or central DP's
+    /// budget allows no further round.
     pub finished: bool,
 }
 
@@ -334,7 +338,8 @@ impl Federation {
     async fn publish(&self) {
         let round = self.ctx.store.latest_round().await.ok().flatten();
         let model = self.ctx.store.latest_model_summary().await.ok().flatten();
-        let finished = is_finished(&self.ctx.config, model.as_ref().map(|m| m.version));
+        let finished = is_finished(&self.ctx.config, model.as_ref().map(|m| m.version))
+            || self.inner.lock().await.privacy_exhausted;
         if let Some(round) = &round {
             self.ctx.metrics.current_round.set(store_time(round.id));
         }

@@ -21,6 +21,7 @@ use qflare_protocol::identity::DeviceId;
 use qflare_store::{RoundRecord, RoundState, VerdictRecord};
 use serde_json::json;
 
+use super::privacy::{self, RoundPrivacy};
 use super::{CurrentModel, Federation, FederationError, OpenRound, unix};
 use crate::devices::registered_keys;
 use crate::ledger::AuditKind;
@@ -65,11 +66,39 @@ impl Federation {
             }
             return Ok(());
         }
-        let selected: Vec<_> = {
-            let mut rng = rand::rng();
-            rand::seq::IndexedRandom::sample(eligible.as_slice(), &mut rng, wanted)
-                .cloned()
-                .collect()
+        let (selected, round_privacy) = match &self.ctx.config.aggregation.privacy {
+            None => {
+                let mut rng = rand::rng();
+                let selected: Vec<_> =
+                    rand::seq::IndexedRandom::sample(eligible.as_slice(), &mut rng, wanted)
+                        .cloned()
+                        .collect();
+                (selected, None)
+            }
+            Some(settings) => {
+                let q = (wanted as f64 / eligible.len() as f64).min(1.0);
+                if !self.privacy_allows(settings, q).await? {
+                    return Ok(());
+                }
+                let selected = privacy::poisson_sample(&eligible, q, &mut rand::rng());
+                // Too few (or, rarely, more than a round holds): nothing is
+                // released, so skipping the draw spends no budget.
+                if selected.len() < config.min_updates.max(1)
+                    || selected.len() > qflare_enclave::frame::MAX_ROUND_DEVICES
+                {
+                    tracing::debug!(
+                        sampled = selected.len(),
+                        "private round not opened: the Poisson draw is out of range"
+                    );
+                    return Ok(());
+                }
+                let round_privacy = RoundPrivacy {
+                    sampling_rate: q,
+                    noise_multiplier: settings.noise_multiplier,
+                    expected_participants: q * eligible.len() as f64,
+                };
+                (selected, Some(round_privacy))
+            }
         };
         let mut devices = Vec::with_capacity(selected.len());
         for device in &selected {
@@ -88,15 +117,19 @@ impl Federation {
             });
             inner.waiting_logged = false;
         }
-        self.begin_in_enclave(round_id, model, devices).await?;
+        self.begin_in_enclave(round_id, model, devices, round_privacy)
+            .await?;
         let deadline = now.saturating_add(config.round_timeout_secs);
         let record = RoundRecord {
             id: round_id,
             state: RoundState::Open,
             base_model_version: model.version,
-            config_json:
-                json!({ "architecture": model.certificate.architecture, "training": training })
-                    .to_string(),
+            config_json: json!({
+                "architecture": model.certificate.architecture,
+                "training": training,
+                "privacy": round_privacy,
+            })
+            .to_string(),
             min_updates: u32::try_from(config.min_updates).unwrap_or(u32::MAX),
             target_updates: u32::try_from(selected.len()).unwrap_or(u32::MAX),
             opened_at: self.now_i64(),
@@ -132,6 +165,7 @@ impl Federation {
         round_id: u64,
         model: &CurrentModel,
         devices: Vec<RoundDevice>,
+        round_privacy: Option<RoundPrivacy>,
     ) -> Result<(), FederationError> {
         let config = &self.ctx.config.federation;
         let mut aggregation = self.ctx.config.aggregation.clone();
@@ -150,6 +184,7 @@ impl Federation {
                 epochs: training.epochs,
                 seed: round_id,
             }),
+            expected_participants: round_privacy.map(|p| p.expected_participants),
         };
         let mut blobs = vec![model.bytes.to_vec()];
         if model.version > 0
@@ -243,7 +278,11 @@ impl Federation {
         // No submission may be between the store and the enclave meanwhile:
         // it would reach the new boot and then be cleared.
         let exclusive = self.gate.write().await;
-        match self.begin_in_enclave(round.id, &model, devices).await {
+        let round_privacy = RoundPrivacy::of_record(round);
+        match self
+            .begin_in_enclave(round.id, &model, devices, round_privacy)
+            .await
+        {
             Ok(()) => {}
             Err(FederationError::Enclave(EnclaveError::Refused { message, .. })) => {
                 drop(exclusive);
@@ -435,9 +474,11 @@ impl Federation {
                 // Which attested enclave made the model: an auditor holding
                 // the model file matches these against its certificate's
                 // report (`qflare attest verify`).
+                let privacy = self.privacy_spent().await?;
                 let summary = json!({
                     "model_version": version,
                     "model_sha256": hex::encode(certificate.model_sha256),
+                    "privacy": privacy,
                     "accepted": accepted,
                     "rejected": outcome.verdicts.len() - accepted,
                     "stats": outcome.stats,

@@ -96,6 +96,18 @@ pub fn federation(view: &FederationView, active_devices: usize, devices: usize) 
                         None => { "-" }
                     }
                 }
+                div { "Differential privacy" }
+                div {
+                    @match &view.privacy {
+                        Some(p) => {
+                            "ε = " (format!("{:.3}", p.epsilon))
+                            @if let Some(budget) = p.budget { " of " (format!("{budget}")) }
+                            " at δ = " (format!("{:e}", p.delta))
+                            " after " (p.rounds) " private rounds"
+                        }
+                        None => { "off" }
+                    }
+                }
                 div { "Devices" }
                 div { (active_devices) " active of " (devices) }
                 div { "Enclave" }
