@@ -43,11 +43,11 @@ pub struct DemoArgs {
     /// (default 0.5), min-max, min-sum or fang. Example: --attack 2:sign-flip
     #[arg(long)]
     pub attack: Option<String>,
-    /// recommended, original_design or off.
+    /// recommended, reject_outliers, original_design or off.
     #[arg(long, default_value = "recommended")]
     pub defense: String,
-    /// fed_avg, trimmed_mean, median, multi_krum.
-    #[arg(long, default_value = "fed_avg")]
+    /// centered_clipping (the default), fed_avg, trimmed_mean, median, multi_krum.
+    #[arg(long, default_value = "centered_clipping")]
     pub aggregator: String,
     /// SGD learning rate.
     #[arg(long, default_value_t = 0.1)]

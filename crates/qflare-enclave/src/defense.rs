@@ -148,7 +148,7 @@ mod tests {
 
     #[test]
     fn norm_bound_takes_the_smaller() {
-        let mut config = DefenseConfig::recommended().norm_bound;
+        let mut config = DefenseConfig::reject_outliers().norm_bound;
         let norms = [1.0, 2.0, 3.0];
         assert_eq!(norm_bound(&config, &norms).unwrap().bound, 6.0);
         config.absolute_max = Some(4.0);
@@ -172,7 +172,7 @@ mod tests {
 
     #[test]
     fn mad_rule_has_a_floor() {
-        let config = DefenseConfig::recommended().similarity;
+        let config = DefenseConfig::reject_outliers().similarity;
         // Identical similarities: MAD is 0, the floor keeps z finite.
         let spread = SimilaritySpread::of(&[0.9; 5], config.min_spread).unwrap();
         assert_eq!(spread.mad, 0.0);

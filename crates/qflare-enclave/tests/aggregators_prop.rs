@@ -277,7 +277,7 @@ proptest! {
         let global = c.map(&vec![0.5; c.dim()]);
         let streaming_config = AggregationConfig {
             defense: DefenseConfig::off(),
-            ..AggregationConfig::default()
+            ..common::reject_rules()
         };
         let mut buffered_config = streaming_config.clone();
         buffered_config.defense.norm_bound.action = NormAction::Reject;

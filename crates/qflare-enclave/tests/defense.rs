@@ -197,7 +197,7 @@ fn by_code(verdicts: &[DeviceVerdict]) -> Vec<(String, &'static str)> {
 #[test]
 fn default_defense_rejects_every_attack_and_keeps_every_honest_update() {
     let scenario = Scenario::new(11);
-    let (result, expected) = run(AggregationConfig::default(), None, None);
+    let (result, expected) = run(reject_rules(), None, None);
     assert_eq!(result.verdicts.len(), expected.len());
     for (verdict, (id, reason)) in result.verdicts.iter().zip(&expected) {
         assert_eq!(verdict.device_id, device(*id));
@@ -251,6 +251,56 @@ fn default_defense_rejects_every_attack_and_keeps_every_honest_update() {
     }
 }
 
+/// The default (centered clipping behind a 10× median norm bound) keeps
+/// every honest update, rejects only the blatant (×100, large noise), keeps
+/// the stealthy ones (sign flip, honest-size noise) but bounds their pull:
+/// with 5 attackers among 13 updates its aggregate stays near the honest
+/// mean, where FedAvg without a defense is pulled far off.
+#[test]
+fn default_keeps_honest_updates_and_bounds_the_rest() {
+    let scenario = Scenario::new(11);
+    let (result, expected) = run(AggregationConfig::default(), None, None);
+    let reason = |id: u8| {
+        result
+            .verdicts
+            .iter()
+            .find(|v| v.device_id == device(id))
+            .unwrap()
+            .reason
+    };
+    for (id, expected) in &expected {
+        if expected.is_accepted() {
+            assert_eq!(reason(*id), VerdictReason::Accepted, "honest device {id}");
+        }
+    }
+    assert_eq!(reason(22), VerdictReason::NormExceeded, "×100");
+    assert_eq!(reason(23), VerdictReason::NormExceeded, "large noise");
+    assert_eq!(
+        reason(20),
+        VerdictReason::Accepted,
+        "sign flip: kept, clipped"
+    );
+    assert_eq!(reason(24), VerdictReason::Accepted, "stealthy noise: kept");
+    assert_eq!(result.stats.aggregator, AggregatorKind::CenteredClipping);
+    let honest = scenario.honest_mean();
+    let default = relative_distance(&to_f64(&result.aggregated_update), &honest);
+    let (plain, _) = run(
+        AggregationConfig {
+            aggregator: AggregatorKind::FedAvg,
+            defense: DefenseConfig::off(),
+            ..AggregationConfig::default()
+        },
+        None,
+        None,
+    );
+    let undefended = relative_distance(&to_f64(&plain.aggregated_update), &honest);
+    assert!(default < 0.5, "default off the honest mean by {default}");
+    assert!(
+        undefended > 10.0 * default,
+        "undefended {undefended} vs default {default}"
+    );
+}
+
 #[test]
 fn original_design_preset_compares_with_the_previous_global_update() {
     let scenario = Scenario::new(11);
@@ -258,7 +308,7 @@ fn original_design_preset_compares_with_the_previous_global_update() {
     let previous = honest_delta(&scenario.direction, 600, 77);
     let config = AggregationConfig {
         defense: DefenseConfig::original_design(),
-        ..AggregationConfig::default()
+        ..reject_rules()
     };
     let (result, expected) = run(config, Some(previous), None);
     assert_eq!(
@@ -286,7 +336,7 @@ fn original_design_preset_compares_with_the_previous_global_update() {
 
 #[test]
 fn clipping_keeps_scaled_updates_at_the_bound() {
-    let mut config = AggregationConfig::default();
+    let mut config = reject_rules();
     config.defense.norm_bound.action = NormAction::Clip;
     let (result, expected) = run(config, None, None);
     let bound = result.stats.norm_bound.unwrap();
@@ -319,7 +369,7 @@ fn clipping_keeps_scaled_updates_at_the_bound() {
 fn streaming_defense_decides_on_arrival() {
     let scenario = Scenario::new(11);
     let previous = honest_delta(&scenario.direction, 600, 77);
-    let mut config = AggregationConfig::default();
+    let mut config = reject_rules();
     config.defense.norm_bound.median_multiple = None;
     config.defense.norm_bound.absolute_max = Some(3.0);
     config.defense.similarity.reference = SimilarityReference::PreviousGlobalUpdate;
@@ -375,7 +425,7 @@ fn every_aggregator_stays_near_the_honest_mean_behind_the_default_defense() {
     ] {
         let config = AggregationConfig {
             aggregator: kind,
-            ..AggregationConfig::default()
+            ..reject_rules()
         };
         let (result, expected) = run(config, None, Some(trusted.clone()));
         for (verdict, (id, reason)) in result.verdicts.iter().zip(&expected) {
@@ -414,7 +464,7 @@ fn robust_aggregators_alone_resist_the_attacks() {
     let (fedavg, _) = run(
         AggregationConfig {
             defense: DefenseConfig::off(),
-            ..AggregationConfig::default()
+            ..reject_rules()
         },
         None,
         None,
@@ -433,7 +483,7 @@ fn robust_aggregators_alone_resist_the_attacks() {
         let mut config = AggregationConfig {
             aggregator: kind,
             defense: DefenseConfig::off(),
-            ..AggregationConfig::default()
+            ..reject_rules()
         };
         config.trimmed_mean.trim_fraction = 0.4;
         config.multi_krum.byzantine = byzantine;

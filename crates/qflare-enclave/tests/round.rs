@@ -27,7 +27,7 @@ fn bytes_per_update() -> u64 {
 fn memory_bound_exceeded_is_a_typed_error() {
     let config = AggregationConfig {
         max_buffered_bytes: 2 * bytes_per_update() + bytes_per_update() / 2,
-        ..AggregationConfig::default()
+        ..reject_rules()
     };
     let mut round = round(config);
     assert!(!round.is_streaming());
@@ -65,10 +65,10 @@ fn memory_bound_exceeded_is_a_typed_error() {
 
 #[test]
 fn zero_accepted_is_a_typed_error_with_the_verdicts() {
-    for defense in [DefenseConfig::off(), DefenseConfig::recommended()] {
+    for defense in [DefenseConfig::off(), DefenseConfig::reject_outliers()] {
         let mut round = round(AggregationConfig {
             defense,
-            ..AggregationConfig::default()
+            ..reject_rules()
         });
         for i in 0..3u8 {
             let mut bad = honest(u64::from(i));
@@ -91,7 +91,7 @@ fn zero_accepted_is_a_typed_error_with_the_verdicts() {
         assert_eq!(failure.stats.rejected, 3);
     }
     // A round nobody submitted to.
-    let failure = round(AggregationConfig::default()).finalize().unwrap_err();
+    let failure = round(reject_rules()).finalize().unwrap_err();
     assert_eq!(
         failure.error,
         AggregationError::NoAcceptedUpdates { submitted: 0 }
@@ -103,7 +103,7 @@ fn minimum_accepted_is_enforced() {
     let mut round = round(AggregationConfig {
         min_accepted: 3,
         defense: DefenseConfig::off(),
-        ..AggregationConfig::default()
+        ..reject_rules()
     });
     round.submit(candidate(1, 600, &honest(1))).unwrap();
     round.submit(candidate(2, 600, &honest(2))).unwrap();
@@ -121,7 +121,7 @@ fn minimum_accepted_is_enforced() {
 fn fltrust_without_reference_is_a_config_error() {
     let config = AggregationConfig {
         aggregator: AggregatorKind::Fltrust,
-        ..AggregationConfig::default()
+        ..reject_rules()
     };
     let error = RoundAggregator::new(spec(config.clone(), global_model(1))).unwrap_err();
     assert_eq!(
@@ -150,7 +150,7 @@ fn fltrust_without_reference_is_a_config_error() {
 
 #[test]
 fn bad_specs_are_config_errors() {
-    let mut config = AggregationConfig::default();
+    let mut config = reject_rules();
     config.trimmed_mean.trim_fraction = 0.7;
     assert!(matches!(
         RoundAggregator::new(spec(config, global_model(1))),
@@ -162,10 +162,10 @@ fn bad_specs_are_config_errors() {
     let mut global = global_model(1);
     global.get_mut("fc.bias").unwrap().data_mut()[0] = f32::NAN;
     assert_eq!(
-        RoundAggregator::new(spec(AggregationConfig::default(), global)).unwrap_err(),
+        RoundAggregator::new(spec(reject_rules(), global)).unwrap_err(),
         AggregationError::Config(ConfigError::InvalidGlobal)
     );
-    let mut previous_nan = spec(AggregationConfig::default(), global_model(1));
+    let mut previous_nan = spec(reject_rules(), global_model(1));
     let mut p = honest(1);
     p[3] = f32::NAN;
     previous_nan.previous_global_update = Some(map_from_flat(&SHAPES, &p));
@@ -181,7 +181,7 @@ fn bad_specs_are_config_errors() {
 fn krum_needs_enough_updates() {
     let mut round = round(AggregationConfig {
         aggregator: AggregatorKind::MultiKrum,
-        ..AggregationConfig::default()
+        ..reject_rules()
     });
     for i in 0..4u8 {
         round
@@ -206,7 +206,7 @@ fn non_finite_model_is_an_error() {
     let mut round = RoundAggregator::new(spec(
         AggregationConfig {
             defense: DefenseConfig::off(),
-            ..AggregationConfig::default()
+            ..reject_rules()
         },
         global,
     ))
@@ -226,11 +226,11 @@ fn non_finite_model_is_an_error() {
 fn streaming_memory_is_flat_and_buffered_memory_grows() {
     let off = AggregationConfig {
         defense: DefenseConfig::off(),
-        ..AggregationConfig::default()
+        ..reject_rules()
     };
     for n in [5u8, 40, 100] {
         let mut streaming = round(off.clone());
-        let mut buffered = round(AggregationConfig::default());
+        let mut buffered = round(reject_rules());
         assert!(streaming.is_streaming() && !buffered.is_streaming());
         for i in 0..n {
             streaming
@@ -260,7 +260,7 @@ fn streaming_memory_is_flat_and_buffered_memory_grows() {
 #[test]
 fn the_mode_follows_the_defense() {
     let previous = Some(map_from_flat(&SHAPES, &honest(99)));
-    let mut on_arrival = AggregationConfig::default();
+    let mut on_arrival = reject_rules();
     on_arrival.defense.norm_bound.median_multiple = None;
     on_arrival.defense.norm_bound.absolute_max = Some(5.0);
     on_arrival.defense.norm_bound.action = NormAction::Clip;
@@ -290,7 +290,7 @@ fn the_mode_follows_the_defense() {
 fn zero_previous_update_falls_back_to_the_round_median() {
     let config = AggregationConfig {
         defense: DefenseConfig::original_design(),
-        ..AggregationConfig::default()
+        ..reject_rules()
     };
     let mut spec = spec(config, global_model(1));
     spec.previous_global_update = Some(map_from_flat(&SHAPES, &vec![0.0; parameters()]));
@@ -312,7 +312,7 @@ fn zero_previous_update_falls_back_to_the_round_median() {
 fn replays_and_retries() {
     let mut round = round(AggregationConfig {
         defense: DefenseConfig::off(),
-        ..AggregationConfig::default()
+        ..reject_rules()
     });
     // Another round's update does not use up the device's submission...
     let mut old = candidate(1, 600, &honest(1));
@@ -345,7 +345,7 @@ fn replays_and_retries() {
 #[test]
 fn debug_output_never_shows_weights() {
     let update = candidate(1, 600, &[0.123_456_7; 946]);
-    let mut round = round(AggregationConfig::default());
+    let mut round = round(reject_rules());
     let shown = format!("{update:?} {round:?}");
     assert!(!shown.contains("0.123"), "{shown}");
     round.submit(update).unwrap();
@@ -371,7 +371,12 @@ fn config_defaults_round_trip() {
         config
     );
     assert_eq!(config.defense, DefenseConfig::recommended());
-    assert_eq!(config.aggregator, AggregatorKind::FedAvg);
+    assert_eq!(config.aggregator, AggregatorKind::CenteredClipping);
+    let old = "aggregator: fed_avg\ndefense: reject_outliers\n";
+    assert_eq!(
+        serde_yaml_ng::from_str::<AggregationConfig>(old).unwrap(),
+        reject_rules()
+    );
 }
 
 #[test]
@@ -392,6 +397,7 @@ fn config_presets_by_name_and_partial_maps() {
     let config: AggregationConfig = serde_yaml_ng::from_str(yaml).unwrap();
     assert_eq!(config.defense.norm_bound.action, NormAction::Clip);
     assert_eq!(config.defense.norm_bound.absolute_max, Some(2.5));
+    // Fields a map leaves out take the recommended values.
     assert_eq!(
         config.defense.similarity,
         DefenseConfig::recommended().similarity
@@ -432,13 +438,13 @@ fn rejected_updates_leave_no_trace_in_a_streaming_sum() {
     // Folding happens during the scan; a rejected update is retracted. Huge
     // or non-finite values are never folded, so nothing of the honest
     // partial sums is cancelled.
-    let mut capped = AggregationConfig::default();
+    let mut capped = reject_rules();
     capped.defense.norm_bound.median_multiple = None;
     capped.defense.norm_bound.absolute_max = Some(3.0);
     capped.defense.similarity.reference = SimilarityReference::Off;
     let off = AggregationConfig {
         defense: DefenseConfig::off(),
-        ..AggregationConfig::default()
+        ..reject_rules()
     };
     for config in [capped, off] {
         let mut clean = round(config.clone());

@@ -18,6 +18,10 @@
 //! Every cell of a split sees the same partition, the same devices selected
 //! in each round, the same malicious devices and the same training seeds, so
 //! the columns of a row differ only by the aggregation.
+//!
+//! A little over 600 lines: the columns (each an `AggregationConfig`), the
+//! rows, one federation's round loop and the table printing are one
+//! experiment, read top to bottom.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -69,6 +73,9 @@ pub enum Column {
     Fltrust,
     /// Centered clipping, no defense before it.
     CenteredClipping,
+    /// Updates over 10× the round's median norm rejected, then centered
+    /// clipping.
+    NormRejectCenteredClipping,
     /// Norm clipping at 3× the median, then FedAvg.
     Clip,
 }
@@ -85,6 +92,7 @@ impl Column {
             Self::MultiKrum => "Multi-Krum",
             Self::Fltrust => "FLTrust",
             Self::CenteredClipping => "centered clipping",
+            Self::NormRejectCenteredClipping => "norm ≤ 10× median + centered clipping",
             Self::Clip => "norm clip + FedAvg",
         }
     }
@@ -121,6 +129,12 @@ impl Column {
             },
             Self::Fltrust => with(AggregatorKind::Fltrust, DefenseConfig::off()),
             Self::CenteredClipping => with(AggregatorKind::CenteredClipping, DefenseConfig::off()),
+            Self::NormRejectCenteredClipping => {
+                let mut defense = DefenseConfig::off();
+                defense.norm_bound.action = NormAction::Reject;
+                defense.norm_bound.median_multiple = Some(10.0);
+                with(AggregatorKind::CenteredClipping, defense)
+            }
             Self::Clip => {
                 let mut defense = DefenseConfig::off();
                 defense.norm_bound.action = NormAction::Clip;
@@ -213,6 +227,8 @@ pub struct Cell {
     malicious_submitted: usize,
     malicious_rejected: usize,
     failed_rounds: u64,
+    /// Honest devices selected whose training diverged (no update sent).
+    diverged: usize,
     seconds: f64,
 }
 
@@ -288,7 +304,7 @@ fn run_blocking(args: &AttacksArgs) -> anyhow::Result<()> {
             for &column in &args.columns {
                 let cell = federation.run_cell(args, split, row, column)?;
                 eprintln!(
-                    "{:?} | {:<18} | {:<26} | {:6.2}% | honest rejected {}/{} | malicious rejected {}/{} | {:.0} s ({:.0} s in all)",
+                    "{:?} | {:<18} | {:<26} | {:6.2}% | honest rejected {}/{} | malicious rejected {}/{} | diverged {} | failed rounds {} | {:.0} s ({:.0} s in all)",
                     split,
                     cell.attack,
                     cell.column,
@@ -297,6 +313,8 @@ fn run_blocking(args: &AttacksArgs) -> anyhow::Result<()> {
                     cell.honest_submitted,
                     cell.malicious_rejected,
                     cell.malicious_submitted,
+                    cell.diverged,
+                    cell.failed_rounds,
                     cell.seconds,
                     started.elapsed().as_secs_f64()
                 );
@@ -430,11 +448,21 @@ impl Federation {
                     .into_iter()
                     .map(|h| {
                         h.join()
-                            .map_err(|_| anyhow::anyhow!("a training thread panicked"))?
+                            .map_err(|_| anyhow::anyhow!("a training thread panicked"))
                     })
-                    .collect::<anyhow::Result<Vec<_>>>()
+                    .collect::<anyhow::Result<Vec<anyhow::Result<TensorMap>>>>()
             })?;
-            updates.extend(chunk.iter().copied().zip(results));
+            // A device whose training diverges (a poisoned global model can
+            // make every loss NaN) sends nothing, as the real device would.
+            for (&device, result) in chunk.iter().zip(results) {
+                match result {
+                    Ok(update) => {
+                        updates.insert(device, update);
+                    }
+                    Err(err) if is_divergence(&err) => {}
+                    Err(err) => return Err(err),
+                }
+            }
         }
         let attackers: Vec<usize> = selected
             .iter()
@@ -442,7 +470,7 @@ impl Federation {
             .filter(|&d| self.is_malicious(d))
             .collect();
         match attack {
-            Some(kind) if crafted && !attackers.is_empty() => {
+            Some(kind) if crafted && !attackers.is_empty() && !updates.is_empty() => {
                 let honest: Vec<Vec<f32>> = updates.values().map(TensorMap::to_flat).collect();
                 let seed = self.seed ^ round.rotate_left(32);
                 let update = kind.craft(&honest, selected.len(), attackers.len(), seed)?;
@@ -486,10 +514,12 @@ impl Federation {
             malicious_submitted: 0,
             malicious_rejected: 0,
             failed_rounds: 0,
+            diverged: 0,
             seconds: 0.0,
         };
         for round in 1..=args.rounds {
             let updates = self.round_updates(&global, round, attack)?;
+            cell.diverged += self.selections[(round - 1) as usize].len() - updates.len();
             let trusted_reference = if config.aggregator == AggregatorKind::Fltrust {
                 let outcome = qflare_ml::train(
                     Architecture::Mnist2nn,
@@ -522,6 +552,10 @@ impl Federation {
                     example_count: self.parts[device].len() as u64,
                     delta,
                 })?;
+            }
+            if devices.is_empty() {
+                cell.failed_rounds += 1;
+                continue;
             }
             let (verdicts, outcome) = match aggregator.finalize() {
                 Ok(result) => (
@@ -562,7 +596,15 @@ impl Federation {
     }
 }
 
-fn device_id(device: usize) -> DeviceId {
+fn is_divergence(err: &anyhow::Error) -> bool {
+    matches!(
+        err.downcast_ref::<qflare_ml::MlError>(),
+        Some(qflare_ml::MlError::Diverged { .. })
+    )
+}
+
+/// A device id that encodes the device's index (the benches' devices).
+pub(super) fn device_id(device: usize) -> DeviceId {
     let mut bytes = [0u8; DEVICE_ID_LEN];
     bytes[..8].copy_from_slice(&(device as u64).to_be_bytes());
     DeviceId::from_bytes(bytes)

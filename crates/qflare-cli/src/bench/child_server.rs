@@ -162,8 +162,8 @@ pub(super) struct ChildConfig<'a> {
     pub(super) max_connections_per_address: Option<usize>,
     /// `federation.update_encoding` (`None`: the default, f32).
     pub(super) update_encoding: Option<&'a str>,
-    /// The `aggregation.defense` value as YAML flow text (`None`: the default).
-    pub(super) defense: Option<&'a str>,
+    /// The `aggregation` section as a YAML flow map (`None`: the default).
+    pub(super) aggregation: Option<&'a str>,
     /// `limits.uploads_in_memory_bytes` (`None`: the default).
     pub(super) uploads_in_memory_bytes: Option<u64>,
     /// `limits.downloads_in_memory_bytes` (`None`: the default).
@@ -181,7 +181,7 @@ impl<'a> ChildConfig<'a> {
             max_rounds: None,
             max_connections_per_address: None,
             update_encoding: None,
-            defense: None,
+            aggregation: None,
             uploads_in_memory_bytes: None,
             downloads_in_memory_bytes: None,
         }
@@ -235,8 +235,8 @@ fn minimal_config(state_dir: &Path, port: u16, settings: &ChildConfig<'_>) -> St
     if let Some(encoding) = settings.update_encoding {
         config.push_str(&format!("  update_encoding: {encoding}\n"));
     }
-    if let Some(defense) = settings.defense {
-        config.push_str(&format!("aggregation:\n  defense: {defense}\n"));
+    if let Some(aggregation) = settings.aggregation {
+        config.push_str(&format!("aggregation: {aggregation}\n"));
     }
     config
 }

@@ -1,6 +1,7 @@
 //! `qflare bench`: benchmarks, one module per family:
-//! [`attacks`] (the attack table: real training, attacks and enclave
-//! rounds, in process without the transport),
+//! [`attacks`] (the attack table) and [`privacy`] (DP-FedAvg's accuracy
+//! cost), both real training and enclave rounds in process without the
+//! transport,
 //! [`fedavg`] (the FedAvg paper's experiments over the whole stack) and
 //! [`sessions`] (handshakes and enrollments per second) in-process, and
 //! [`uploads`] (the server's memory under an upload flood), [`flood`]
@@ -14,6 +15,7 @@ mod child_server;
 pub mod fedavg;
 pub mod flood;
 pub mod overhead;
+pub mod privacy;
 pub mod sessions;
 pub mod uploads;
 
@@ -39,6 +41,15 @@ pub enum BenchCommand {
     /// progress on stderr.
     #[command(verbatim_doc_comment)]
     Attacks(attacks::AttacksArgs),
+    /// What central differential privacy costs in accuracy.
+    ///
+    /// For each --epsilons target, calibrates the noise multiplier with the
+    /// server's accountant (Poisson sampling at --sampling-rate, --rounds
+    /// rounds, --delta) and trains the MNIST 2NN with DP-FedAvg through the
+    /// enclave's own round (clip to --clip-norm, weight 1, noise, fixed
+    /// denominator); a first row without DP. Prints a markdown table.
+    #[command(verbatim_doc_comment)]
+    Privacy(privacy::PrivacyArgs),
     /// The FedAvg paper's MNIST experiments with every security layer on.
     ///
     /// 100 devices, C = 0.1; 2NN E=1 B=10 to 97% (paper: 87 rounds IID, 664
@@ -153,6 +164,7 @@ pub enum BenchCommand {
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Attacks(args) => attacks::run(args).await,
+        BenchCommand::Privacy(args) => privacy::run(args).await,
         BenchCommand::Fedavg(args) => fedavg::run(args).await,
         BenchCommand::Uploads(args) => uploads::run(args).await,
         BenchCommand::Flood(args) => flood::run(args).await,

@@ -68,11 +68,12 @@ pub struct OverheadArgs {
     /// How devices encode their updates: f32, f16 or int8.
     #[arg(long, default_value = "f32")]
     pub update_encoding: qflare_protocol::update_encoding::UpdateEncoding,
-    /// The enclave's defense: `recommended` (the default; it compares each
-    /// update with the round's, so the enclave holds the round's updates),
-    /// `absolute-norm` (refuse update norms above 1.0, decided as each
-    /// arrives, so the enclave folds and drops them: memory flat in the
-    /// number of devices) or `off`.
+    /// The enclave's aggregation: `recommended` (the default: a norm bound
+    /// relative to the round's median, then centered clipping, so the
+    /// enclave holds the round's updates), `absolute-norm` (FedAvg after
+    /// refusing update norms above 1.0, decided as each arrives, so the
+    /// enclave folds and drops them: memory flat in the number of devices)
+    /// or `off` (FedAvg, no defense; streams too).
     #[arg(long, default_value = "recommended")]
     pub defense: BenchDefense,
     /// The server's `limits.uploads_in_memory_bytes`, in MiB: how much of
@@ -107,15 +108,15 @@ pub enum BenchDefense {
 }
 
 impl BenchDefense {
-    /// The `aggregation.defense` YAML, if it differs from the default.
+    /// The `aggregation` section as YAML, if it differs from the default.
     fn yaml(self) -> Option<&'static str> {
         match self {
             Self::Recommended => None,
             // The echo deltas' norms are about 0.03 (2NN) to 0.07 (CNN).
             Self::AbsoluteNorm => Some(
-                "{ norm_bound: { action: reject, median_multiple: null, absolute_max: 1.0 }, similarity: { reference: \"off\" } }",
+                "{ aggregator: fed_avg, defense: { norm_bound: { action: reject, median_multiple: null, absolute_max: 1.0 }, similarity: { reference: \"off\" } } }",
             ),
-            Self::Off => Some("\"off\""),
+            Self::Off => Some("{ aggregator: fed_avg, defense: \"off\" }"),
         }
     }
 }
@@ -299,7 +300,7 @@ pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
                 max_rounds: Some(args.rounds),
                 max_connections_per_address: Some(2 * args.devices + 64),
                 update_encoding: Some(args.update_encoding.as_str()),
-                defense: args.defense.yaml(),
+                aggregation: args.defense.yaml(),
                 uploads_in_memory_bytes: args.uploads_in_memory_mib.map(|mib| mib << 20),
                 downloads_in_memory_bytes: args.downloads_in_memory_mib.map(|mib| mib << 20),
                 ..ChildConfig::new(&args.model, &limits)

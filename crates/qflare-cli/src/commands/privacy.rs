@@ -6,6 +6,24 @@
 use clap::Subcommand;
 use qflare_enclave::privacy::accountant::RdpAccountant;
 
+/// The rounds a plan covers: how often devices are sampled, how many
+/// rounds, at which δ.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Plan {
+    /// q: each device's chance of taking part in a round.
+    #[arg(long)]
+    sampling_rate: f64,
+    /// Rounds.
+    #[arg(long)]
+    rounds: u64,
+    /// δ.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// Print JSON instead of a sentence.
+    #[arg(long)]
+    json: bool,
+}
+
 /// `qflare privacy` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum PrivacyCommand {
@@ -15,18 +33,8 @@ pub enum PrivacyCommand {
         /// z: noise std over the clipping norm (`aggregation.privacy.noise_multiplier`).
         #[arg(long)]
         noise_multiplier: f64,
-        /// q: each device's chance of taking part in a round.
-        #[arg(long)]
-        sampling_rate: f64,
-        /// Rounds.
-        #[arg(long)]
-        rounds: u64,
-        /// δ.
-        #[arg(long, default_value_t = 1e-5)]
-        delta: f64,
-        /// Print JSON instead of a sentence.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        plan: Plan,
     },
     /// The smallest noise multiplier (to 0.1%) whose ROUNDS rounds stay
     /// within EPSILON.
@@ -34,85 +42,46 @@ pub enum PrivacyCommand {
         /// Target ε.
         #[arg(long)]
         epsilon: f64,
-        /// q: each device's chance of taking part in a round.
-        #[arg(long)]
-        sampling_rate: f64,
-        /// Rounds.
-        #[arg(long)]
-        rounds: u64,
-        /// δ.
-        #[arg(long, default_value_t = 1e-5)]
-        delta: f64,
-        /// Print JSON instead of a sentence.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        plan: Plan,
     },
 }
 
 /// Runs a `qflare privacy` subcommand.
 pub fn run(command: &PrivacyCommand) -> anyhow::Result<()> {
-    match *command {
+    let (noise_multiplier, plan) = match command {
         PrivacyCommand::Epsilon {
             noise_multiplier,
-            sampling_rate,
-            rounds,
-            delta,
-            json,
-        } => {
-            let epsilon = RdpAccountant::new().epsilon_after(
-                noise_multiplier,
-                sampling_rate,
-                rounds,
-                delta,
-            )?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "epsilon": epsilon,
-                        "delta": delta,
-                        "noise_multiplier": noise_multiplier,
-                        "sampling_rate": sampling_rate,
-                        "rounds": rounds,
-                    })
-                );
-            } else {
-                println!(
-                    "ε = {epsilon:.4} at δ = {delta:e} after {rounds} rounds of z = {noise_multiplier}, q = {sampling_rate}"
-                );
-            }
-        }
-        PrivacyCommand::Calibrate {
-            epsilon,
-            sampling_rate,
-            rounds,
-            delta,
-            json,
-        } => {
-            let noise_multiplier = calibrate(epsilon, sampling_rate, rounds, delta)?;
-            let reached = RdpAccountant::new().epsilon_after(
-                noise_multiplier,
-                sampling_rate,
-                rounds,
-                delta,
-            )?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "noise_multiplier": noise_multiplier,
-                        "epsilon": reached,
-                        "delta": delta,
-                        "sampling_rate": sampling_rate,
-                        "rounds": rounds,
-                    })
-                );
-            } else {
-                println!(
-                    "noise_multiplier: {noise_multiplier:.4} (ε = {reached:.4} at δ = {delta:e} after {rounds} rounds, q = {sampling_rate})"
-                );
-            }
-        }
+            plan,
+        } => (*noise_multiplier, plan),
+        PrivacyCommand::Calibrate { epsilon, plan } => (
+            calibrate(*epsilon, plan.sampling_rate, plan.rounds, plan.delta)?,
+            plan,
+        ),
+    };
+    let Plan {
+        sampling_rate,
+        rounds,
+        delta,
+        json,
+    } = *plan;
+    let epsilon =
+        RdpAccountant::new().epsilon_after(noise_multiplier, sampling_rate, rounds, delta)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "epsilon": epsilon,
+                "delta": delta,
+                "noise_multiplier": noise_multiplier,
+                "sampling_rate": sampling_rate,
+                "rounds": rounds,
+            })
+        );
+    } else {
+        println!(
+            "noise_multiplier {noise_multiplier:.4}: ε = {epsilon:.4} at δ = {delta:e} after {rounds} rounds, q = {sampling_rate}"
+        );
     }
     Ok(())
 }

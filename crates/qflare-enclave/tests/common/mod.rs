@@ -100,6 +100,16 @@ pub fn candidate(id: u8, examples: u64, flat: &[f32]) -> CandidateUpdate {
     }
 }
 
+/// The reject rules before FedAvg (`reject_outliers`), the default until
+/// centered clipping: what most of these tests exercise.
+pub fn reject_rules() -> AggregationConfig {
+    AggregationConfig {
+        aggregator: qflare_enclave::config::AggregatorKind::FedAvg,
+        defense: qflare_enclave::config::DefenseConfig::reject_outliers(),
+        ..AggregationConfig::default()
+    }
+}
+
 pub fn spec(config: AggregationConfig, global: TensorMap) -> RoundSpec {
     RoundSpec {
         round_id: ROUND,
