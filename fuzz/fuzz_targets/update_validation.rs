@@ -11,7 +11,8 @@
 //! Input, little-endian:
 //!
 //! ```text
-//! settings u8    bits 0-2 aggregator (mod 5): fed_avg, trimmed_mean, median, multi_krum, fltrust
+//! settings u8    bits 0-2 aggregator (mod 6): fed_avg, trimmed_mean, median, multi_krum, fltrust,
+//!                         centered_clipping
 //!                bits 3-4 defense: recommended, original_design, off, on-arrival
 //!                         (absolute norm bound 4 and min cosine 0 against the previous update)
 //!                bit 5    the round has a previous global update
@@ -76,7 +77,8 @@ fn config(settings: u8) -> (AggregationConfig, bool) {
         AggregatorKind::Median,
         AggregatorKind::MultiKrum,
         AggregatorKind::Fltrust,
-    ][usize::from(settings & 7) % 5];
+        AggregatorKind::CenteredClipping,
+    ][usize::from(settings & 7) % 6];
     let defense = match (settings >> 3) & 3 {
         0 => DefenseConfig::recommended(),
         1 => DefenseConfig::original_design(),
@@ -119,6 +121,7 @@ fn spec(config: &AggregationConfig, previous: bool) -> RoundSpec {
         previous_global_update: previous.then(|| in_layout(&PREVIOUS)),
         trusted_reference: Some(in_layout(&TRUSTED)),
         config: config.clone(),
+        expected_participants: None,
     }
 }
 
