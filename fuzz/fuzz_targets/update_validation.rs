@@ -11,8 +11,9 @@
 //! Input, little-endian:
 //!
 //! ```text
-//! settings u8    bits 0-2 aggregator (mod 6): fed_avg, trimmed_mean, median, multi_krum, fltrust,
-//!                         centered_clipping
+//! settings u8    bits 0-2 aggregator: fed_avg, trimmed_mean, median, multi_krum, fltrust,
+//!                         centered_clipping, then centered_clipping and multi_krum after
+//!                         nearest-neighbour mixing
 //!                bits 3-4 defense: recommended, original_design, off, on-arrival
 //!                         (absolute norm bound 4 and min cosine 0 against the previous update)
 //!                bit 5    the round has a previous global update
@@ -38,7 +39,7 @@ use std::collections::BTreeSet;
 
 use libfuzzer_sys::fuzz_target;
 use qflare_enclave::config::{
-    AggregationConfig, AggregatorKind, DefenseConfig, NormAction, NormBoundConfig,
+    AggregationConfig, AggregatorKind, DefenseConfig, MixingConfig, NormAction, NormBoundConfig,
     SimilarityConfig, SimilarityReference,
 };
 use qflare_enclave::{
@@ -71,14 +72,17 @@ fn in_layout(values: &[f32; PARAMETERS]) -> TensorMap {
 }
 
 fn config(settings: u8) -> (AggregationConfig, bool) {
-    let aggregator = [
-        AggregatorKind::FedAvg,
-        AggregatorKind::TrimmedMean,
-        AggregatorKind::Median,
-        AggregatorKind::MultiKrum,
-        AggregatorKind::Fltrust,
-        AggregatorKind::CenteredClipping,
-    ][usize::from(settings & 7) % 6];
+    // The last two draws put nearest-neighbour mixing before a robust rule.
+    let (aggregator, mixing) = [
+        (AggregatorKind::FedAvg, false),
+        (AggregatorKind::TrimmedMean, false),
+        (AggregatorKind::Median, false),
+        (AggregatorKind::MultiKrum, false),
+        (AggregatorKind::Fltrust, false),
+        (AggregatorKind::CenteredClipping, false),
+        (AggregatorKind::CenteredClipping, true),
+        (AggregatorKind::MultiKrum, true),
+    ][usize::from(settings & 7)];
     let defense = match (settings >> 3) & 3 {
         0 => DefenseConfig::recommended(),
         1 => DefenseConfig::original_design(),
@@ -105,6 +109,7 @@ fn config(settings: u8) -> (AggregationConfig, bool) {
         aggregator,
         defense,
         max_example_count: MAX_EXAMPLES,
+        nearest_neighbor_mixing: mixing.then(MixingConfig::default),
         ..AggregationConfig::default()
     };
     if settings & 0x40 != 0 {

@@ -9,7 +9,7 @@ mod common;
 
 use common::*;
 use qflare_enclave::config::{
-    AggregationConfig, AggregatorKind, DefenseConfig, NormAction, SimilarityReference,
+    AggregationConfig, AggregatorKind, DefenseConfig, MixingConfig, NormAction, SimilarityReference,
 };
 use qflare_enclave::round::{ReferenceKind, RoundAggregator, RoundResult, RoundSpec};
 use qflare_enclave::validate::CandidateUpdate;
@@ -299,6 +299,26 @@ fn default_keeps_honest_updates_and_bounds_the_rest() {
         undefended > 10.0 * default,
         "undefended {undefended} vs default {default}"
     );
+}
+
+/// Nearest-neighbour mixing before the default's centered clipping (an
+/// option the attack table measured, not the default): the same verdicts,
+/// and an aggregate as near the honest mean.
+#[test]
+fn mixing_before_centered_clipping_keeps_the_default_verdicts() {
+    let (plain, _) = run(AggregationConfig::default(), None, None);
+    let config = AggregationConfig {
+        nearest_neighbor_mixing: Some(MixingConfig {
+            byzantine_fraction: 0.4,
+        }),
+        ..AggregationConfig::default()
+    };
+    let (mixed, _) = run(config, None, None);
+    assert_eq!(by_code(&mixed.verdicts), by_code(&plain.verdicts));
+    let honest = Scenario::new(11).honest_mean();
+    let distance = relative_distance(&to_f64(&mixed.aggregated_update), &honest);
+    assert!(distance < 0.5, "off the honest mean by {distance}");
+    assert_ne!(mixed.aggregated_update, plain.aggregated_update);
 }
 
 #[test]

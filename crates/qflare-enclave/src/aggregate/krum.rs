@@ -62,7 +62,7 @@ pub fn krum_select(
 }
 
 /// All ‖Δᵢ − Δⱼ‖², row-major n × n.
-fn pairwise_sq_distances(slices: &[Vec<&[f32]>], layout: &Layout) -> Vec<f64> {
+pub(super) fn pairwise_sq_distances(slices: &[Vec<&[f32]>], layout: &Layout) -> Vec<f64> {
     let n = slices.len();
     let mut d = vec![0f64; n * n];
     let block = (KRUM_BLOCK_BYTES / 4 / n).clamp(256, 1 << 14);

@@ -51,6 +51,8 @@
 //! * `krum.rs`: Multi-Krum.
 //! * `fltrust.rs`: FLTrust.
 //! * `centered_clipping.rs`: centered clipping, the default.
+//! * `mixing.rs`: nearest-neighbour mixing, an optional step before a
+//!   robust aggregator that shrinks the honest spread on non-IID data.
 
 use qflare_protocol::tensor::TensorMap;
 use zeroize::Zeroize;
@@ -61,6 +63,7 @@ mod fedavg;
 mod fltrust;
 mod krum;
 mod layout;
+mod mixing;
 
 pub use centered_clipping::{CenteredClippingOutcome, centered_clipping};
 pub use coordinate_wise::{coordinate_median, trimmed_mean};
@@ -70,6 +73,7 @@ pub use fltrust::{FltrustOutcome, fltrust};
 pub(crate) use fltrust::{fltrust_combine, trust_scores};
 pub use krum::{KrumOutcome, KrumSelection, krum_select, multi_krum};
 pub use layout::Layout;
+pub use mixing::nearest_neighbor_mixing;
 
 /// cos(a, b) from a·b and the norms; 0 when either vector is zero (it has
 /// no direction, so it neither agrees nor disagrees).

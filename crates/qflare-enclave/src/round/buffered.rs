@@ -244,7 +244,33 @@ impl Screen<'_> {
         verdicts: &mut [DeviceVerdict],
         live: &[usize],
     ) -> Result<TensorMap> {
-        let updates: Vec<&TensorMap> = live.iter().map(|&i| &held[i].delta.0).collect();
+        let own: Vec<&TensorMap> = live.iter().map(|&i| &held[i].delta.0).collect();
+        let layout = self.layout;
+        let mut mixed = match &self.config.nearest_neighbor_mixing {
+            Some(mixing) => {
+                let byzantine = (mixing.byzantine_fraction * own.len() as f64).floor() as usize;
+                aggregate::nearest_neighbor_mixing(&own, byzantine, layout)?
+            }
+            None => Vec::new(),
+        };
+        let updates: Vec<&TensorMap> = if mixed.is_empty() {
+            own
+        } else {
+            mixed.iter().collect()
+        };
+        let result = self.combine(held, verdicts, live, &updates);
+        // Mixed updates are built from a few devices' values: wipe them.
+        mixed.iter_mut().for_each(wipe);
+        result
+    }
+
+    fn combine(
+        &self,
+        held: &[Held],
+        verdicts: &mut [DeviceVerdict],
+        live: &[usize],
+        updates: &[&TensorMap],
+    ) -> Result<TensorMap> {
         let layout = self.layout;
         match self.config.aggregator {
             AggregatorKind::FedAvg => {
@@ -254,16 +280,16 @@ impl Screen<'_> {
                 for (&i, &w) in live.iter().zip(&weights) {
                     verdicts[held[i].verdict].weight = Some(w / total);
                 }
-                linear_combination(&updates, &weights, total, layout)
+                linear_combination(updates, &weights, total, layout)
             }
             AggregatorKind::TrimmedMean => {
-                aggregate::trimmed_mean(&updates, self.config.trimmed_mean.trim_fraction, layout)
+                aggregate::trimmed_mean(updates, self.config.trimmed_mean.trim_fraction, layout)
             }
-            AggregatorKind::Median => aggregate::coordinate_median(&updates, layout),
+            AggregatorKind::Median => aggregate::coordinate_median(updates, layout),
             AggregatorKind::MultiKrum => {
                 let krum = &self.config.multi_krum;
                 let selection =
-                    aggregate::krum_select(&updates, krum.byzantine, krum.select, layout)?;
+                    aggregate::krum_select(updates, krum.byzantine, krum.select, layout)?;
                 let share = 1.0 / selection.selected.len() as f64;
                 let mut chosen = Vec::with_capacity(selection.selected.len());
                 for (k, &i) in live.iter().enumerate() {
@@ -283,7 +309,7 @@ impl Screen<'_> {
             AggregatorKind::CenteredClipping => {
                 let settings = &self.config.centered_clipping;
                 let outcome = aggregate::centered_clipping(
-                    &updates,
+                    updates,
                     settings.radius_multiple,
                     settings.iterations,
                     layout,
@@ -314,7 +340,7 @@ impl Screen<'_> {
                         verdict.decide(VerdictReason::FltrustZeroTrust, Some(cos));
                     }
                 }
-                fltrust_combine(&updates, &norms, &trust, reference.norm, layout)
+                fltrust_combine(updates, &norms, &trust, reference.norm, layout)
             }
         }
     }
