@@ -30,8 +30,8 @@ use std::time::Instant;
 use anyhow::Context;
 use qflare_cli::sim::{self, Attack, attack};
 use qflare_enclave::config::{
-    AggregationConfig, AggregatorKind, DefenseConfig, DefensePreset, MultiKrumConfig, NormAction,
-    TrimmedMeanConfig,
+    AggregationConfig, AggregatorKind, DefenseConfig, DefensePreset, MixingConfig, MultiKrumConfig,
+    NormAction, TrimmedMeanConfig,
 };
 use qflare_enclave::round::{RoundAggregator, RoundSpec};
 use qflare_enclave::validate::CandidateUpdate;
@@ -78,6 +78,9 @@ pub enum Column {
     NormRejectCenteredClipping,
     /// Norm clipping at 3× the median, then FedAvg.
     Clip,
+    /// The default with nearest-neighbour mixing (f = the malicious share)
+    /// before centered clipping.
+    NnmCenteredClipping,
 }
 
 impl Column {
@@ -94,6 +97,7 @@ impl Column {
             Self::CenteredClipping => "centered clipping",
             Self::NormRejectCenteredClipping => "norm ≤ 10× median + centered clipping",
             Self::Clip => "norm clip + FedAvg",
+            Self::NnmCenteredClipping => "default with nearest-neighbour mixing",
         }
     }
 
@@ -141,6 +145,12 @@ impl Column {
                 defense.norm_bound.median_multiple = Some(3.0);
                 with(AggregatorKind::FedAvg, defense)
             }
+            Self::NnmCenteredClipping => AggregationConfig {
+                nearest_neighbor_mixing: Some(MixingConfig {
+                    byzantine_fraction: malicious,
+                }),
+                ..base
+            },
         }
     }
 }
@@ -191,6 +201,11 @@ pub struct AttacksArgs {
         default_value = "fedavg,default,reject,trimmed-mean,median,multi-krum,fltrust"
     )]
     pub columns: Vec<Column>,
+    /// More columns: an `aggregation` section as YAML (the format of
+    /// `config/global_config.yaml`'s), one column per file, named by the
+    /// file's stem. Repeatable; how to try a configuration of your own.
+    #[arg(long = "aggregation", value_name = "FILE")]
+    pub aggregation_files: Vec<PathBuf>,
     /// Rows, comma-separated attack names as for `qflare demo --attack`
     /// (`none` for the clean run); default: all eleven.
     #[arg(long, value_delimiter = ',')]
@@ -293,16 +308,29 @@ fn run_blocking(args: &AttacksArgs) -> anyhow::Result<()> {
         args.rounds,
         args.lr,
         rows.len(),
-        args.columns.len(),
+        args.columns.len() + args.aggregation_files.len(),
         args.splits.len()
     );
+    let mut columns: Vec<(String, AggregationConfig)> = args
+        .columns
+        .iter()
+        .map(|&c| {
+            (
+                c.name().to_owned(),
+                c.config(args.malicious, args.per_round),
+            )
+        })
+        .collect();
+    for path in &args.aggregation_files {
+        columns.push(custom_column(path)?);
+    }
     let mut cells = Vec::new();
     let started = Instant::now();
     for &split in &args.splits {
         let federation = Federation::new(args, &train, &test, split, malicious_devices)?;
         for &row in &rows {
-            for &column in &args.columns {
-                let cell = federation.run_cell(args, split, row, column)?;
+            for (name, config) in &columns {
+                let cell = federation.run_cell(args, split, row, name, config)?;
                 eprintln!(
                     "{:?} | {:<18} | {:<26} | {:6.2}% | honest rejected {}/{} | malicious rejected {}/{} | diverged {} | failed rounds {} | {:.0} s ({:.0} s in all)",
                     split,
@@ -498,16 +526,16 @@ impl Federation {
         args: &AttacksArgs,
         split: SplitArg,
         attack: Option<Attack>,
-        column: Column,
+        column: &str,
+        config: &AggregationConfig,
     ) -> anyhow::Result<Cell> {
         let started = Instant::now();
-        let config = column.config(args.malicious, args.per_round);
         let mut global = self.initial.clone();
         let mut previous: Option<TensorMap> = None;
         let mut cell = Cell {
             split: format!("{split:?}"),
             attack: attack.map_or_else(|| "none".to_owned(), |a| a.to_string()),
-            column: column.name().to_owned(),
+            column: column.to_owned(),
             accuracy: 0.0,
             honest_submitted: 0,
             honest_rejected: 0,
@@ -601,6 +629,23 @@ fn is_divergence(err: &anyhow::Error) -> bool {
         err.downcast_ref::<qflare_ml::MlError>(),
         Some(qflare_ml::MlError::Diverged { .. })
     )
+}
+
+/// A column from a YAML file holding an `aggregation` section's settings,
+/// checked as the enclave checks them.
+fn custom_column(path: &std::path::Path) -> anyhow::Result<(String, AggregationConfig)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let config: AggregationConfig = serde_yaml_ng::from_str(&text)
+        .with_context(|| format!("{} is not an aggregation section", path.display()))?;
+    config
+        .validate()
+        .with_context(|| format!("{} is not a valid aggregation section", path.display()))?;
+    let name = path.file_stem().map_or_else(
+        || path.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    );
+    Ok((name, config))
 }
 
 /// A device id that encodes the device's index (the benches' devices).
