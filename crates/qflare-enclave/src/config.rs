@@ -246,7 +246,9 @@ impl Default for CenteredClippingConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MixingConfig {
     /// The share of a round's updates assumed Byzantine, in [0, 0.5): each
-    /// update is mixed with its n − ⌊share·n⌋ − 1 nearest others.
+    /// update is mixed with its n − ⌊share·n⌋ − 1 nearest others. The mixed
+    /// updates sit beside the buffered ones, so a round needs up to twice
+    /// `max_buffered_bytes` while it aggregates.
     pub byzantine_fraction: f64,
 }
 
@@ -526,8 +528,9 @@ impl AggregationConfig {
                     "must be in [0, 0.5)",
                 ));
             }
-            // Mixing changes nothing a mean would see but each update's
-            // weight, and FLTrust scores the devices' own directions.
+            // Before a mean, mixing only reweights the updates (by how many
+            // neighbourhoods each falls in), which defends nothing; FLTrust
+            // scores the devices' own directions.
             if matches!(
                 self.aggregator,
                 AggregatorKind::FedAvg | AggregatorKind::Fltrust
