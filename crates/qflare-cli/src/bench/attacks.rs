@@ -19,9 +19,9 @@
 //! in each round, the same malicious devices and the same training seeds, so
 //! the columns of a row differ only by the aggregation.
 //!
-//! A little over 600 lines: the columns (each an `AggregationConfig`), the
-//! rows, one federation's round loop and the table printing are one
-//! experiment, read top to bottom.
+//! The columns (each an `AggregationConfig`) are in `attacks/columns.rs`;
+//! the rows, one federation's round loop and the table printing are here,
+//! one experiment read top to bottom.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,10 +29,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use qflare_cli::sim::{self, Attack, attack};
-use qflare_enclave::config::{
-    AggregationConfig, AggregatorKind, DefenseConfig, DefensePreset, MixingConfig, MultiKrumConfig,
-    NormAction, TrimmedMeanConfig,
-};
+use qflare_enclave::config::{AggregationConfig, AggregatorKind};
 use qflare_enclave::round::{RoundAggregator, RoundSpec};
 use qflare_enclave::validate::CandidateUpdate;
 use qflare_enclave::verdict::VerdictReason;
@@ -42,6 +39,11 @@ use qflare_protocol::tensor::TensorMap;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
+mod columns;
+
+pub use columns::Column;
+use columns::custom_column;
+
 /// A data split of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SplitArg {
@@ -49,110 +51,6 @@ pub enum SplitArg {
     Iid,
     /// Per-label Dirichlet(α = 0.5) proportions.
     Dirichlet,
-}
-
-/// A column: a defense and an aggregator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Column {
-    /// FedAvg, no defense.
-    Fedavg,
-    /// The built-in default (`AggregationConfig::default()`).
-    Default,
-    /// The reject rules (norm 3× median, cosine ≥ 0 and MAD vs the round
-    /// median) before FedAvg: the default until the table chose another.
-    Reject,
-    /// The seed design's rule (`original_design`) before FedAvg.
-    OriginalDesign,
-    /// Coordinate-wise trimmed mean, β = the malicious share.
-    TrimmedMean,
-    /// Coordinate-wise median.
-    Median,
-    /// Multi-Krum with f = the expected attackers per round.
-    MultiKrum,
-    /// FLTrust with a root data set of --root-examples.
-    Fltrust,
-    /// Centered clipping, no defense before it.
-    CenteredClipping,
-    /// Updates over 10× the round's median norm rejected, then centered
-    /// clipping.
-    NormRejectCenteredClipping,
-    /// Norm clipping at 3× the median, then FedAvg.
-    Clip,
-    /// The default with nearest-neighbour mixing (f = the malicious share)
-    /// before centered clipping.
-    NnmCenteredClipping,
-}
-
-impl Column {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Fedavg => "FedAvg, no defense",
-            Self::Default => "default",
-            Self::Reject => "reject rules + FedAvg",
-            Self::OriginalDesign => "original_design + FedAvg",
-            Self::TrimmedMean => "trimmed mean",
-            Self::Median => "median",
-            Self::MultiKrum => "Multi-Krum",
-            Self::Fltrust => "FLTrust",
-            Self::CenteredClipping => "centered clipping",
-            Self::NormRejectCenteredClipping => "norm ≤ 10× median + centered clipping",
-            Self::Clip => "norm clip + FedAvg",
-            Self::NnmCenteredClipping => "default with nearest-neighbour mixing",
-        }
-    }
-
-    fn config(self, malicious: f64, per_round: usize) -> AggregationConfig {
-        let base = AggregationConfig::default();
-        let with = |aggregator, defense| AggregationConfig {
-            aggregator,
-            defense,
-            ..AggregationConfig::default()
-        };
-        match self {
-            Self::Default => base,
-            Self::Fedavg => with(AggregatorKind::FedAvg, DefenseConfig::off()),
-            Self::Reject => with(AggregatorKind::FedAvg, DefenseConfig::reject_outliers()),
-            Self::OriginalDesign => with(
-                AggregatorKind::FedAvg,
-                DefenseConfig::preset(DefensePreset::OriginalDesign),
-            ),
-            Self::TrimmedMean => AggregationConfig {
-                trimmed_mean: TrimmedMeanConfig {
-                    trim_fraction: malicious.min(0.49),
-                },
-                ..with(AggregatorKind::TrimmedMean, DefenseConfig::off())
-            },
-            Self::Median => with(AggregatorKind::Median, DefenseConfig::off()),
-            Self::MultiKrum => AggregationConfig {
-                multi_krum: MultiKrumConfig {
-                    byzantine: ((malicious * per_round as f64).round() as usize)
-                        .min(per_round.saturating_sub(3) / 2),
-                    select: None,
-                },
-                ..with(AggregatorKind::MultiKrum, DefenseConfig::off())
-            },
-            Self::Fltrust => with(AggregatorKind::Fltrust, DefenseConfig::off()),
-            Self::CenteredClipping => with(AggregatorKind::CenteredClipping, DefenseConfig::off()),
-            Self::NormRejectCenteredClipping => {
-                let mut defense = DefenseConfig::off();
-                defense.norm_bound.action = NormAction::Reject;
-                defense.norm_bound.median_multiple = Some(10.0);
-                with(AggregatorKind::CenteredClipping, defense)
-            }
-            Self::Clip => {
-                let mut defense = DefenseConfig::off();
-                defense.norm_bound.action = NormAction::Clip;
-                defense.norm_bound.median_multiple = Some(3.0);
-                with(AggregatorKind::FedAvg, defense)
-            }
-            Self::NnmCenteredClipping => AggregationConfig {
-                nearest_neighbor_mixing: Some(MixingConfig {
-                    byzantine_fraction: malicious,
-                }),
-                ..base
-            },
-        }
-    }
 }
 
 /// The table's rows: no attack, then the ten attacks.
@@ -629,23 +527,6 @@ fn is_divergence(err: &anyhow::Error) -> bool {
         err.downcast_ref::<qflare_ml::MlError>(),
         Some(qflare_ml::MlError::Diverged { .. })
     )
-}
-
-/// A column from a YAML file holding an `aggregation` section's settings,
-/// checked as the enclave checks them.
-fn custom_column(path: &std::path::Path) -> anyhow::Result<(String, AggregationConfig)> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let config: AggregationConfig = serde_yaml_ng::from_str(&text)
-        .with_context(|| format!("{} is not an aggregation section", path.display()))?;
-    config
-        .validate()
-        .with_context(|| format!("{} is not a valid aggregation section", path.display()))?;
-    let name = path.file_stem().map_or_else(
-        || path.display().to_string(),
-        |s| s.to_string_lossy().into_owned(),
-    );
-    Ok((name, config))
 }
 
 /// A device id that encodes the device's index (the benches' devices).
